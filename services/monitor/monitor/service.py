@@ -1,0 +1,191 @@
+"""monitor: availability of devices and services, and anomaly alerts.
+
+- Device availability: last-seen from processed windows; a device silent for `offline_after`
+  seconds is published `offline` (retained, plaintext JSON on status/device/<device>) with an
+  alert; when data returns it is `online` again. A device the sensor-reader reports as `fault`
+  (in its retained service status) is published `fault` with the reader's reason.
+- Service availability: from the retained status topics (birth, heartbeat, Last Will); a service
+  whose heartbeat is older than `offline_after` is reported stale in the monitor's own health.
+- Anomalies: every window is scored by its sensor's IsolationForest; anomalous ones become sealed
+  alerts on alerts/<device>. Models are refitted every `fit_interval` off the message path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from iotpipe import ID_PATTERN, Opened, PlainMessage, RateLimitedLog, Runtime, ServiceSettings, run_service
+from pydantic import Field
+
+from .anomaly import AnomalyDetector, features
+
+log = logging.getLogger(__name__)
+
+
+class Settings(ServiceSettings):
+    service_name = "monitor"
+
+    offline_after: float = Field(30.0, gt=0, description="s of silence before a device is offline")
+    check_interval: float = Field(2.0, gt=0)
+    fit_interval: float = Field(60.0, gt=0, description="s between IsolationForest refits")
+    min_fit_samples: int = Field(30, ge=2)
+    history: int = Field(2000, ge=10, description="windows per sensor kept for fitting")
+    contamination: float = Field(0.01, gt=0, le=0.5)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Monitor:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings: Settings = runtime.settings  # type: ignore[assignment]
+        s = self.settings
+        self.detector = AnomalyDetector(history=s.history, min_samples=s.min_fit_samples,
+                                        contamination=s.contamination)
+        self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
+        self.device_state: dict[str, tuple[str, str | None]] = {}  # what we last published
+        self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
+        self.services: dict[str, dict[str, Any]] = {}  # "service/instance" -> last status
+        self.alerts = runtime.metrics.counter("iotpipe_alerts", "Alerts published", ("kind",))
+        self._rejects = RateLimitedLog(log)
+        topics = runtime.topics
+        runtime.bus.subscribe(topics.all("processed"), self.on_processed, batch=256)
+        runtime.bus.subscribe(f"{topics.root}/status/service/+/+", self.on_service_status, sealed=False)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    async def on_processed(self, messages: Sequence[Opened]) -> None:
+        alerts = []
+        now = _now_ms()
+        for message in messages:
+            data = message.data
+            device = message.topic.rsplit("/", 1)[-1]
+            if not isinstance(data, dict) or not isinstance(data.get("windows"), list):
+                self.runtime.metrics.rejected.labels("schema").inc()
+                self._rejects.warning("schema", "rejected processed message on %s: no windows", message.topic)
+                continue
+            self.last_seen[device] = now
+            for window in data["windows"]:
+                try:
+                    key = (device, str(window["sensor"]))
+                    row = features(window)
+                except (KeyError, TypeError, ValueError):
+                    self.runtime.metrics.rejected.labels("schema").inc()
+                    continue
+                scores = self.detector.score(key, [row])
+                if scores is not None and scores[0] < 0:
+                    alerts.append((device, {"kind": "anomaly", "device": device, "sensor": key[1],
+                                            "start": window.get("start"), "end": window.get("end"),
+                                            "mean": window.get("mean"), "score": round(float(scores[0]), 4),
+                                            "ts": now}))
+                self.detector.observe(key, row)
+            await self._set_device_state(device)
+        for device, alert in alerts:
+            await self._alert(device, alert)
+
+    async def on_service_status(self, messages: Sequence[PlainMessage]) -> None:
+        for message in messages:
+            parts = message.topic.split("/")
+            name = "/".join(parts[-2:])
+            if not message.payload:
+                self.services.pop(name, None)  # retained status cleared
+                continue
+            try:
+                status = orjson.loads(message.payload)
+                state = status["state"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                self.runtime.metrics.rejected.labels("status").inc()
+                self._rejects.warning("status", "unreadable status on %s", message.topic)
+                continue
+            previous = self.services.get(name, {}).get("state")
+            self.services[name] = {"state": state, "ts": status.get("ts"), "seen": _now_ms()}
+            if previous is not None and previous != state:
+                log.info("service %s is %s", name, state)
+            if parts[-2] == "sensor-reader" and isinstance(status.get("devices"), dict):
+                await self._reader_devices(status["devices"] if state == "online" else {})
+
+    async def _reader_devices(self, devices: dict[str, Any]) -> None:
+        for device, info in devices.items():
+            if not isinstance(device, str) or not ID_PATTERN.fullmatch(device) or not isinstance(info, dict):
+                continue
+            if info.get("state") == "fault":
+                self.reader_faults[device] = str(info.get("reason"))[:200]
+            else:
+                self.reader_faults.pop(device, None)
+            await self._set_device_state(device)
+
+    # -- outputs --------------------------------------------------------------------------------
+    async def _set_device_state(self, device: str) -> None:
+        now = _now_ms()
+        seen = self.last_seen.get(device)
+        if device in self.reader_faults:
+            state, reason = "fault", self.reader_faults[device]
+        elif seen is not None and now - seen <= self.settings.offline_after * 1000:
+            state, reason = "online", None
+        elif seen is not None:
+            state, reason = "offline", f"no data for {self.settings.offline_after:.0f}s"
+        else:
+            return  # never seen: nothing to say yet
+        if self.device_state.get(device) == (state, reason):
+            return
+        first = device not in self.device_state
+        self.device_state[device] = (state, reason)
+        payload = {"state": state, "device": device, "last_seen": seen, "ts": now}
+        if reason:
+            payload["reason"] = reason
+        await self.runtime.bus.publish(self.runtime.topics.device_status(device), orjson.dumps(payload),
+                                       retain=True, kind="status")
+        if not first or state != "online":
+            log.info("device %s is %s%s", device, state, f" ({reason})" if reason else "")
+        if state in ("offline", "fault"):
+            await self._alert(device, {"kind": state, "device": device, "reason": reason, "last_seen": seen,
+                                       "ts": now})
+
+    async def _alert(self, device: str, alert: dict[str, Any]) -> None:
+        await self.runtime.bus.publish_sealed(self.runtime.topics.alerts(device), alert, kind="alert")
+        self.alerts.labels(alert["kind"]).inc()
+
+    # -- loops ----------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.check_interval)
+            for device in list(self.last_seen):
+                await self._set_device_state(device)
+
+    async def _refit(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.fit_interval)
+            data = self.detector.snapshot()
+            if data:
+                started = time.monotonic()
+                models = await asyncio.to_thread(self.detector.fit, data)
+                self.detector.install(models)
+                log.debug("refitted %d models in %.2fs", len(models), time.monotonic() - started)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch(), name="watch")
+            group.create_task(self._refit(), name="refit")
+
+    def health(self) -> dict[str, Any]:
+        now = _now_ms()
+        stale_after = self.settings.offline_after * 1000
+        return {
+            "devices": {d: s for d, (s, _r) in self.device_state.items()},
+            "services": {n: ("stale" if s["state"] == "online" and now - s["seen"] > stale_after else s["state"])
+                         for n, s in self.services.items()},
+            "models": len(list(self.detector.fitted)),
+        }
+
+    async def close(self) -> None:
+        return None
+
+
+def run(settings: Settings) -> None:
+    run_service(settings, Monitor)

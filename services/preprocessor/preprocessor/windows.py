@@ -1,0 +1,39 @@
+"""Window maths: median filter, then per-window aggregates, vectorised across a whole batch.
+
+Series of equal length are stacked into one 2-D array so scipy and numpy run once per length
+rather than once per sensor. The median filter replicates edge samples (`mode="nearest"`) instead
+of zero-padding as `scipy.signal.medfilt` does, which would drag the first and last values of every
+window towards zero. `std` is the population standard deviation (ddof=0).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+FIELDS = ("mean", "median", "min", "max", "std")
+
+
+def aggregate(series: Sequence[np.ndarray], kernel: int) -> list[dict[str, float | int]]:
+    """Aggregates of each series after a median filter of width `kernel` (odd), in input order."""
+    results: list[dict[str, float | int]] = [{} for _ in series]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, values in enumerate(series):
+        by_length[len(values)].append(index)
+    for length, indices in by_length.items():
+        block = np.stack([series[i] for i in indices]).astype(np.float64, copy=False)
+        if kernel > 1 and length > 1:
+            block = median_filter(block, size=(1, kernel), mode="nearest")
+        stats = np.stack([
+            block.mean(axis=1),
+            np.median(block, axis=1),
+            block.min(axis=1),
+            block.max(axis=1),
+            block.std(axis=1),
+        ])
+        for column, index in enumerate(indices):
+            results[index] = {"n": length, **{f: float(stats[row, column]) for row, f in enumerate(FIELDS)}}
+    return results

@@ -1,0 +1,1 @@
+"""sensor-reader service."""

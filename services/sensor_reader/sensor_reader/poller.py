@@ -1,0 +1,203 @@
+"""Polls one device on a drift-free schedule and survives a flaky bus.
+
+Every read runs on the device's own worker thread (a stuck bus blocks only that device) under a
+timeout. A failed read is retried a few times with jittered backoff inside the same poll; after
+`reopen_after` consecutive failed polls the bus handle is closed and reopened; after `fault_after`
+the device is reported `fault` with the reason, and polling backs off exponentially (capped) until
+a read succeeds again. Checksum and implausible-value errors are counted and the sample dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import backoff
+
+from .drivers import BusError, DeviceIdentityError, Driver, DriverError
+
+log = logging.getLogger(__name__)
+
+SampleSink = Callable[[int, Mapping[str, float]], None]
+StateSink = Callable[[str, str | None], None]
+
+
+class ReadTimeoutError(BusError):
+    kind = "timeout"
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    read_timeout: float = 2.0
+    retries: int = 2  # extra attempts within one poll, for transient bus errors only
+    retry_base: float = 0.02  # first retry delay (s); doubles, full jitter
+    reopen_after: int = 3  # consecutive failed polls before the bus is reopened
+    fault_after: int = 5  # consecutive failed polls before the device is reported `fault`
+    max_backoff: float = 60.0  # cap on the polling interval while faulted
+
+
+@dataclass
+class DeviceStats:
+    reads: int = 0  # successful samples
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    reopens: int = 0
+    skipped_ticks: int = 0  # schedule ticks missed because the previous poll ran late
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "reads": self.reads,
+            "errors": dict(self.errors),
+            "reopens": self.reopens,
+            "skipped_ticks": self.skipped_ticks,
+        }
+
+
+class DevicePoller:
+    def __init__(
+        self,
+        driver: Driver,
+        interval: float,
+        on_sample: SampleSink,
+        on_state: StateSink,
+        policy: PollPolicy | None = None,
+        wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.driver = driver
+        self.interval = interval
+        self.policy = policy or PollPolicy()
+        self.stats = DeviceStats()
+        self.state = "starting"
+        self.reason: str | None = None
+        self._on_sample = on_sample
+        self._on_state = on_state
+        self._wall_clock_ms = wall_clock_ms
+        self._failures = 0  # consecutive failed polls
+        self._opened = False
+        self._pending: concurrent.futures.Future[object] | None = None
+        # One thread per device: a bus that hangs stalls its own device, never the others.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"dev-{driver.device_id}"
+        )
+
+    # -- schedule -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Poll until cancelled. Ticks are `start + k * interval` on the monotonic clock, so sleeps
+        never accumulate drift; ticks missed while a poll overran are skipped, not bunched up."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tick = 0
+        try:
+            while True:
+                await self.poll_once()
+                if self._failures >= self.policy.fault_after:
+                    # Faulted: back off, but stay on the grid of the original schedule.
+                    extra = self._failures - self.policy.fault_after
+                    delay = min(self.interval * 2 ** min(extra + 1, 30), self.policy.max_backoff)
+                    step = max(1, round(delay / self.interval))
+                else:
+                    step = 1
+                tick += step
+                now = loop.time()
+                behind = int((now - start) / self.interval) - tick
+                if behind >= 0:  # overran: jump to the next future tick
+                    self.stats.skipped_ticks += behind + 1
+                    tick += behind + 1
+                await asyncio.sleep(start + tick * self.interval - now)
+        finally:
+            await self._close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- one poll -------------------------------------------------------------------------------
+    async def poll_once(self) -> bool:
+        """Read one sample (with retries). Returns True when a sample was delivered."""
+        try:
+            if not self._opened:
+                await self._call(self.driver.open)
+                self._opened = True
+            sample = await self._read_with_retries()
+        except DriverError as exc:
+            await self._failed(exc)
+            return False
+        ts = self._wall_clock_ms()
+        self.stats.reads += 1
+        if self._failures or self.state != "online":
+            if self._failures >= self.policy.fault_after:
+                log.info("device %s recovered after %d failed polls", self.driver.device_id, self._failures)
+            self._failures = 0
+            self._set_state("online", None)
+        if sample:
+            self._on_sample(ts, sample)
+        return True
+
+    async def _read_with_retries(self) -> Mapping[str, float]:
+        policy = self.policy
+
+        @backoff.on_exception(
+            backoff.expo,
+            BusError,
+            max_tries=policy.retries + 1,
+            factor=policy.retry_base,
+            jitter=backoff.full_jitter,
+            on_backoff=lambda details: self.stats.errors.update([type(details["exception"]).kind])
+            if "exception" in details
+            else None,
+            logger=None,
+        )
+        async def attempt() -> Mapping[str, float]:
+            return await self._call(self.driver.read)  # type: ignore[return-value]
+
+        return await attempt()
+
+    async def _call(self, fn: Callable[[], object]) -> object:
+        if self._pending is not None and not self._pending.done():
+            # The previous call is still stuck in the driver: do not queue behind it.
+            raise ReadTimeoutError("previous bus call still blocked")
+        try:
+            self._pending = self._executor.submit(fn)
+        except RuntimeError as exc:  # executor shut down: we are stopping
+            raise BusError("poller stopped") from exc
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._pending), self.policy.read_timeout)
+        except TimeoutError as exc:
+            raise ReadTimeoutError(f"no answer within {self.policy.read_timeout}s") from exc
+        except DriverError:
+            raise
+        except OSError as exc:  # a driver that let an OSError through: still a bus error
+            raise BusError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _failed(self, exc: DriverError) -> None:
+        self._failures += 1
+        self.stats.errors[exc.kind] += 1
+        device = self.driver.device_id
+        if self._failures == 1:
+            log.warning("device %s read failed (%s): %s", device, exc.kind, exc)
+        reopen = isinstance(exc, BusError | DeviceIdentityError)
+        if reopen and self._failures % self.policy.reopen_after == 0:
+            log.warning("device %s: %d consecutive failures, reopening the bus", device, self._failures)
+            await self._close()
+            self.stats.reopens += 1
+        if self._failures == self.policy.fault_after:
+            reason = f"{exc.kind}: {exc}"
+            log.error("device %s marked fault after %d failed polls: %s", device, self._failures, reason)
+            self._set_state("fault", reason)
+
+    async def _close(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        try:
+            # close() on the loop's default pool: the device thread may be the one that is stuck.
+            await asyncio.wait_for(asyncio.to_thread(self.driver.close), self.policy.read_timeout)
+        except Exception as exc:  # a failing close must not stop the reopen
+            log.warning("device %s close failed: %s", self.driver.device_id, exc)
+            self.stats.errors["close"] += 1
+
+    def _set_state(self, state: str, reason: str | None) -> None:
+        if (state, reason) != (self.state, self.reason):
+            self.state, self.reason = state, reason
+            self._on_state(state, reason)

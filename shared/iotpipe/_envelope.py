@@ -1,0 +1,245 @@
+"""Sealed envelope v1: Fernet tokens with key ids, bound to topic, sender, boot and sequence.
+
+Wire format (UTF-8 JSON):   {"v":1,"alg":"fernet","kid":"<key id>","ct":"<Fernet token>"}
+Inside the token (JSON):    {"topic","src","boot","seq","ts","data"}
+
+Fernet authenticates but carries no associated data, so everything a receiver must check goes
+inside the ciphertext: the topic (a token replayed onto another device's topic is rejected), the
+sender and its boot id plus a per-boot sequence number (a replay is dropped by a sliding window).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from ._errors import (
+    ConfigError,
+    DuplicateMessage,
+    MalformedEnvelope,
+    StaleMessage,
+    TopicMismatch,
+    UndecryptableToken,
+)
+from ._topics import ID_PATTERN
+
+ENVELOPE_VERSION = 1
+ALGORITHM = "fernet"
+_ENVELOPE_KEYS = frozenset({"v", "alg", "kid", "ct"})
+_INNER_KEYS = frozenset({"topic", "src", "boot", "seq", "ts", "data"})
+
+
+class KeyRing:
+    """Named Fernet keys. The first encrypts; every key decrypts (so rotation never needs downtime:
+    add the new key second everywhere, then move it first on producers, then retire the old one)."""
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
+        self._keys = list(keys)
+        if not self._keys:
+            raise ConfigError("key ring is empty: it needs at least one '<kid> <fernet key>' line")
+        kids = [kid for kid, _ in self._keys]
+        if len(set(kids)) != len(kids):
+            raise ConfigError("key ring has a duplicate key id")
+        fernets = []
+        for kid, key in self._keys:
+            if not ID_PATTERN.fullmatch(kid):
+                raise ConfigError(f"key ring: invalid key id {kid!r:.80} (must match {ID_PATTERN.pattern})")
+            try:
+                fernets.append(Fernet(key))
+            except (ValueError, TypeError) as exc:
+                # Never echo the key itself.
+                raise ConfigError(f"key ring: key {kid!r} is not a valid Fernet key") from exc
+        self.primary_kid = kids[0]
+        self.kids = tuple(kids)
+        self._multi = MultiFernet(fernets)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> KeyRing:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read key ring file {str(path)!r}: {exc.strerror}") from exc
+        keys = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ConfigError(f"key ring {str(path)!r} line {lineno}: expected '<kid> <fernet key>'")
+            keys.append((parts[0], parts[1].encode("ascii", "replace")))
+        return cls(keys)
+
+    @staticmethod
+    def generate_line(kid: str) -> str:
+        return f"{kid} {Fernet.generate_key().decode()}"
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        return self._multi.encrypt(plaintext)
+
+    def decrypt(self, token: bytes, ttl: int | None) -> bytes:
+        return self._multi.decrypt(token, ttl=ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A verified message."""
+
+    topic: str
+    src: str
+    boot: str
+    seq: int
+    ts: int
+    data: Any
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"non-finite number {value}")
+
+
+def loads_strict(payload: bytes) -> Any:
+    """JSON that refuses NaN/Infinity and overflowing numbers (1e999) and survives deep nesting."""
+    try:
+        value = orjson.loads(payload)  # orjson: no NaN/Infinity literals, nesting capped at 1024
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEnvelope(f"not JSON: {exc}") from exc
+    if not _all_finite(value):
+        raise MalformedEnvelope("non-finite number")
+    return value
+
+
+def _all_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+class Sealer:
+    """Seals messages from one sender (`src` = service/instance) for one process start."""
+
+    def __init__(self, keyring: KeyRing, src: str) -> None:
+        self.keyring = keyring
+        self.src = src
+        self.boot = uuid.uuid4().hex[:16]
+        self._seq = itertools.count(1)
+
+    def seal(self, topic: str, data: Any) -> bytes:
+        inner = {
+            "topic": topic,
+            "src": self.src,
+            "boot": self.boot,
+            "seq": next(self._seq),
+            "ts": time.time_ns() // 1_000_000,
+            "data": data,
+        }
+        token = self.keyring.encrypt(orjson.dumps(inner))
+        return orjson.dumps({"v": ENVELOPE_VERSION, "alg": ALGORITHM, "kid": self.keyring.primary_kid,
+                             "ct": token.decode("ascii")})
+
+
+class ReplayGuard:
+    """Per-(src, boot) sliding window of seen sequence numbers (as IPsec does), bounded in senders."""
+
+    def __init__(self, window: int = 4096, max_senders: int = 4096) -> None:
+        self.window = window
+        self.max_senders = max_senders
+        self._state: collections.OrderedDict[tuple[str, str], list[int]] = collections.OrderedDict()
+
+    def check(self, src: str, boot: str, seq: int) -> None:
+        """Raise if (src, boot, seq) was already recorded or is older than the window."""
+        state = self._state.get((src, boot))
+        if state is None:
+            return
+        high, mask = state
+        if seq > high:
+            return
+        offset = high - seq
+        if offset >= self.window:
+            raise StaleMessage(f"seq {seq} is older than the replay window of {src}")
+        if mask >> offset & 1:
+            raise DuplicateMessage(f"seq {seq} of {src} already seen")
+
+    def record(self, src: str, boot: str, seq: int) -> None:
+        """Remember a message once its effect is done, so a redelivery of a message whose handling
+        failed is processed again rather than dropped as a duplicate."""
+        key = (src, boot)
+        state = self._state.get(key)
+        if state is None:
+            self._state[key] = [seq, 1]
+            if len(self._state) > self.max_senders:
+                self._state.popitem(last=False)
+            return
+        self._state.move_to_end(key)
+        high, mask = state
+        if seq > high:
+            shift = seq - high
+            state[0] = seq
+            state[1] = ((mask << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1
+        elif high - seq < self.window:
+            state[1] = mask | (1 << (high - seq))
+
+
+class Opener:
+    """Verifies sealed messages: envelope shape, key, topic binding, replay window."""
+
+    def __init__(self, keyring: KeyRing, ttl: int | None = 7 * 24 * 3600, max_bytes: int = 1 << 20,
+                 replay_window: int = 4096) -> None:
+        self.keyring = keyring
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.guard = ReplayGuard(replay_window)
+
+    def open(self, topic: str, payload: bytes) -> Opened:
+        if len(payload) > self.max_bytes:  # before any parsing or decrypting
+            raise MalformedEnvelope(f"payload of {len(payload)} bytes exceeds {self.max_bytes}")
+        envelope = loads_strict(payload)
+        if not isinstance(envelope, dict) or envelope.keys() != _ENVELOPE_KEYS:
+            raise MalformedEnvelope("not a v1 envelope (expected exactly v, alg, kid, ct)")
+        if envelope["v"] != ENVELOPE_VERSION or envelope["alg"] != ALGORITHM:
+            raise MalformedEnvelope(f"unsupported envelope v={envelope['v']!r:.20} alg={envelope['alg']!r:.20}")
+        token = envelope["ct"]
+        if not isinstance(token, str) or not isinstance(envelope["kid"], str):
+            raise MalformedEnvelope("kid and ct must be strings")
+        try:
+            plaintext = self.keyring.decrypt(token.encode("ascii"), ttl=self.ttl)
+        except (InvalidToken, UnicodeEncodeError) as exc:
+            raise UndecryptableToken("token failed authentication (wrong key, tampered, truncated or expired)") from exc
+        inner = loads_strict(plaintext)
+        if not isinstance(inner, dict) or inner.keys() != _INNER_KEYS:
+            raise MalformedEnvelope("sealed content lacks topic/src/boot/seq/ts/data")
+        src, boot, seq, ts = inner["src"], inner["boot"], inner["seq"], inner["ts"]
+        if not (isinstance(src, str) and isinstance(boot, str) and type(seq) is int and type(ts) is int):
+            raise MalformedEnvelope("bad src/boot/seq/ts types")
+        if inner["topic"] != topic:
+            raise TopicMismatch(f"sealed for {str(inner['topic'])[:200]!r}, arrived on {topic!r}")
+        self.guard.check(src, boot, seq)
+        return Opened(topic, src, boot, seq, ts, inner["data"])
+
+    def commit(self, message: Opened) -> None:
+        """Record a handled message in the replay window."""
+        self.guard.record(message.src, message.boot, message.seq)
+
+
+def as_mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedEnvelope(f"{what} must be an object")
+    return value

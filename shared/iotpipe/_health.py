@@ -1,0 +1,66 @@
+"""Counters (Prometheus), the health file a container healthcheck reads, and its checker."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+
+class Metrics:
+    """One registry per service process. Every counter is also in the status/health snapshot."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.received = Counter("iotpipe_received", "Messages received and handled", ["kind"],
+                                registry=self.registry)
+        self.published = Counter("iotpipe_published", "Messages published and acknowledged by the broker",
+                                 ["kind"], registry=self.registry)
+        self.rejected = Counter("iotpipe_rejected", "Messages rejected, by reason", ["reason"],
+                                registry=self.registry)
+        self.errors = Counter("iotpipe_errors", "Errors while handling, by kind", ["kind"],
+                              registry=self.registry)
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, list(labels), registry=self.registry)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name[:-6]}{{{labels}}}" if labels else sample.name[:-6]] = sample.value
+        return out
+
+
+def write_health(path: Path, doc: dict[str, Any]) -> None:
+    """Atomically replace the health file, so a reader never sees half a document."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".health-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(orjson.dumps(doc))
+    os.replace(tmp, path)
+
+
+def check_health(path: Path, max_age: float) -> tuple[bool, str]:
+    """(healthy, why): the file exists, is fresh, and says the service is connected and online."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return False, f"no readable health file at {path}: {exc}"
+    age = time.time() - doc.get("ts", 0) / 1000
+    if age > max_age:
+        return False, f"health file is {age:.0f}s old (max {max_age:.0f}s)"
+    if doc.get("state") != "online" or not doc.get("connected"):
+        return False, f"state={doc.get('state')} connected={doc.get('connected')}"
+    return True, "ok"

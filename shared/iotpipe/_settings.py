@@ -1,0 +1,126 @@
+"""Settings shared by every service: environment variables prefixed `IOTPIPE_`, secrets from files.
+
+Nested groups use `__`: `IOTPIPE_MQTT__HOST`, `IOTPIPE_REDIS__PORT`. Secrets (passwords, keys,
+tokens) are only ever *paths* in the environment; the values are read from those files.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._errors import ConfigError
+from ._topics import ID_PATTERN
+
+
+def read_secret(path: Path | str, what: str) -> str:
+    """The secret in `path`, without its trailing newline. Errors name the file, never the value."""
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} from {str(path)!r}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"{what} file {str(path)!r} is empty")
+    return value
+
+
+def health_file_for(health_dir: Path, service: str, instance: str) -> Path:
+    return health_dir / f"{service}-{instance}.json"
+
+
+def _default_instance() -> str:
+    # Container hostnames are unique per replica (what `--scale` needs); keep them id-safe.
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return name or "0"
+
+
+class MqttSettings(BaseModel):
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = Field(None, description="defaults to the service name")
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = Field(None, description="CA bundle for the TLS listener")
+    keepalive: int = Field(30, ge=5)
+    session_expiry: int = Field(7 * 24 * 3600, ge=0, description="s the broker keeps our session")
+    receive_maximum: int = Field(200, ge=1, le=65535, description="unacked deliveries at once")
+    max_inflight: int = Field(200, ge=1, description="our publishes awaiting PUBACK at once")
+    connect_timeout: float = Field(30.0, gt=0)
+
+
+class RedisSettings(BaseModel):
+    host: str = "localhost"
+    port: int = Field(6379, ge=1, le=65535)
+    db: int = Field(0, ge=0)
+    username: str | None = None
+    password_file: Path | None = None
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs. Each service subclasses this and sets `service_name`."""
+
+    model_config = SettingsConfigDict(env_prefix="IOTPIPE_", env_nested_delimiter="__", extra="ignore")
+    service_name: ClassVar[str] = "iotpipe"
+
+    base_topic: str = "iotpipe"
+    instance: str = Field(default_factory=_default_instance)
+    mqtt: MqttSettings = MqttSettings()
+    secrets_dir: Path = Field(Path("/run/secrets"), description="where default secret files live")
+    keyring_file: Path | None = Field(None, description="default <secrets_dir>/keyring")
+    message_ttl: int = Field(7 * 24 * 3600, ge=1, description="s a sealed message stays valid")
+    max_payload_bytes: int = Field(1 << 20, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    log_dir: Path | None = Field(None, description="also log to <log_dir>/<service>.log")
+    health_dir: Path = Field(Path(tempfile.gettempdir()) / "iotpipe", description="health files go here")
+    status_interval: float = Field(10.0, gt=0, description="s between status/health updates")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port")
+
+    @field_validator("base_topic", "instance")
+    @classmethod
+    def _id_safe(cls, value: str) -> str:
+        if not ID_PATTERN.fullmatch(value):
+            raise ValueError(f"must match {ID_PATTERN.pattern}")
+        return value
+
+    @property
+    def src(self) -> str:
+        return f"{self.service_name}/{self.instance}"
+
+    def secret_path(self, name: str) -> Path:
+        """Default location of a secret: compose mounts secrets at /run/secrets/<name>."""
+        return self.secrets_dir / name.replace("-", "_")
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.keyring_file or self.secret_path("keyring")
+
+    @property
+    def mqtt_password_path(self) -> Path:
+        return self.mqtt.password_file or self.secret_path(f"mqtt_{self.mqtt.username or self.service_name}_password")
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.log_dir / f"{self.service_name}.log" if self.log_dir else None
+
+    @property
+    def health_file(self) -> Path:
+        return health_file_for(self.health_dir, self.service_name, self.instance)
+
+    @classmethod
+    def load(cls, **overrides: object):  # type: ignore[no-untyped-def]
+        """Build from the environment, turning validation errors into one ConfigError that names
+        each bad field as its environment variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"IOTPIPE_{'__'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid {cls.service_name} settings: {problems}") from None

@@ -1,0 +1,56 @@
+"""Topic names and id validation (the contract in docs/contract.md)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._errors import ConfigError
+
+# Ids end up inside topic levels, Redis keys and ACL patterns (%u/%c are substituted verbatim),
+# so anything that could be a wildcard, separator or control character is refused at config time.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VERSION = "v1"
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ConfigError(f"invalid {what} {value!r:.80}: must match {ID_PATTERN.pattern}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Builds every topic from one base (a single topic level, default `iotpipe`)."""
+
+    base: str = "iotpipe"
+
+    def __post_init__(self) -> None:
+        validate_id(self.base, "topic base")
+
+    @property
+    def root(self) -> str:
+        return f"{self.base}/{VERSION}"
+
+    def raw(self, device: str) -> str:
+        return f"{self.root}/raw/{validate_id(device, 'device id')}"
+
+    def processed(self, device: str) -> str:
+        return f"{self.root}/processed/{validate_id(device, 'device id')}"
+
+    def alerts(self, device: str) -> str:
+        return f"{self.root}/alerts/{validate_id(device, 'device id')}"
+
+    def service_status(self, service: str, instance: str) -> str:
+        return f"{self.root}/status/service/{validate_id(service, 'service')}/{validate_id(instance, 'instance')}"
+
+    def device_status(self, device: str) -> str:
+        return f"{self.root}/status/device/{validate_id(device, 'device id')}"
+
+    def all(self, kind: str) -> str:
+        """Filter for every device of one kind: raw, processed, alerts."""
+        return f"{self.root}/{kind}/+"
+
+    @staticmethod
+    def device_of(topic: str) -> str:
+        return topic.rsplit("/", 1)[-1]

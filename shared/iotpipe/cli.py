@@ -1,0 +1,152 @@
+"""The `iotpipe` command: subscribe and decrypt, generate dev secrets, run the local stack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import orjson
+
+from ._bus import Bus, PlainMessage
+from ._envelope import KeyRing, Opener
+from ._errors import DuplicateMessage, EnvelopeError, IotpipeError
+from ._health import check_health
+from ._settings import ServiceSettings, health_file_for
+from ._topics import Topics
+from .devstack import Ports, ensure_secrets, prepare_local_stack
+
+SEALED_KINDS = frozenset({"raw", "processed", "alerts"})
+
+
+class SubscriberSettings(ServiceSettings):
+    """Same IOTPIPE_ variables as the services; connects as the read-only `reader` user."""
+
+    service_name = "reader"
+
+
+@click.group()
+def main() -> None:
+    """iotpipe: MQTT sensor pipeline tools."""
+
+
+@main.command()
+@click.argument("topic_filter", default="iotpipe/v1/#")
+@click.option("--count", "-n", type=int, default=0, help="exit after this many messages (0 = run until Ctrl-C)")
+@click.option("--secrets-dir", type=click.Path(path_type=Path), help="default: $IOTPIPE_SECRETS_DIR")
+def sub(topic_filter: str, count: int, secrets_dir: Path | None) -> None:
+    """Subscribe as the read-only user and print each message as one JSON line, sealed payloads
+    opened and verified (raw, processed, alerts), status payloads as they are."""
+    try:
+        overrides: dict[str, object] = {"secrets_dir": secrets_dir} if secrets_dir else {}
+        settings = SubscriberSettings.load(**overrides)
+        asyncio.run(_subscribe(settings, topic_filter, count))
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int) -> None:
+    keyring = KeyRing.from_file(settings.keyring_path)
+    opener = Opener(keyring, ttl=settings.message_ttl, max_bytes=settings.max_payload_bytes)
+    mqtt = settings.mqtt.model_copy(update={"session_expiry": 0})
+    bus = Bus(mqtt, client_id=f"iotpipe-sub-{uuid.uuid4().hex[:8]}", keyring=None, src="reader/cli",
+              username="reader", password_file=settings.mqtt_password_path)
+    done = asyncio.Event()
+    seen = 0
+
+    async def show(messages: Sequence[PlainMessage]) -> None:
+        nonlocal seen
+        for message in messages:
+            parts = message.topic.split("/")
+            line: dict[str, object] = {"topic": message.topic}
+            if len(parts) >= 3 and parts[2] in SEALED_KINDS:
+                try:
+                    opened = opener.open(message.topic, message.payload)
+                    opener.commit(opened)
+                    line.update(src=opened.src, seq=opened.seq, ts=opened.ts, data=opened.data)
+                except DuplicateMessage:
+                    continue
+                except EnvelopeError as exc:
+                    line.update(rejected=exc.reason, error=str(exc))
+            else:
+                try:
+                    line["data"] = orjson.loads(message.payload) if message.payload else None
+                except orjson.JSONDecodeError:
+                    line["payload"] = message.payload.decode("utf-8", "replace")
+                line["retained"] = message.retain
+            click.echo(orjson.dumps(line).decode())
+            seen += 1
+            if count and seen >= count:
+                done.set()
+
+    bus.subscribe(topic_filter, show, sealed=False)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    await bus.start()
+    await bus.wait_connected()
+    try:
+        await done.wait()
+    finally:
+        await bus.stop()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), default=Path("secrets"))
+def secrets(directory: Path) -> None:
+    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY."""
+    ensure_secrets(directory)
+    click.echo(f"dev secrets ready in {directory}/ (existing files kept)")
+
+
+@main.command()
+@click.argument("kid")
+def keygen(kid: str) -> None:
+    """Print a new key ring line `<KID> <fernet key>` (for key rotation; see docs/operations.md)."""
+    click.echo(KeyRing.generate_line(Topics(kid).base))
+
+
+@main.command()
+@click.argument("service")
+@click.option("--instance", default=None, help="default: $IOTPIPE_INSTANCE or the host name")
+@click.option("--max-age", type=float, default=30.0, show_default=True)
+def health(service: str, instance: str | None, max_age: float) -> None:
+    """Exit 0 if SERVICE's health file is fresh and online (container healthchecks use this)."""
+    settings = ServiceSettings.load(**({"instance": instance} if instance else {}))
+    ok, why = check_health(health_file_for(settings.health_dir, service, settings.instance), max_age)
+    click.echo(why)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=Path("."))
+def stack(root: Path) -> None:
+    """Run broker, Redis, cloud-sink and the five services as local processes (honcho), until Ctrl-C."""
+    root = root.resolve()
+    missing = [b for b in ("mosquitto", "redis-server") if shutil.which(b) is None]
+    if missing:
+        raise click.ClickException(f"{' and '.join(missing)} not found: run `make run` (installs them) or "
+                                   "install the mosquitto and redis-server OS packages")
+    ports = Ports(
+        mqtt=int(os.environ.get("IOTPIPE_STACK_MQTT_PORT", 18830)),
+        mqtt_tls=int(os.environ.get("IOTPIPE_STACK_MQTT_TLS_PORT", 18883)),
+        redis=int(os.environ.get("IOTPIPE_STACK_REDIS_PORT", 16379)),
+        sink=int(os.environ.get("IOTPIPE_STACK_SINK_PORT", 18080)),
+    )
+    var = root / "var"
+    env = prepare_local_stack(root, var, ports)
+    click.echo(f"local stack: MQTT {ports.mqtt} (TLS {ports.mqtt_tls}), Redis {ports.redis}, "
+               f"cloud-sink {ports.sink}; logs in {var / 'log'}/")
+    honcho = shutil.which("honcho")
+    if honcho is None:
+        raise click.ClickException("honcho not found: run through `make run` (uv sync installs it)")
+    os.chdir(root)
+    os.execve(honcho, [honcho, "-f", "Procfile", "-e", str(var / "stack.env"), "start"], {**os.environ, **env})
