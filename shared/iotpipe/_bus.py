@@ -90,6 +90,7 @@ class Bus:
         self.sealer = Sealer(keyring, src) if keyring else None
         self.opener = Opener(keyring, ttl=message_ttl, max_bytes=max_payload_bytes) if keyring else None
         self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()  # set once the broker acknowledged our subscriptions
         self.status_extra: dict[str, Any] = {}
         self._username = settings.username or username
         self._password_file = settings.password_file or password_file
@@ -125,6 +126,7 @@ class Bus:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     def subscribe(self, topic_filter: str, handler: SealedHandler | PlainHandler, *, sealed: bool = True,
@@ -249,9 +251,17 @@ class Bus:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.connected.set)
 
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                log.error("broker refused a subscription: %s", reason)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.subscribed.set)
+
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.connected.clear)
+            self._loop.call_soon_threadsafe(self.subscribed.clear)
         if self._was_connected:
             log.warning("disconnected from broker (%s); reconnecting", reason)
 

@@ -145,7 +145,7 @@ class Ports:
 
 
 def render_broker_config(source: Path, ports: Ports, secrets_dir: Path, data_dir: Path, *,
-                         log_file: Path | None = None) -> str:
+                         log_file: Path | None = None, extra: tuple[str, ...] = ()) -> str:
     out = []
     for line in source.read_text().splitlines():
         if line.startswith("listener 1883"):
@@ -155,11 +155,14 @@ def render_broker_config(source: Path, ports: Ports, secrets_dir: Path, data_dir
         line = line.replace("/run/secrets/", f"{secrets_dir.resolve()}/")
         line = line.replace("/mosquitto/config/acl", str((source.parent / "acl").resolve()))
         line = line.replace("/mosquitto/data/", f"{data_dir.resolve()}/")
+        if line == "log_dest stdout":
+            line = "log_dest stderr"  # unbuffered when piped (honcho, tests): lines arrive as they happen
         out.append(line)
     # As root, mosquitto would switch to the `mosquitto` user, who cannot write our data dir.
     out.append(f"user {getpass.getuser()}")
     if log_file is not None:
         out.append(f"log_dest file {log_file.resolve()}")
+    out.extend(extra)
     return "\n".join(out) + "\n"
 
 

@@ -1,0 +1,142 @@
+"""Real mosquitto and redis-server for tests: the project's own configs, ephemeral loopback ports,
+readiness awaited on the servers' own "ready" log lines (never a fixed sleep)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from iotpipe.devstack import Ports, render_broker_config, render_redis_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A child process whose output is drained by a thread that flags a readiness line."""
+
+    def __init__(self, name: str, argv: list[str], ready_text: str, cwd: Path) -> None:
+        binary = shutil.which(argv[0])
+        if binary is None:
+            raise RuntimeError(f"{argv[0]} is not installed: run `make deps` (CI installs it in .ci/run)")
+        self.name = name
+        self.argv = [binary, *argv[1:]]
+        self.ready_text = ready_text
+        self.cwd = cwd
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        ready = threading.Event()
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        proc = self.proc
+
+        def drain() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.lines.append(line.rstrip())
+                if self.ready_text in line:
+                    ready.set()
+            ready.set()  # exited: let start() see it
+
+        threading.Thread(target=drain, daemon=True, name=f"{self.name}-output").start()
+        if not ready.wait(timeout) or proc.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not become ready:\n" + "\n".join(self.lines[-30:]))
+
+    def kill(self) -> None:
+        """kill -9: what a crash looks like."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@dataclass
+class Stack:
+    """Where the test servers are and the secrets they use."""
+
+    ports: Ports
+    secrets_dir: Path
+    broker: Server
+    redis: Server
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
+        env.update({
+            "IOTPIPE_SECRETS_DIR": str(self.secrets_dir),
+            "IOTPIPE_MQTT__HOST": "127.0.0.1",
+            "IOTPIPE_MQTT__PORT": str(self.ports.mqtt),
+            "IOTPIPE_REDIS__HOST": "127.0.0.1",
+            "IOTPIPE_REDIS__PORT": str(self.ports.redis),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra)
+        return env
+
+
+@contextlib.contextmanager
+def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
+    ports = Ports(mqtt=free_port(), mqtt_tls=free_port(), redis=free_port(), sink=free_port())
+    (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
+    (workdir / "redis").mkdir(parents=True, exist_ok=True)
+    broker_conf = workdir / "mosquitto.conf"
+    broker_conf.write_text(render_broker_config(ROOT / "mosquitto/mosquitto.conf", ports, secrets_dir,
+                                                workdir / "mosquitto",
+                                                # information level has the "running" line we wait for
+                                                extra=("log_type information",)))
+    redis_conf = workdir / "redis.conf"
+    redis_conf.write_text(render_redis_config(ROOT / "redis/redis.conf", ports, secrets_dir, workdir / "redis"))
+    broker = Server("mosquitto", ["mosquitto", "-c", str(broker_conf)], " running", workdir)
+    redis = Server("redis", ["redis-server", str(redis_conf)], "Ready to accept connections", workdir)
+    broker.start()
+    try:
+        redis.start()
+        try:
+            yield Stack(ports, secrets_dir, broker, redis)
+        finally:
+            redis.stop()
+    finally:
+        broker.stop()
+
+
+def bus_for(stack: Stack, user: str, *, keyring=None, status_topic: str | None = None,  # type: ignore[no-untyped-def]
+            tls: bool = False, client_id: str | None = None, session_expiry: int = 0, **mqtt: object):
+    """An iotpipe Bus logged in as `user` against the test broker (not started)."""
+    import uuid
+
+    from iotpipe import Bus, MqttSettings
+    from iotpipe.devstack import mqtt_password_file
+
+    settings = MqttSettings(host="127.0.0.1" if not tls else "localhost",
+                            port=stack.ports.mqtt_tls if tls else stack.ports.mqtt, tls=tls,
+                            ca_file=stack.secrets_dir / "ca_crt" if tls else None, session_expiry=session_expiry,
+                            connect_timeout=15, **mqtt)  # type: ignore[arg-type]
+    return Bus(settings, client_id=client_id or f"test-{user}-{uuid.uuid4().hex[:8]}", keyring=keyring,
+               src=f"{user}/test", status_topic=status_topic, username=user,
+               password_file=mqtt_password_file(stack.secrets_dir, user))
