@@ -103,6 +103,7 @@ class Bus:
         self._lock = threading.Lock()
         self._rejects = RateLimitedLog(log)
         self._was_connected = False
+        self._stopping = False
         self._client = self._make_client()
 
     # -- setup ----------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class Bus:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
         if self.status_topic and self.connected.is_set():
             try:
                 await asyncio.wait_for(self.publish_status("offline"), drain_timeout)
@@ -262,7 +264,7 @@ class Bus:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.connected.clear)
             self._loop.call_soon_threadsafe(self.subscribed.clear)
-        if self._was_connected:
+        if self._was_connected and not self._stopping:
             log.warning("disconnected from broker (%s); reconnecting", reason)
 
     def _deliver(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> None:

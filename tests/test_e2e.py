@@ -1,0 +1,239 @@
+"""The whole pipeline as real subprocesses against the real broker and Redis.
+
+Every reading the reader published is accounted for, window by window, in Redis and at the
+cloud-sink; the wire carries only sealed envelopes and status JSON; statuses flip offline on a clean
+stop and on kill -9 (Last Will); the monitor reports devices offline once they fall silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from iotpipe import KeyRing, Opener, PlainMessage, Topics
+from servers import ROOT, Stack, bus_for, free_port
+from test_broker import raw_connect
+
+SERVICES = ("cloud_sink", "sensor_reader", "preprocessor", "cache_writer", "cloud_forwarder", "monitor")
+STATUS_NAMES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
+POLL_INTERVAL = 0.1  # how often wait_until re-checks a condition that has no event of its own
+
+DEVICES = """
+[[devices]]
+id = "dev-a"
+driver = "simulated"
+interval = 0.02
+[devices.params]
+sensors = ["temperature", "humidity"]
+spike_probability = 0.05
+dropout_probability = 0.05
+
+[[devices]]
+id = "dev-b"
+driver = "simulated"
+interval = 0.05
+[devices.params]
+sensors = ["pressure"]
+"""
+
+
+async def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+class Wire:
+    """A third-party view of the broker: the read-only user subscribed to <base>/v1/#."""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.opener = Opener(keyring)
+        self.messages: list[PlainMessage] = []
+        self.readings: dict[tuple[str, str, int], int] = {}  # (device, sensor, window start) -> n
+        self.status: dict[str, dict[str, object]] = {}
+        self.changed = asyncio.Event()
+
+    async def handle(self, messages: Sequence[PlainMessage]) -> None:
+        for m in messages:
+            self.messages.append(m)
+            kind = m.topic.split("/")[2]
+            if kind == "raw":
+                opened = self.opener.open(m.topic, m.payload)
+                self.opener.commit(opened)
+                start = opened.data["window"]["start"]
+                for sensor, body in opened.data["sensors"].items():
+                    self.readings[(opened.data["device"], sensor, start)] = len(body["v"])
+            elif kind == "status" and m.payload:
+                self.status["/".join(m.topic.split("/")[3:])] = orjson.loads(m.payload)
+        self.changed.set()
+
+    def state(self, key: str) -> object:
+        return self.status.get(key, {}).get("state")
+
+
+@pytest.fixture
+async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) -> AsyncIterator[dict[str, object]]:
+    devices = tmp_path / "devices.toml"
+    devices.write_text(DEVICES)
+    sink_port = free_port()
+    env = stack.env(
+        IOTPIPE_BASE_TOPIC=base, IOTPIPE_REDIS_PREFIX=base, IOTPIPE_INSTANCE="e2e",
+        IOTPIPE_DEVICES_FILE=str(devices), IOTPIPE_WINDOW_MS="500", IOTPIPE_WINDOW_GRACE_MS="100",
+        IOTPIPE_STATUS_INTERVAL="1", IOTPIPE_BATCH_LINGER="0.2", IOTPIPE_OFFLINE_AFTER="3",
+        IOTPIPE_CHECK_INTERVAL="0.5", IOTPIPE_FIT_INTERVAL="2", IOTPIPE_MIN_FIT_SAMPLES="5",
+        IOTPIPE_CLOUD_URL=f"http://127.0.0.1:{sink_port}/ingest",
+        IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
+        IOTPIPE_SINK_PORT=str(sink_port), IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
+        IOTPIPE_LOG_DIR=str(tmp_path / "log"), IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
+        IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
+    )
+    wire = Wire(keyring)
+    watcher = bus_for(stack, "reader")
+    watcher.subscribe(f"{base}/v1/#", wire.handle, sealed=False)
+    await watcher.start()
+    await watcher.wait_connected()
+    await asyncio.wait_for(watcher.subscribed.wait(), 10)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    outputs = {}
+
+    def start(service: str) -> None:
+        outputs[service] = (tmp_path / f"{service}.out").open("wb")
+        procs[service] = subprocess.Popen([sys.executable, "-m", service], env=env, cwd=ROOT,
+                                          stdout=outputs[service], stderr=subprocess.STDOUT)
+
+    for service in SERVICES:
+        if service != "sensor_reader":
+            start(service)
+    try:
+        yield {"wire": wire, "procs": procs, "sink": f"http://127.0.0.1:{sink_port}", "tmp": tmp_path,
+               "start": start}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for service, proc in procs.items():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            outputs[service].close()
+        await watcher.stop()
+
+
+async def sink_records(url: str) -> list[dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/records") as response:
+        return await response.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack: Stack, base: str,
+                                              redis_reader_password: str) -> None:
+    wire: Wire = pipeline["wire"]  # type: ignore[assignment]
+    procs: dict[str, subprocess.Popen[bytes]] = pipeline["procs"]  # type: ignore[assignment]
+    sink: str = pipeline["sink"]  # type: ignore[assignment]
+    tmp: Path = pipeline["tmp"]  # type: ignore[assignment]
+
+    try:
+        # Consumers first: on a broker that has never seen them, their durable sessions begin when they
+        # first subscribe (each publishes `online` right after its SUBSCRIBE, so online means subscribed).
+        await wait_until(lambda: all(wire.state(f"service/{n}/e2e") == "online" for n in STATUS_NAMES[1:]), 60,
+                         "every consumer to report online")
+        pipeline["start"]("sensor_reader")  # type: ignore[operator]
+        await wait_until(lambda: wire.state("service/sensor-reader/e2e") == "online", 30, "the reader online")
+        await wait_until(lambda: len({k[2] for k in wire.readings}) >= 6, 60, "six windows of raw readings")
+        await wait_until(lambda: wire.state("device/dev-a") == "online" and wire.state("device/dev-b") == "online",
+                         30, "the monitor to publish devices online")
+
+        # Clean stop of the reader: it publishes its own `offline` and its last window first.
+        procs["sensor_reader"].send_signal(signal.SIGTERM)
+        assert procs["sensor_reader"].wait(30) == 0
+        await wait_until(lambda: wire.state("service/sensor-reader/e2e") == "offline", 15, "reader offline")
+        published = dict(wire.readings)
+        total = sum(published.values())
+        assert total > 100
+
+        redis = aioredis.Redis(port=stack.ports.redis, username="reader", password=redis_reader_password,
+                               decode_responses=True)
+
+        async def in_redis() -> dict[tuple[str, str, int], int]:
+            found = {}
+            for device, sensor in {(d, s) for d, s, _ in published}:
+                for member in await redis.zrange(f"{base}:series:{device}:{sensor}", 0, -1):
+                    window = orjson.loads(member)
+                    found[(device, sensor, window["start"])] = window["n"]
+            return found
+
+        async def at_sink() -> dict[tuple[str, str, int], int]:
+            return {(r["device"], r["sensor"], r["start"]): r["n"] for r in await sink_records(sink)
+                    if r["type"] == "window"}
+
+        async def redis_done() -> bool:
+            return await in_redis() == published
+
+        async def sink_done() -> bool:
+            return await at_sink() == published
+
+        try:
+            await wait_until(redis_done, 30, "every published window in Redis")
+            await wait_until(sink_done, 30, "every published window at the cloud-sink")
+        except AssertionError:
+            got_redis, got_sink = await in_redis(), await at_sink()
+            missing = {k: v for k, v in published.items() if got_redis.get(k) != v}
+            missing_sink = {k: v for k, v in published.items() if got_sink.get(k) != v}
+            raise AssertionError(f"{len(published)} windows published; not in Redis as published: "
+                                 f"{sorted(missing.items())[:10]} (extra: {len(set(got_redis) - set(published))}); "
+                                 f"not at the sink: {sorted(missing_sink.items())[:10]}") from None
+        assert sum((await in_redis()).values()) == total
+        latest = await redis.hgetall(f"{base}:latest:dev-a")
+        assert set(latest) == {"temperature", "humidity"} and all(float(v) for v in latest.values())
+        await redis.aclose()
+
+        # Silence → the monitor calls both devices offline, and the alert reaches the cloud.
+        await wait_until(lambda: wire.state("device/dev-a") == "offline", 20, "dev-a offline")
+        async def offline_alert_at_sink() -> bool:
+            return any(r["type"] == "alert" and r.get("kind") == "offline" for r in await sink_records(sink))
+        await wait_until(offline_alert_at_sink, 20, "the offline alert at the cloud-sink")
+
+        # kill -9: no clean shutdown, so the broker publishes the Last Will.
+        procs["preprocessor"].send_signal(signal.SIGKILL)
+        procs["preprocessor"].wait(10)
+        await wait_until(lambda: wire.state("service/preprocessor/e2e") == "offline", 15, "preprocessor Will")
+
+        # The wire: only sealed envelopes on pipeline topics, only status JSON on status topics.
+        for m in wire.messages:
+            kind = m.topic.split("/")[2]
+            doc = orjson.loads(m.payload) if m.payload else None
+            if kind in ("raw", "processed", "alerts"):
+                assert set(doc) == {"v", "alg", "kid", "ct"} and doc["v"] == 1 and doc["alg"] == "fernet"
+            else:
+                assert kind == "status" and doc is None or doc["state"] in ("online", "offline", "fault")
+        assert {m.topic.split("/")[2] for m in wire.messages} >= {"raw", "processed", "alerts", "status"}
+
+        assert raw_connect(stack, None, None) != "Success"  # anonymous refused on the pipeline's broker
+        for service in ("cache_writer", "cloud_forwarder", "monitor", "cloud_sink"):
+            assert procs[service].poll() is None, f"{service} died"
+        assert not (tmp / "dead.jsonl").exists()
+    except BaseException:
+        for service in SERVICES:
+            out = (tmp / f"{service}.out").read_text(errors="replace")[-3000:]
+            os.write(2, f"\n===== {service} =====\n{out}".encode())
+        raise
