@@ -150,3 +150,7 @@ def stack(root: Path) -> None:
         raise click.ClickException("honcho not found: run through `make run` (uv sync installs it)")
     os.chdir(root)
     os.execve(honcho, [honcho, "-f", "Procfile", "-e", str(var / "stack.env"), "start"], {**os.environ, **env})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+# iotpipe: `make run` (local stack, no Docker) and `make test` are the two commands.
+# Both install what a fresh machine lacks: uv, the Python environment, and the mosquitto and
+# redis-server binaries from the OS packages (set IOTPIPE_NO_INSTALL=1 to forbid installing).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+# Debian installs the broker and Redis in sbin, which a non-root PATH may lack.
+export PATH := $(HOME)/.local/bin:$(PATH):/usr/sbin:/usr/local/sbin
+UV ?= uv
+OS_PACKAGES := mosquitto mosquitto-clients redis-server
+TEST_OS_PACKAGES := docker-compose
+
+.PHONY: help deps test-deps venv secrets run test logs lint clean
+
+help:
+	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
+	@echo "make test           run the test suite (starts its own mosquitto and redis)"
+	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
+	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
+	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
+	@echo "make lint           ruff"
+
+# $(1): packages, $(2): binaries that prove they are there
+define ensure_os_packages
+	@missing=""; for bin in $(2); do command -v $$bin >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ -n "$$IOTPIPE_NO_INSTALL" ]; then \
+	    echo "error: need $(2) (Debian/Ubuntu: apt-get install $(1)); IOTPIPE_NO_INSTALL forbids installing" >&2; exit 1; \
+	  fi; \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "error: need $(2); install the packages '$(1)' with your OS package manager" >&2; exit 1; \
+	  fi; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+	  echo "installing OS packages: $(1)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(1) >/dev/null \
+	    || { echo "error: could not install $(1); install them and retry" >&2; exit 1; }; \
+	fi
+endef
+
+deps:
+	@command -v $(UV) >/dev/null 2>&1 || { echo "installing uv"; python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv; }
+	$(call ensure_os_packages,$(OS_PACKAGES),mosquitto redis-server)
+
+test-deps: deps
+	$(call ensure_os_packages,$(TEST_OS_PACKAGES),docker-compose)
+
+venv: deps
+	$(UV) sync --frozen
+
+secrets: venv
+	$(UV) run --frozen iotpipe secrets secrets
+
+run: venv
+	$(UV) run --frozen iotpipe stack
+
+test: test-deps venv
+	$(UV) run --frozen pytest
+
+logs:
+	@test -n "$(s)" || { echo "usage: make logs s=<service>" >&2; exit 2; }
+	tail -n 50 -F var/log/$(s).log
+
+lint: venv
+	$(UV) run --frozen ruff check .
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache
