@@ -37,6 +37,19 @@ sensors = ["temperature", "humidity"]
 spike_probability = 0.05
 dropout_probability = 0.05
 
+# No SPI bus 99 exists: opening it fails every time, as an unplugged ADC would.
+[[devices]]
+id = "dead-adc"
+driver = "mcp3008"
+interval = 0.05
+[devices.params]
+bus = 99
+[devices.params.channels.soil]
+channel = 0
+unit = "%"
+min = 0.0
+max = 100.0
+
 [[devices]]
 id = "dev-b"
 driver = "simulated"
@@ -162,6 +175,10 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
         await wait_until(lambda: len({k[2] for k in wire.readings}) >= 6, 60, "six windows of raw readings")
         await wait_until(lambda: wire.state("device/dev-a") == "online" and wire.state("device/dev-b") == "online",
                          30, "the monitor to publish devices online")
+
+        # A device that keeps failing is `fault` with the reason, while the others keep flowing.
+        await wait_until(lambda: wire.state("device/dead-adc") == "fault", 30, "dead-adc reported fault")
+        assert "bus" in str(wire.status["device/dead-adc"]["reason"])
 
         # Clean stop of the reader: it publishes its own `offline` and its last window first.
         procs["sensor_reader"].send_signal(signal.SIGTERM)
