@@ -7,7 +7,6 @@ the real servers."""
 from __future__ import annotations
 
 import ast
-import fnmatch
 import importlib
 import importlib.metadata
 import os
@@ -203,6 +202,25 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's .dockerignore matching: Go filepath.Match plus `**` for any number of directories;
+    an excluded directory excludes everything under it (the caller checks each prefix)."""
+    out, i = "", 0
+    pattern = pattern.strip("/")
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
 def required_binary(name: str, package: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -278,7 +296,8 @@ def test_dockerfile_builds_one_venv_per_service_and_runs_unprivileged() -> None:
         stages[-1].append((keyword, args))
     froms = [stage[0][1] for stage in stages]
     uv_images = [f for f in froms if f.startswith("ghcr.io/astral-sh/uv:")]
-    assert len(uv_images) == 1 and re.fullmatch(r"ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ AS \w+", uv_images[0]), froms
+    assert len(uv_images) == 1, froms
+    assert re.fullmatch(r"ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ AS \w+", uv_images[0]), "pin uv's version"
     builder = next(s for s in stages if s[0][1].startswith("python:3.11-slim AS builder"))
     runtime = stages[-1]
     assert runtime[0][1].startswith("python:3.11-slim"), "the final stage must be the slim runtime"
@@ -290,7 +309,7 @@ def test_dockerfile_builds_one_venv_per_service_and_runs_unprivileged() -> None:
         assert flag in final_sync, f"the builder's uv sync lacks {flag}: {final_sync}"
     assert "--no-install-workspace" not in final_sync
     for source in ("pyproject.toml", "uv.lock", "shared/", "services/"):
-        assert re.search(rf"^{re.escape(source)}|\s{re.escape(source)}", builder_text, re.M), f"builder: {source}"
+        assert re.search(rf"(^|\s){re.escape(source)}", builder_text, re.M), f"the builder must copy {source}"
     assert ("ARG", "SERVICE") in builder and ("ARG", "SERVICE") in runtime
 
     copies = [args for keyword, args in runtime if keyword == "COPY"]
@@ -306,10 +325,13 @@ def test_dockerfile_builds_one_venv_per_service_and_runs_unprivileged() -> None:
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
+    assert not [p for p in patterns if p.startswith("!")], "no re-includes: keep the file easy to audit"
+    matchers = [dockerignore_regex(p) for p in patterns]
 
     def ignored(path: str) -> bool:
-        return any(fnmatch.fnmatch(path, p.rstrip("/")) or fnmatch.fnmatch(path.split("/")[0], p.rstrip("/"))
-                   for p in patterns if not p.startswith("!"))
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(m.fullmatch(prefix) for m in matchers for prefix in prefixes)
 
     for path in ("secrets", "secrets/keyring", ".venv", "var", ".git", "tests", "services/x/__pycache__",
                  ".mypy_cache", ".ruff_cache", ".pytest_cache"):
@@ -326,7 +348,7 @@ def test_compose_runs_exactly_the_procfile_commands(services: dict[str, dict[str
                                                     procfile: dict[str, str],
                                                     packages: dict[str, dict[str, Any]]) -> None:
     python_entries = {name: cmd for name, cmd in procfile.items() if cmd.startswith("python -m ")}
-    assert set(python_entries) == set(built), "the Procfile's python processes and compose's built services differ"
+    assert set(python_entries) == set(built), "Procfile python processes != compose's built services"
     assert set(services) == set(built) | {PROCFILE_TO_COMPOSE[n] for n in procfile if n not in python_entries}
     for name, svc in built.items():
         assert svc.get("command") == shlex.split(procfile[name]), f"{name}: command differs from the Procfile"
@@ -337,8 +359,10 @@ def test_compose_runs_exactly_the_procfile_commands(services: dict[str, dict[str
             f"{name}: services/{module}/pyproject.toml must define the package {name}"
     # Broker and Redis: the same programs, on the config files compose mounts.
     broker, redis = services["mosquitto"], services["redis"]
-    assert shlex.split(procfile["broker"])[0] == "mosquitto" and broker["image"].startswith("eclipse-mosquitto:2")
-    assert ("./mosquitto/mosquitto.conf", "/mosquitto/config/mosquitto.conf") in mounts(broker)  # image default
+    assert shlex.split(procfile["broker"])[0] == "mosquitto"
+    assert broker["image"].startswith("eclipse-mosquitto:2")
+    # The image's default command reads /mosquitto/config/mosquitto.conf.
+    assert ("./mosquitto/mosquitto.conf", "/mosquitto/config/mosquitto.conf") in mounts(broker)
     assert shlex.split(procfile["redis"])[0] == redis["command"][0] == "redis-server"
     assert redis["image"].startswith("redis:7")
     assert ("./redis/redis.conf", redis["command"][1]) in mounts(redis)
@@ -509,17 +533,26 @@ def test_each_image_installs_only_its_own_dependencies(packages: dict[str, dict[
         providers = {name: {normalize(d) for d in dists_of.get(name, [])} for name in imported}
         for name, dists in providers.items():
             assert dists, f"{module} imports {name}, which no installed distribution provides"
-            assert dists & (pkg["deps"] | shared_deps), f"{module} imports {name} ({dists}) without declaring it"
-        used = set().union(*providers.values()) if providers else set()
+            assert dists & (pkg["deps"] | shared_deps), f"{module} imports {name} ({dists}), undeclared"
+
+
+def test_every_declared_service_dependency_is_imported(packages: dict[str, dict[str, Any]]) -> None:
+    """A dependency no module of the service imports only makes its image bigger."""
+    stdlib = set(sys.stdlib_module_names)
+    dists_of = importlib.metadata.packages_distributions()
+    for module, pkg in packages.items():
+        imported = imported_modules(ROOT / "services" / module / module) - stdlib - {module, "iotpipe"}
+        used = {normalize(d) for name in imported for d in dists_of.get(name, [])}
         unused = pkg["deps"] - {"iotpipe"} - used
-        assert not unused, f"{module} declares {unused} but never imports them: they only bloat its image"
+        assert not unused, f"services/{module} declares {sorted(unused)} but never imports them"
 
 
 def test_no_service_imports_another_service(packages: dict[str, dict[str, Any]]) -> None:
     modules = set(packages)
     for module in modules:
         imported = imported_modules(ROOT / "services" / module)
-        assert not imported & (modules - {module}), f"services/{module} imports {imported & (modules - {module})}"
+        others = imported & (modules - {module})
+        assert not others, f"services/{module} imports {others}"
 
 
 # --- broker and Redis configuration ----------------------------------------------------------------
@@ -564,7 +597,8 @@ def test_broker_acl_covers_every_user_and_reader_only_reads() -> None:
             assert words[0] == "topic" and len(words) == 3, f"unexpected ACL line {line!r}"
             sections[user].append((words[1], words[2]))
     assert set(sections) == set(MQTT_USERS)
-    assert {"sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "reader"} <= set(sections)
+    expected = {"sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "reader"}
+    assert expected <= set(sections)
     for user, rules in sections.items():
         assert rules, f"{user} has no rules"
         assert all(access in {"read", "write", "readwrite"} for access, _ in rules), user
