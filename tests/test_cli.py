@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import orjson
+from iotpipe import KeyRing, Topics
+from sensor_reader.config import load_devices
+from servers import ROOT, Stack, bus_for
+
+
+async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing, base: str) -> None:
+    topics = Topics(base)
+    producer = bus_for(stack, "preprocessor", keyring=keyring)
+    await producer.start()
+    await producer.wait_connected()
+    try:
+        # Retained, so the subscriber gets it whenever it connects: no race with its start-up.
+        payload = producer.sealer.seal(topics.processed("d9"), {"device": "d9", "windows": []})  # type: ignore[union-attr]
+        await producer.publish(topics.processed("d9"), payload, retain=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v1/processed/#", "-n", "1"],
+            env=stack.env(), capture_output=True, text=True, timeout=60,
+        )
+        await producer.publish(topics.processed("d9"), b"", retain=True)
+    finally:
+        await producer.stop()
+    assert result.returncode == 0, result.stderr
+    line = orjson.loads(result.stdout.splitlines()[0])
+    assert line["topic"] == topics.processed("d9") and line["data"] == {"device": "d9", "windows": []}
+    assert line["src"] == "preprocessor/test"
+
+
+def test_iotpipe_sub_reports_a_bad_setup_clearly(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "iotpipe.cli", "sub", "--secrets-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "cannot read key ring file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_readme_devices_example_is_valid(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[[devices]]" in b]
+    assert blocks, "README shows a devices file"
+    path = tmp_path / "devices.toml"
+    path.write_text(blocks[0])
+    drivers = {d.driver for d, _ in load_devices(path)}
+    assert drivers == {"mcp3008", "bme280", "sht31", "pms5003"}
+    assert tomllib.loads(blocks[0])["devices"][0]["id"] == "bed-1-soil"
