@@ -38,7 +38,7 @@ endef
 
 deps:
 	@command -v $(UV) >/dev/null 2>&1 || { echo "installing uv"; python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv; }
-	$(call ensure_os_packages,$(OS_PACKAGES),mosquitto redis-server)
+	$(call ensure_os_packages,$(OS_PACKAGES),mosquitto mosquitto_sub redis-server redis-cli)
 
 test-deps: deps
 	$(call ensure_os_packages,$(TEST_OS_PACKAGES),docker-compose)

@@ -41,8 +41,9 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> None:
         ready = threading.Event()
-        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         proc = self.proc
 
         def drain() -> None:
@@ -88,14 +89,16 @@ class Stack:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
-        env.update({
-            "IOTPIPE_SECRETS_DIR": str(self.secrets_dir),
-            "IOTPIPE_MQTT__HOST": "127.0.0.1",
-            "IOTPIPE_MQTT__PORT": str(self.ports.mqtt),
-            "IOTPIPE_REDIS__HOST": "127.0.0.1",
-            "IOTPIPE_REDIS__PORT": str(self.ports.redis),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "IOTPIPE_SECRETS_DIR": str(self.secrets_dir),
+                "IOTPIPE_MQTT__HOST": "127.0.0.1",
+                "IOTPIPE_MQTT__PORT": str(self.ports.mqtt),
+                "IOTPIPE_REDIS__HOST": "127.0.0.1",
+                "IOTPIPE_REDIS__PORT": str(self.ports.redis),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(extra)
         return env
 
@@ -106,10 +109,16 @@ def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
     (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
     (workdir / "redis").mkdir(parents=True, exist_ok=True)
     broker_conf = workdir / "mosquitto.conf"
-    broker_conf.write_text(render_broker_config(ROOT / "mosquitto/mosquitto.conf", ports, secrets_dir,
-                                                workdir / "mosquitto",
-                                                # information level has the "running" line we wait for
-                                                extra=("log_type information",)))
+    broker_conf.write_text(
+        render_broker_config(
+            ROOT / "mosquitto/mosquitto.conf",
+            ports,
+            secrets_dir,
+            workdir / "mosquitto",
+            # information level has the "running" line we wait for
+            extra=("log_type information",),
+        )
+    )
     redis_conf = workdir / "redis.conf"
     redis_conf.write_text(render_redis_config(ROOT / "redis/redis.conf", ports, secrets_dir, workdir / "redis"))
     broker = Server("mosquitto", ["mosquitto", "-c", str(broker_conf)], " running", workdir)
@@ -125,18 +134,38 @@ def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
         broker.stop()
 
 
-def bus_for(stack: Stack, user: str, *, keyring=None, status_topic: str | None = None,  # type: ignore[no-untyped-def]
-            tls: bool = False, client_id: str | None = None, session_expiry: int = 0, **mqtt: object):
+def bus_for(
+    stack: Stack,
+    user: str,
+    *,
+    keyring=None,
+    status_topic: str | None = None,  # type: ignore[no-untyped-def]
+    tls: bool = False,
+    client_id: str | None = None,
+    session_expiry: int = 0,
+    **mqtt: object,
+):
     """An iotpipe Bus logged in as `user` against the test broker (not started)."""
     import uuid
 
     from iotpipe import Bus, MqttSettings
     from iotpipe.devstack import mqtt_password_file
 
-    settings = MqttSettings(host="127.0.0.1" if not tls else "localhost",
-                            port=stack.ports.mqtt_tls if tls else stack.ports.mqtt, tls=tls,
-                            ca_file=stack.secrets_dir / "ca_crt" if tls else None, session_expiry=session_expiry,
-                            connect_timeout=15, **mqtt)  # type: ignore[arg-type]
-    return Bus(settings, client_id=client_id or f"test-{user}-{uuid.uuid4().hex[:8]}", keyring=keyring,
-               src=f"{user}/test", status_topic=status_topic, username=user,
-               password_file=mqtt_password_file(stack.secrets_dir, user))
+    settings = MqttSettings(
+        host="127.0.0.1" if not tls else "localhost",
+        port=stack.ports.mqtt_tls if tls else stack.ports.mqtt,
+        tls=tls,
+        ca_file=stack.secrets_dir / "ca_crt" if tls else None,
+        session_expiry=session_expiry,
+        connect_timeout=15,
+        **mqtt,
+    )  # type: ignore[arg-type]
+    return Bus(
+        settings,
+        client_id=client_id or f"test-{user}-{uuid.uuid4().hex[:8]}",
+        keyring=keyring,
+        src=f"{user}/test",
+        status_topic=status_topic,
+        username=user,
+        password_file=mqtt_password_file(stack.secrets_dir, user),
+    )

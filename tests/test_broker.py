@@ -20,8 +20,7 @@ def raw_connect(stack: Stack, username: str | None, password: str | None) -> str
     """Connect with a bare paho client; return the CONNACK reason as text."""
     result: list[str] = []
     done = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
     if username is not None:
         client.username_pw_set(username, password)
 
@@ -101,8 +100,9 @@ async def wait_subscribed(bus, timeout: float = 10) -> None:  # type: ignore[no-
     await asyncio.wait_for(bus.subscribed.wait(), timeout)
 
 
-async def test_bad_input_is_counted_and_never_blocks_the_next_message(stack: Stack, keyring: KeyRing,
-                                                                      base: str) -> None:
+async def test_bad_input_is_counted_and_never_blocks_the_next_message(
+    stack: Stack, keyring: KeyRing, base: str
+) -> None:
     topics = Topics(base)
     received: list[object] = []
     good = asyncio.Event()
@@ -123,8 +123,16 @@ async def test_bad_input_is_counted_and_never_blocks_the_next_message(stack: Sta
         other_key = KeyRing([("k1", b"A" * 43 + b"=")])
         sealed_elsewhere = Sealer(other_key, "evil/x").seal(topics.raw("d1"), {"bad": 1})
         replayed = Sealer(keyring, "sensor-reader/x").seal(topics.raw("d2"), {"bad": 2})
-        bad_payloads = [b"", b"{", b"[" * 100_000, b'{"v":1}', b"\xff\xfe", sealed_elsewhere, replayed,
-                        b'{"v":1,"alg":"fernet","kid":"k1","ct":"' + b"x" * 2_000_000 + b'"}']
+        bad_payloads = [
+            b"",
+            b"{",
+            b"[" * 100_000,
+            b'{"v":1}',
+            b"\xff\xfe",
+            sealed_elsewhere,
+            replayed,
+            b'{"v":1,"alg":"fernet","kid":"k1","ct":"' + b"x" * 2_000_000 + b'"}',
+        ]
         for payload in bad_payloads:
             await producer.publish(topics.raw("d1"), payload)
         duplicate = producer.sealer.seal(topics.raw("d1"), {"dup": True})  # type: ignore[union-attr]
@@ -190,8 +198,8 @@ async def test_will_marks_a_vanished_client_offline(stack: Stack, keyring: KeyRi
     try:
         await wait_subscribed(watcher)
         # Stop paho's thread (no DISCONNECT sent) and cut the socket: to the broker, a crashed client.
-        await asyncio.to_thread(doomed._client.loop_stop)  # noqa: SLF001
-        doomed._client.socket().close()  # noqa: SLF001
+        await asyncio.to_thread(doomed._client.loop_stop)
+        doomed._client.socket().close()
         await asyncio.wait_for(offline.wait(), 20)
         assert states[0] == "online" and states[-1] == "offline"
     finally:

@@ -23,7 +23,10 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
         await producer.publish(topics.processed("d9"), payload, retain=True)
         result = subprocess.run(
             [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v1/processed/#", "-n", "1"],
-            env=stack.env(), capture_output=True, text=True, timeout=60,
+            env=stack.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         await producer.publish(topics.processed("d9"), b"", retain=True)
     finally:
@@ -35,8 +38,12 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
 
 
 def test_iotpipe_sub_reports_a_bad_setup_clearly(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "iotpipe.cli", "sub", "--secrets-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "iotpipe.cli", "sub", "--secrets-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "cannot read key ring file" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -125,9 +125,7 @@ def test_datasheet_worked_example(bme_driver: BME280Driver) -> None:
     t_fine = ref_t_fine(FakeBME280.EXAMPLE_ADC_T)
     assert t_fine == 128422
     assert ref_temperature_centi(t_fine) == 2508
-    assert sample["humidity"] == pytest.approx(
-        ref_humidity_q22_10(FakeBME280.EXAMPLE_ADC_H, t_fine) / 1024.0, abs=0.05
-    )
+    assert sample["humidity"] == pytest.approx(ref_humidity_q22_10(FakeBME280.EXAMPLE_ADC_H, t_fine) / 1024.0, abs=0.05)
     assert bme_driver.sensors == {"temperature": "degC", "pressure": "hPa", "humidity": "%RH"}
 
 
@@ -139,9 +137,7 @@ def test_float_compensation_agrees_with_the_integer_reference(adc_t: int, adc_p:
     t_fine = ref_t_fine(adc_t)
     assert cal.t_fine(adc_t) == pytest.approx(t_fine, abs=1)
     assert cal.temperature(cal.t_fine(adc_t)) == pytest.approx(ref_temperature_centi(t_fine) / 100, abs=0.01)
-    assert cal.pressure(adc_p, cal.t_fine(adc_t)) == pytest.approx(
-        ref_pressure_q24_8(adc_p, t_fine) / 256, abs=1
-    )
+    assert cal.pressure(adc_p, cal.t_fine(adc_t)) == pytest.approx(ref_pressure_q24_8(adc_p, t_fine) / 256, abs=1)
     humidity = ref_humidity_q22_10(adc_h, t_fine) / 1024
     if 0 < humidity < 100:
         assert cal.humidity(adc_h, cal.t_fine(adc_t)) == pytest.approx(humidity, abs=0.05)
@@ -233,9 +229,7 @@ def test_read_when_closed_is_a_bus_error(bme_driver: BME280Driver) -> None:
         bme_driver.read()
 
 
-def test_chip_reset_by_a_brown_out_is_a_bus_error_until_reopened(
-    bme: FakeBME280, bme_driver: BME280Driver
-) -> None:
+def test_chip_reset_by_a_brown_out_is_a_bus_error_until_reopened(bme: FakeBME280, bme_driver: BME280Driver) -> None:
     bme._power_on()  # ctrl_hum back to 0: humidity is skipped and reads 0x8000
     with pytest.raises(BusError, match="skipped-measurement"):
         bme_driver.read()
@@ -293,12 +287,8 @@ def test_open_resets_and_checks_status_then_measures(sht: FakeSHT31, sht_driver:
     assert sht_driver.sensors == {"temperature": "degC", "humidity": "%RH"}
 
 
-@pytest.mark.parametrize(
-    ("repeatability", "command"), [("high", 0x2400), ("medium", 0x240B), ("low", 0x2416)]
-)
-def test_repeatability_selects_the_command(
-    wire: FakeI2CBus, sht: FakeSHT31, repeatability: str, command: int
-) -> None:
+@pytest.mark.parametrize(("repeatability", "command"), [("high", 0x2400), ("medium", 0x240B), ("low", 0x2416)])
+def test_repeatability_selects_the_command(wire: FakeI2CBus, sht: FakeSHT31, repeatability: str, command: int) -> None:
     driver = sht31(wire, repeatability=repeatability)
     driver.open()
     try:

@@ -125,9 +125,7 @@ def test_values_slightly_beyond_the_calibration_are_kept(chip: FakeMCP3008, driv
     assert driver.read()["soil_moisture"] == pytest.approx(-4.444, abs=1e-3)
 
 
-def test_rail_value_from_a_disconnected_probe_is_implausible(
-    chip: FakeMCP3008, driver: MCP3008Driver
-) -> None:
+def test_rail_value_from_a_disconnected_probe_is_implausible(chip: FakeMCP3008, driver: MCP3008Driver) -> None:
     chip.set(0, 1023)  # a floating input pulled to the rail: -38 %
     with pytest.raises(ImplausibleValueError, match=r"soil_moisture: raw 1023 on channel 0"):
         driver.read()

@@ -153,9 +153,7 @@ def test_open_sets_the_mode(emulator: PMS5003Emulator) -> None:
     assert emulator.mode == "passive"
 
 
-def test_active_mode_reads_a_frame(
-    emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]
-) -> None:
+def test_active_mode_reads_a_frame(emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]) -> None:
     driver, _ = active
     emulator.send(B)
     assert driver.read() == values((11, 22, 33))
@@ -218,9 +216,7 @@ def test_partial_frame_is_kept_for_the_next_read(
     assert port.read_total - before == 16  # only the rest of B was read; its start was kept
 
 
-def test_bad_checksum_is_a_checksum_error(
-    emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]
-) -> None:
+def test_bad_checksum_is_a_checksum_error(emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]) -> None:
     driver, _ = active
     emulator.send(corrupted(B))
     with pytest.raises(ChecksumError, match="checksum"):
@@ -238,9 +234,7 @@ def test_corrupt_frame_superseded_by_a_good_one_is_not_an_error(
     assert driver.read() == values((40, 55, 61))
 
 
-def test_no_frame_in_time_is_a_bus_error(
-    emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]
-) -> None:
+def test_no_frame_in_time_is_a_bus_error(emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]) -> None:
     driver, _ = active
     emulator.send(B[:20])
     with pytest.raises(BusError, match=r"no complete frame .* within 0.5s \(20 bytes"):
@@ -249,9 +243,7 @@ def test_no_frame_in_time_is_a_bus_error(
     assert driver.read() == values((11, 22, 33))
 
 
-def test_implausible_concentration(
-    emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]
-) -> None:
+def test_implausible_concentration(emulator: PMS5003Emulator, active: tuple[PMS5003Driver, SpySerial]) -> None:
     driver, _ = active
     emulator.send(data_frame(20, 40, 1500))
     with pytest.raises(ImplausibleValueError, match="pm10 1500 ug/m3"):
@@ -266,9 +258,7 @@ def test_passive_mode_requests_each_frame(emulator: PMS5003Emulator, passive: PM
     assert emulator.frames_sent == 2
 
 
-def test_passive_mode_answer_with_noise_and_fragments(
-    emulator: PMS5003Emulator, passive: PMS5003Driver
-) -> None:
+def test_passive_mode_answer_with_noise_and_fragments(emulator: PMS5003Emulator, passive: PMS5003Driver) -> None:
     emulator.responses.append([b"\xff\x00", B[:3], B[3:17], B[17:]])
     assert passive.read() == values((11, 22, 33))
 

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from iotpipe import KeyRing, Opener, PlainMessage, Topics
+from iotpipe import KeyRing, Opener, PlainMessage
 from servers import ROOT, Stack, bus_for, free_port
 from test_broker import raw_connect
 
@@ -107,14 +107,24 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
     devices.write_text(DEVICES)
     sink_port = free_port()
     env = stack.env(
-        IOTPIPE_BASE_TOPIC=base, IOTPIPE_REDIS_PREFIX=base, IOTPIPE_INSTANCE="e2e",
-        IOTPIPE_DEVICES_FILE=str(devices), IOTPIPE_WINDOW_MS="500", IOTPIPE_WINDOW_GRACE_MS="100",
-        IOTPIPE_STATUS_INTERVAL="1", IOTPIPE_BATCH_LINGER="0.2", IOTPIPE_OFFLINE_AFTER="3",
-        IOTPIPE_CHECK_INTERVAL="0.5", IOTPIPE_FIT_INTERVAL="2", IOTPIPE_MIN_FIT_SAMPLES="5",
+        IOTPIPE_BASE_TOPIC=base,
+        IOTPIPE_REDIS_PREFIX=base,
+        IOTPIPE_INSTANCE="e2e",
+        IOTPIPE_DEVICES_FILE=str(devices),
+        IOTPIPE_WINDOW_MS="500",
+        IOTPIPE_WINDOW_GRACE_MS="100",
+        IOTPIPE_STATUS_INTERVAL="1",
+        IOTPIPE_BATCH_LINGER="0.2",
+        IOTPIPE_OFFLINE_AFTER="3",
+        IOTPIPE_CHECK_INTERVAL="0.5",
+        IOTPIPE_FIT_INTERVAL="2",
+        IOTPIPE_MIN_FIT_SAMPLES="5",
         IOTPIPE_CLOUD_URL=f"http://127.0.0.1:{sink_port}/ingest",
         IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_SINK_PORT=str(sink_port), IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_LOG_DIR=str(tmp_path / "log"), IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
+        IOTPIPE_SINK_PORT=str(sink_port),
+        IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
+        IOTPIPE_LOG_DIR=str(tmp_path / "log"),
+        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
         IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
     )
     wire = Wire(keyring)
@@ -128,15 +138,15 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
 
     def start(service: str) -> None:
         outputs[service] = (tmp_path / f"{service}.out").open("wb")
-        procs[service] = subprocess.Popen([sys.executable, "-m", service], env=env, cwd=ROOT,
-                                          stdout=outputs[service], stderr=subprocess.STDOUT)
+        procs[service] = subprocess.Popen(
+            [sys.executable, "-m", service], env=env, cwd=ROOT, stdout=outputs[service], stderr=subprocess.STDOUT
+        )
 
     for service in SERVICES:
         if service != "sensor_reader":
             start(service)
     try:
-        yield {"wire": wire, "procs": procs, "sink": f"http://127.0.0.1:{sink_port}", "tmp": tmp_path,
-               "start": start}
+        yield {"wire": wire, "procs": procs, "sink": f"http://127.0.0.1:{sink_port}", "tmp": tmp_path, "start": start}
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -158,8 +168,9 @@ async def sink_records(url: str) -> list[dict[str, object]]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack: Stack, base: str,
-                                              redis_reader_password: str) -> None:
+async def test_every_reading_is_accounted_for(
+    pipeline: dict[str, object], stack: Stack, base: str, redis_reader_password: str
+) -> None:
     wire: Wire = pipeline["wire"]  # type: ignore[assignment]
     procs: dict[str, subprocess.Popen[bytes]] = pipeline["procs"]  # type: ignore[assignment]
     sink: str = pipeline["sink"]  # type: ignore[assignment]
@@ -168,13 +179,19 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
     try:
         # Consumers first: on a broker that has never seen them, their durable sessions begin when they
         # first subscribe (each publishes `online` right after its SUBSCRIBE, so online means subscribed).
-        await wait_until(lambda: all(wire.state(f"service/{n}/e2e") == "online" for n in STATUS_NAMES[1:]), 60,
-                         "every consumer to report online")
+        await wait_until(
+            lambda: all(wire.state(f"service/{n}/e2e") == "online" for n in STATUS_NAMES[1:]),
+            60,
+            "every consumer to report online",
+        )
         pipeline["start"]("sensor_reader")  # type: ignore[operator]
         await wait_until(lambda: wire.state("service/sensor-reader/e2e") == "online", 30, "the reader online")
         await wait_until(lambda: len({k[2] for k in wire.readings}) >= 6, 60, "six windows of raw readings")
-        await wait_until(lambda: wire.state("device/dev-a") == "online" and wire.state("device/dev-b") == "online",
-                         30, "the monitor to publish devices online")
+        await wait_until(
+            lambda: wire.state("device/dev-a") == "online" and wire.state("device/dev-b") == "online",
+            30,
+            "the monitor to publish devices online",
+        )
 
         # A device that keeps failing is `fault` with the reason, while the others keep flowing.
         await wait_until(lambda: wire.state("device/dead-adc") == "fault", 30, "dead-adc reported fault")
@@ -188,8 +205,9 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
         total = sum(published.values())
         assert total > 100
 
-        redis = aioredis.Redis(port=stack.ports.redis, username="reader", password=redis_reader_password,
-                               decode_responses=True)
+        redis = aioredis.Redis(
+            port=stack.ports.redis, username="reader", password=redis_reader_password, decode_responses=True
+        )
 
         async def in_redis() -> dict[tuple[str, str, int], int]:
             found = {}
@@ -200,8 +218,11 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
             return found
 
         async def at_sink() -> dict[tuple[str, str, int], int]:
-            return {(r["device"], r["sensor"], r["start"]): r["n"] for r in await sink_records(sink)
-                    if r["type"] == "window"}
+            return {
+                (r["device"], r["sensor"], r["start"]): r["n"]
+                for r in await sink_records(sink)
+                if r["type"] == "window"
+            }
 
         async def redis_done() -> bool:
             return await in_redis() == published
@@ -216,9 +237,11 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
             got_redis, got_sink = await in_redis(), await at_sink()
             missing = {k: v for k, v in published.items() if got_redis.get(k) != v}
             missing_sink = {k: v for k, v in published.items() if got_sink.get(k) != v}
-            raise AssertionError(f"{len(published)} windows published; not in Redis as published: "
-                                 f"{sorted(missing.items())[:10]} (extra: {len(set(got_redis) - set(published))}); "
-                                 f"not at the sink: {sorted(missing_sink.items())[:10]}") from None
+            raise AssertionError(
+                f"{len(published)} windows published; not in Redis as published: "
+                f"{sorted(missing.items())[:10]} (extra: {len(set(got_redis) - set(published))}); "
+                f"not at the sink: {sorted(missing_sink.items())[:10]}"
+            ) from None
         assert sum((await in_redis()).values()) == total
         latest = await redis.hgetall(f"{base}:latest:dev-a")
         assert set(latest) == {"temperature", "humidity"} and all(float(v) for v in latest.values())
@@ -226,8 +249,10 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
 
         # Silence → the monitor calls both devices offline, and the alert reaches the cloud.
         await wait_until(lambda: wire.state("device/dev-a") == "offline", 20, "dev-a offline")
+
         async def offline_alert_at_sink() -> bool:
             return any(r["type"] == "alert" and r.get("kind") == "offline" for r in await sink_records(sink))
+
         await wait_until(offline_alert_at_sink, 20, "the offline alert at the cloud-sink")
 
         # kill -9: no clean shutdown, so the broker publishes the Last Will.
@@ -242,7 +267,7 @@ async def test_every_reading_is_accounted_for(pipeline: dict[str, object], stack
             if kind in ("raw", "processed", "alerts"):
                 assert set(doc) == {"v", "alg", "kid", "ct"} and doc["v"] == 1 and doc["alg"] == "fernet"
             else:
-                assert kind == "status" and doc is None or doc["state"] in ("online", "offline", "fault")
+                assert (kind == "status" and doc is None) or doc["state"] in ("online", "offline", "fault")
         assert {m.topic.split("/")[2] for m in wire.messages} >= {"raw", "processed", "alerts", "status"}
 
         assert raw_connect(stack, None, None) != "Success"  # anonymous refused on the pipeline's broker

@@ -39,15 +39,21 @@ class FlakyCloud:
 
 
 @pytest.fixture
-async def forwarder_factory(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path,
-                            monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[str], CloudForwarder]]:
+async def forwarder_factory(
+    stack: Stack, keyring: KeyRing, base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[str], CloudForwarder]]:
     made: list[CloudForwarder] = []
 
     def make(url: str) -> CloudForwarder:
-        env = stack.env(IOTPIPE_BASE_TOPIC=base, IOTPIPE_CLOUD_URL=url, IOTPIPE_RETRY_MAX_TIME="0.5",
-                        IOTPIPE_RETRY_MAX_DELAY="0.05", IOTPIPE_REQUEST_TIMEOUT="2",
-                        IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-                        IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"))
+        env = stack.env(
+            IOTPIPE_BASE_TOPIC=base,
+            IOTPIPE_CLOUD_URL=url,
+            IOTPIPE_RETRY_MAX_TIME="0.5",
+            IOTPIPE_RETRY_MAX_DELAY="0.05",
+            IOTPIPE_REQUEST_TIMEOUT="2",
+            IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
+            IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
+        )
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         forwarder = CloudForwarder(Runtime(Settings.load(instance="t"), keyring=keyring))
@@ -121,7 +127,7 @@ async def test_unreachable_cloud_is_retried(forwarder_factory) -> None:  # type:
     forwarder = forwarder_factory(f"http://127.0.0.1:{port}/ingest")
     app = web.Application()
     app.router.add_post("/ingest", cloud.ingest)
-    original = forwarder._post  # noqa: SLF001
+    original = forwarder._post
     attempts = 0
 
     async def post_then_start_cloud(body: bytes, key: str) -> None:
@@ -134,7 +140,7 @@ async def test_unreachable_cloud_is_retried(forwarder_factory) -> None:  # type:
         await original(body, key)
 
     runner = None
-    forwarder._post = post_then_start_cloud  # type: ignore[method-assign]  # noqa: SLF001
+    forwarder._post = post_then_start_cloud  # type: ignore[method-assign]
     try:
         await forwarder.upload(records(1))
     finally:
@@ -146,8 +152,14 @@ async def test_unreachable_cloud_is_retried(forwarder_factory) -> None:  # type:
 def test_alert_and_window_records() -> None:
     from cloud_forwarder.service import to_records
 
-    windows = Opened("b/v1/processed/d1", "p/x", "boot", 7, 0,
-                     {"device": "d1", "windows": [{"sensor": "t", "start": 1}, {"sensor": "h", "start": 1}]})
+    windows = Opened(
+        "b/v1/processed/d1",
+        "p/x",
+        "boot",
+        7,
+        0,
+        {"device": "d1", "windows": [{"sensor": "t", "start": 1}, {"sensor": "h", "start": 1}]},
+    )
     alert = Opened("b/v1/alerts/d1", "monitor/x", "boot", 9, 0, {"kind": "offline"})
     assert [r["id"] for r in to_records(windows, "processed")] == ["d1/t/1", "d1/h/1"]
     (record,) = to_records(alert, "alerts")

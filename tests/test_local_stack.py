@@ -37,12 +37,21 @@ async def test_local_stack_fills_redis_within_30s_and_stops_cleanly(tmp_path: Pa
     env.update({f"IOTPIPE_STACK_{name}_PORT": port for name, port in ports.items()})
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
     output = (tmp_path / "stack.out").open("wb")
-    stack = subprocess.Popen([sys.executable, "-m", "iotpipe.cli", "stack", "--root", str(root)], env=env,
-                             stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "iotpipe.cli", "stack", "--root", str(root)],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         await wait_until(lambda: redis_password_file(root / "secrets", "reader").exists(), 30, "secrets")
-        redis = aioredis.Redis(port=int(ports["REDIS"]), username="reader", decode_responses=True,
-                               password=redis_password_file(root / "secrets", "reader").read_text().strip())
+        redis = aioredis.Redis(
+            port=int(ports["REDIS"]),
+            username="reader",
+            decode_responses=True,
+            password=redis_password_file(root / "secrets", "reader").read_text().strip(),
+        )
 
         async def all_devices_cached() -> bool:
             try:

@@ -24,18 +24,14 @@ from sensor_reader.drivers.spi import MCP3008Driver, MCP3008Params
 from sensor_reader.poller import DevicePoller, PollPolicy
 
 INTERVAL = 0.02
-POLICY = PollPolicy(
-    read_timeout=0.2, retries=1, retry_base=0.002, reopen_after=2, fault_after=3, max_backoff=0.5
-)
+POLICY = PollPolicy(read_timeout=0.2, retries=1, retry_base=0.002, reopen_after=2, fault_after=3, max_backoff=0.5)
 SOIL = {"channel": 0, "unit": "%", "raw_min": 850, "raw_max": 400, "min": 0.0, "max": 100.0}
 
 
 @dataclass
 class Device:
     poller: DevicePoller
-    samples: list[tuple[float, int, dict[str, float]]] = field(
-        default_factory=list
-    )  # (monotonic, ts, sample)
+    samples: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)  # (monotonic, ts, sample)
     states: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
@@ -132,9 +128,7 @@ def assert_on_schedule(device: Device, max_gap: float) -> None:
     # through every phase. Circular statistics, so that a cluster at the wrap-around still counts.
     angles = [2 * math.pi * (t % INTERVAL) / INTERVAL for t in times]
     centre = math.atan2(sum(map(math.sin, angles)), sum(map(math.cos, angles)))
-    off_centre = sorted(
-        abs(math.remainder(a - centre, 2 * math.pi)) * INTERVAL / (2 * math.pi) for a in angles
-    )
+    off_centre = sorted(abs(math.remainder(a - centre, 2 * math.pi)) * INTERVAL / (2 * math.pi) for a in angles)
     assert off_centre[int(0.8 * len(off_centre))] < INTERVAL / 4, f"samples drift off the grid: {off_centre}"
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < max_gap, f"{device.poller.driver.device_id} stalled for {max(gaps):.3f}s"
@@ -153,9 +147,7 @@ async def test_dead_device_faults_and_backs_off_while_the_others_stay_on_schedul
     soil, weather, climate = rig.soil, rig.weather, rig.climate
     async with rig.running():
         await rig.until(
-            lambda: (
-                len(soil.samples) >= 40 and len(climate.samples) >= 40 and weather.poller.state == "fault"
-            ),
+            lambda: len(soil.samples) >= 40 and len(climate.samples) >= 40 and weather.poller.state == "fault",
             "40 healthy samples each and the dead device in fault",
         )
 
@@ -210,10 +202,7 @@ async def test_stuck_bus_times_out_without_delaying_the_other_devices() -> None:
         assert healthy.states == [("online", None)]
         assert_on_schedule(healthy, max_gap=POLICY.read_timeout / 2)
         stuck_window = released_at - stuck_at
-        assert (
-            healthy.samples_after(stuck_at) - healthy.samples_after(released_at)
-            >= 0.8 * stuck_window / INTERVAL
-        )
+        assert healthy.samples_after(stuck_at) - healthy.samples_after(released_at) >= 0.8 * stuck_window / INTERVAL
 
     assert [s for s, _ in climate.states] == ["online", "fault", "online"]
     reason = climate.states[1][1]
@@ -253,9 +242,7 @@ async def test_transient_error_is_retried_and_a_dead_device_recovers_by_itself()
 
     assert [s for s, _ in weather.states] == ["online", "fault", "online"]
     fault_reason = weather.states[1][1]
-    assert (
-        fault_reason is not None and fault_reason.startswith("bus: ") and "Remote I/O error" in fault_reason
-    )
+    assert fault_reason is not None and fault_reason.startswith("bus: ") and "Remote I/O error" in fault_reason
     assert weather.poller.stats.reopens >= 1
     first_back = next(t for t in weather.times if t > cleared_at)
     assert first_back - cleared_at <= POLICY.max_backoff + 0.2  # bounded by the backoff cap

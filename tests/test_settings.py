@@ -58,12 +58,15 @@ def write(tmp_path: Path, text: str) -> Path:
         ('[[devices]]\nid = "d1"\ndriver = "nope"\n', r"devices\[0\] \(id 'd1'\)\.driver: .*unknown driver"),
         ('[[devices]]\nid = "d1"\ndriver = "simulated"\ninterval = -1\n', r"\(id 'd1'\)\.interval"),
         ('[[devices]]\nid = "d1"\ndriver = "simulated"\ncolour = 1\n', r"\(id 'd1'\)\.colour"),
-        ('[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nbogus = 1\n',
-         r"\(id 'd1'\)\.params\.bogus"),
-        ('[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nsensors = ["warp"]\n',
-         r"\(id 'd1'\)\.params: unknown simulated sensor"),
-        ('[[devices]]\nid = "d1"\ndriver = "simulated"\n[[devices]]\nid = "d1"\ndriver = "simulated"\n',
-         r"devices\[1\] \(id 'd1'\)\.id: duplicate"),
+        ('[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nbogus = 1\n', r"\(id 'd1'\)\.params\.bogus"),
+        (
+            '[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nsensors = ["warp"]\n',
+            r"\(id 'd1'\)\.params: unknown simulated sensor",
+        ),
+        (
+            '[[devices]]\nid = "d1"\ndriver = "simulated"\n[[devices]]\nid = "d1"\ndriver = "simulated"\n',
+            r"devices\[1\] \(id 'd1'\)\.id: duplicate",
+        ),
         ("devices = []\n", "at least one"),
         ("[[devices]\n", "not valid TOML"),
     ],
@@ -81,8 +84,7 @@ def test_shipped_simulated_devices_file_is_valid() -> None:
 
 def test_service_refuses_bad_config_with_one_clear_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "IOTPIPE_MQTT__PORT": "not-a-port", "IOTPIPE_SECRETS_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "preprocessor"], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-m", "preprocessor"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "configuration error" in result.stderr and "IOTPIPE_MQTT__PORT" in result.stderr
     assert "Traceback" not in result.stderr

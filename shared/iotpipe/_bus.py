@@ -109,8 +109,9 @@ class Bus:
     # -- setup ----------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
         if self._username:
             password = read_secret(self._password_file, "MQTT password") if self._password_file else None
             client.username_pw_set(self._username, password)
@@ -130,8 +131,16 @@ class Bus:
         client.on_subscribe = self._on_subscribe
         return client
 
-    def subscribe(self, topic_filter: str, handler: SealedHandler | PlainHandler, *, sealed: bool = True,
-                  share_group: str | None = None, batch: int = DEFAULT_BATCH, linger: float = 0.0) -> None:
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: SealedHandler | PlainHandler,
+        *,
+        sealed: bool = True,
+        share_group: str | None = None,
+        batch: int = DEFAULT_BATCH,
+        linger: float = 0.0,
+    ) -> None:
         """Register a handler before `start()`. It receives a batch of verified messages and must
         make their effect durable before returning: the batch is acknowledged when it returns."""
         if sealed and self.opener is None:
@@ -151,8 +160,13 @@ class Bus:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry
         props.ReceiveMaximum = self.settings.receive_maximum
-        self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive,
-                                   clean_start=False, properties=props)
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive,
+            clean_start=False,
+            properties=props,
+        )
         self._client.loop_start()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -212,8 +226,15 @@ class Bus:
             await self.publish(self.status_topic, self._status_payload(state, **extra), retain=True, kind="status")
 
     def _status_payload(self, state: str, **extra: Any) -> bytes:
-        return orjson.dumps({"state": state, "client_id": self.client_id, "ts": time.time_ns() // 1_000_000,
-                             **self.status_extra, **extra})
+        return orjson.dumps(
+            {
+                "state": state,
+                "client_id": self.client_id,
+                "ts": time.time_ns() // 1_000_000,
+                **self.status_extra,
+                **extra,
+            }
+        )
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
         code = getattr(reason, "value", reason)
@@ -331,8 +352,9 @@ class Bus:
             self._rejects.warning(exc.reason, "rejected message on %s (%s): %s", msg.topic, exc.reason, exc)
         except Exception as exc:  # input we did not foresee must still not kill the consumer
             self.metrics.rejected.labels("malformed").inc()
-            self._rejects.warning("unexpected", "rejected message on %s (unexpected %s): %s",
-                                  msg.topic, type(exc).__name__, exc)
+            self._rejects.warning(
+                "unexpected", "rejected message on %s (unexpected %s): %s", msg.topic, type(exc).__name__, exc
+            )
         return None
 
     def _ack(self, msg: mqtt.MQTTMessage) -> None:

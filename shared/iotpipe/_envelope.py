@@ -152,8 +152,9 @@ class Sealer:
             "data": data,
         }
         token = self.keyring.encrypt(orjson.dumps(inner))
-        return orjson.dumps({"v": ENVELOPE_VERSION, "alg": ALGORITHM, "kid": self.keyring.primary_kid,
-                             "ct": token.decode("ascii")})
+        return orjson.dumps(
+            {"v": ENVELOPE_VERSION, "alg": ALGORITHM, "kid": self.keyring.primary_kid, "ct": token.decode("ascii")}
+        )
 
 
 class ReplayGuard:
@@ -201,8 +202,9 @@ class ReplayGuard:
 class Opener:
     """Verifies sealed messages: envelope shape, key, topic binding, replay window."""
 
-    def __init__(self, keyring: KeyRing, ttl: int | None = 7 * 24 * 3600, max_bytes: int = 1 << 20,
-                 replay_window: int = 4096) -> None:
+    def __init__(
+        self, keyring: KeyRing, ttl: int | None = 7 * 24 * 3600, max_bytes: int = 1 << 20, replay_window: int = 4096
+    ) -> None:
         self.keyring = keyring
         self.ttl = ttl
         self.max_bytes = max_bytes

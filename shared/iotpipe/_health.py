@@ -17,14 +17,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.received = Counter("iotpipe_received", "Messages received and handled", ["kind"],
-                                registry=self.registry)
-        self.published = Counter("iotpipe_published", "Messages published and acknowledged by the broker",
-                                 ["kind"], registry=self.registry)
-        self.rejected = Counter("iotpipe_rejected", "Messages rejected, by reason", ["reason"],
-                                registry=self.registry)
-        self.errors = Counter("iotpipe_errors", "Errors while handling, by kind", ["kind"],
-                              registry=self.registry)
+        self.received = Counter("iotpipe_received", "Messages received and handled", ["kind"], registry=self.registry)
+        self.published = Counter(
+            "iotpipe_published", "Messages published and acknowledged by the broker", ["kind"], registry=self.registry
+        )
+        self.rejected = Counter("iotpipe_rejected", "Messages rejected, by reason", ["reason"], registry=self.registry)
+        self.errors = Counter("iotpipe_errors", "Errors while handling, by kind", ["kind"], registry=self.registry)
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, list(labels), registry=self.registry)

@@ -35,12 +35,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: ServiceSettings) -> None:
     """Configure the root logger once, from a service's settings (stderr, plus its own file)."""
-    setup_logging(settings.service_name, settings.instance, settings.log_level, settings.log_format,
-                  settings.log_file)
+    setup_logging(settings.service_name, settings.instance, settings.log_level, settings.log_format, settings.log_file)
 
 
-def setup_logging(service: str, instance: str, level: str = "INFO", fmt: str = "text",
-                  file: Path | None = None) -> None:
+def setup_logging(
+    service: str, instance: str, level: str = "INFO", fmt: str = "text", file: Path | None = None
+) -> None:
     formatter: logging.Formatter
     if fmt == "json":
         formatter = JsonFormatter(service, instance)

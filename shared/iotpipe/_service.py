@@ -98,8 +98,7 @@ async def _report_status(runtime: Runtime, component: Component) -> None:
         _write_health(runtime, component, "online")
         if runtime.bus.connected.is_set():
             with contextlib.suppress(Exception):  # a heartbeat lost to a reconnect is harmless
-                await asyncio.wait_for(runtime.bus.publish_status("online", **_details(runtime, component)),
-                                       interval)
+                await asyncio.wait_for(runtime.bus.publish_status("online", **_details(runtime, component)), interval)
         await asyncio.sleep(interval)
 
 
@@ -109,9 +108,14 @@ def _details(runtime: Runtime, component: Component) -> dict[str, Any]:
 
 def _write_health(runtime: Runtime, component: Component, state: str) -> None:
     path = runtime.settings.health_file
-    doc = {"state": state, "service": runtime.name, "instance": runtime.settings.instance,
-           "ts": time.time_ns() // 1_000_000, "connected": runtime.bus.connected.is_set(),
-           **_details(runtime, component)}
+    doc = {
+        "state": state,
+        "service": runtime.name,
+        "instance": runtime.settings.instance,
+        "ts": time.time_ns() // 1_000_000,
+        "connected": runtime.bus.connected.is_set(),
+        **_details(runtime, component),
+    }
     try:
         write_health(path, doc)
     except OSError as exc:

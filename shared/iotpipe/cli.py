@@ -57,8 +57,14 @@ async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int
     keyring = KeyRing.from_file(settings.keyring_path)
     opener = Opener(keyring, ttl=settings.message_ttl, max_bytes=settings.max_payload_bytes)
     mqtt = settings.mqtt.model_copy(update={"session_expiry": 0})
-    bus = Bus(mqtt, client_id=f"iotpipe-sub-{uuid.uuid4().hex[:8]}", keyring=None, src="reader/cli",
-              username="reader", password_file=settings.mqtt_password_path)
+    bus = Bus(
+        mqtt,
+        client_id=f"iotpipe-sub-{uuid.uuid4().hex[:8]}",
+        keyring=None,
+        src="reader/cli",
+        username="reader",
+        password_file=settings.mqtt_password_path,
+    )
     done = asyncio.Event()
     seen = 0
 
@@ -133,8 +139,10 @@ def stack(root: Path) -> None:
     root = root.resolve()
     missing = [b for b in ("mosquitto", "redis-server") if shutil.which(b) is None]
     if missing:
-        raise click.ClickException(f"{' and '.join(missing)} not found: run `make run` (installs them) or "
-                                   "install the mosquitto and redis-server OS packages")
+        raise click.ClickException(
+            f"{' and '.join(missing)} not found: run `make run` (installs them) or "
+            "install the mosquitto and redis-server OS packages"
+        )
     ports = Ports(
         mqtt=int(os.environ.get("IOTPIPE_STACK_MQTT_PORT", 18830)),
         mqtt_tls=int(os.environ.get("IOTPIPE_STACK_MQTT_TLS_PORT", 18883)),
@@ -143,8 +151,10 @@ def stack(root: Path) -> None:
     )
     var = root / "var"
     env = prepare_local_stack(root, var, ports)
-    click.echo(f"local stack: MQTT {ports.mqtt} (TLS {ports.mqtt_tls}), Redis {ports.redis}, "
-               f"cloud-sink {ports.sink}; logs in {var / 'log'}/")
+    click.echo(
+        f"local stack: MQTT {ports.mqtt} (TLS {ports.mqtt_tls}), Redis {ports.redis}, "
+        f"cloud-sink {ports.sink}; logs in {var / 'log'}/"
+    )
     honcho = shutil.which("honcho")
     if honcho is None:
         raise click.ClickException("honcho not found: run through `make run` (uv sync installs it)")

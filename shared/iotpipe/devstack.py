@@ -52,7 +52,7 @@ def redis_password_file(secrets_dir: Path, user: str) -> Path:
     return secrets_dir / f"redis_{secret_name(user)}_password"
 
 
-def _write(path: Path, content: str | bytes, mode: int = 0o600) -> None:
+def _write(path: Path, content: str | bytes, mode: int = 0o644) -> None:
     data = content.encode() if isinstance(content, str) else content
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
@@ -76,12 +76,18 @@ def _password(path: Path) -> str:
 
 def ensure_secrets(secrets_dir: Path) -> Path:
     """Create whatever is missing in `secrets_dir`; existing files are kept (keys stay stable)."""
+    # The directory keeps other local users out. The files inside are world-readable because docker
+    # compose (outside swarm) bind-mounts secret files with their host owner and mode: the services'
+    # and the broker's non-root users in the containers must be able to read them.
     secrets_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(secrets_dir, 0o755)
+    os.chmod(secrets_dir, 0o700)
     keyring = secrets_dir / "keyring"
     if not keyring.exists():
-        _write(keyring, "# <key id> <fernet key>; the first encrypts, all decrypt\n"
-                        + KeyRing.generate_line("k1") + "\n", 0o644)
+        _write(
+            keyring,
+            "# <key id> <fernet key>; the first encrypts, all decrypt\n" + KeyRing.generate_line("k1") + "\n",
+            0o644,
+        )
     passwd = secrets_dir / "mosquitto_passwd"
     if not passwd.exists():
         lines = [f"{user}:{mosquitto_hash(_password(mqtt_password_file(secrets_dir, user)))}" for user in MQTT_USERS]
@@ -106,34 +112,57 @@ def _make_tls(secrets_dir: Path) -> None:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iotpipe dev CA")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in _TLS_NAMES]
     names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=825))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
     _write(secrets_dir / "ca_crt", ca_cert.public_bytes(pem), 0o644)
-    _write(secrets_dir / "ca_key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+    _write(
+        secrets_dir / "ca_key",
+        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,  # never mounted anywhere: only `iotpipe secrets` uses it
+    )
     _write(secrets_dir / "server_crt", cert.public_bytes(pem), 0o644)
-    # The broker drops root privileges before reading its key, so it must be readable by that user.
-    _write(secrets_dir / "server_key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()), 0o640)
+    _write(
+        secrets_dir / "server_key",
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
 
 
 @dataclass(frozen=True)
@@ -144,8 +173,15 @@ class Ports:
     sink: int
 
 
-def render_broker_config(source: Path, ports: Ports, secrets_dir: Path, data_dir: Path, *,
-                         log_file: Path | None = None, extra: tuple[str, ...] = ()) -> str:
+def render_broker_config(
+    source: Path,
+    ports: Ports,
+    secrets_dir: Path,
+    data_dir: Path,
+    *,
+    log_file: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> str:
     out = []
     for line in source.read_text().splitlines():
         if line.startswith("listener 1883"):
@@ -211,8 +247,11 @@ def prepare_local_stack(root: Path, var: Path, ports: Ports) -> dict[str, str]:
     secrets_dir = ensure_secrets(root / "secrets")
     for sub in ("mosquitto", "redis", "log", "health", "cloud-sink", "cloud-forwarder"):
         (var / sub).mkdir(parents=True, exist_ok=True)
-    (var / "mosquitto.conf").write_text(render_broker_config(
-        root / "mosquitto/mosquitto.conf", ports, secrets_dir, var / "mosquitto", log_file=var / "log/broker.log"))
+    (var / "mosquitto.conf").write_text(
+        render_broker_config(
+            root / "mosquitto/mosquitto.conf", ports, secrets_dir, var / "mosquitto", log_file=var / "log/broker.log"
+        )
+    )
     (var / "redis.conf").write_text(render_redis_config(root / "redis/redis.conf", ports, secrets_dir, var / "redis"))
     env = stack_environment(root, var, secrets_dir, ports)
     (var / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))

@@ -53,10 +53,7 @@ class FakeMCP3008:
         self.conversions.append(channel)
         result = [0] + [(value >> (9 - i)) & 1 for i in range(10)] + [(value >> i) & 1 for i in range(1, 10)]
         first = start + 6  # after the start bit, 4 config bits and the sample clock
-        miso = [
-            1 if i < first else (result[i - first] if i - first < len(result) else 0)
-            for i in range(len(bits))
-        ]
+        miso = [1 if i < first else (result[i - first] if i - first < len(result) else 0) for i in range(len(bits))]
         return [int("".join(map(str, miso[i : i + 8])), 2) for i in range(0, len(miso), 8)]
 
 

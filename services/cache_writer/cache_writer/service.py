@@ -94,9 +94,16 @@ class CacheWriter:
         r = self.settings.redis
         password_file = r.password_file or self.settings.secret_path("redis_cache_writer_password")
         password = read_secret(password_file, "Redis password")
-        self.redis = aioredis.Redis(host=r.host, port=r.port, db=r.db, username=r.username or "cache-writer",
-                                    password=password, socket_timeout=10, socket_connect_timeout=5,
-                                    health_check_interval=30)
+        self.redis = aioredis.Redis(
+            host=r.host,
+            port=r.port,
+            db=r.db,
+            username=r.username or "cache-writer",
+            password=password,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
         self.script = self.redis.register_script(WRITE_WINDOW)
         self.written = runtime.metrics.counter("iotpipe_windows_written", "Windows newly written to Redis")
         self.duplicates = runtime.metrics.counter("iotpipe_windows_duplicate", "Windows already in Redis")
@@ -124,12 +131,17 @@ class CacheWriter:
         def on_backoff(details: Any) -> None:
             if not self._redis_down:
                 self._redis_down = True
-                log.error("Redis unavailable (%s); holding %d windows and retrying",
-                          details.get("exception", "?"), len(rows))
+                log.error(
+                    "Redis unavailable (%s); holding %d windows and retrying", details.get("exception", "?"), len(rows)
+                )
 
         retry = backoff.on_exception(
-            backoff.expo, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
-            max_value=self.settings.retry_max_delay, jitter=backoff.full_jitter, on_backoff=on_backoff, logger=None,
+            backoff.expo,
+            (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
+            max_value=self.settings.retry_max_delay,
+            jitter=backoff.full_jitter,
+            on_backoff=on_backoff,
+            logger=None,
         )
         results = await retry(self._write)(rows)
         if self._redis_down:
@@ -144,11 +156,15 @@ class CacheWriter:
         async with self.redis.pipeline(transaction=False) as pipe:
             for device, w in rows:
                 sensor = w["sensor"]
-                keys = [f"{prefix}:series:{device}:{sensor}", f"{prefix}:latest:{device}",
-                        f"{prefix}:latest_start:{device}"]
+                keys = [
+                    f"{prefix}:series:{device}:{sensor}",
+                    f"{prefix}:latest:{device}",
+                    f"{prefix}:latest_start:{device}",
+                ]
                 member = orjson.dumps(w, option=orjson.OPT_SORT_KEYS)
-                await self.script(keys=keys, args=[w["start"], member, history, sensor, repr(float(w["mean"]))],
-                                  client=pipe)
+                await self.script(
+                    keys=keys, args=[w["start"], member, history, sensor, repr(float(w["mean"]))], client=pipe
+                )
             return [int(x) for x in await pipe.execute()]
 
     async def run(self) -> None:

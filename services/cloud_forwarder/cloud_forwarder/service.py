@@ -66,10 +66,14 @@ def to_records(message: Opened, kind: str) -> list[dict[str, Any]]:
     data = message.data if isinstance(message.data, dict) else {"value": message.data}
     device = message.topic.rsplit("/", 1)[-1]
     if kind == "processed" and isinstance(data.get("windows"), list):
-        return [{"type": "window", "id": f"{device}/{w.get('sensor')}/{w.get('start')}", "device": device, **w}
-                for w in data["windows"] if isinstance(w, dict)]
-    return [{"type": "alert", "id": f"{device}/alert/{message.src}/{message.boot}/{message.seq}", "device": device,
-             **data}]
+        return [
+            {"type": "window", "id": f"{device}/{w.get('sensor')}/{w.get('start')}", "device": device, **w}
+            for w in data["windows"]
+            if isinstance(w, dict)
+        ]
+    return [
+        {"type": "alert", "id": f"{device}/alert/{message.src}/{message.boot}/{message.seq}", "device": device, **data}
+    ]
 
 
 def batch_id(records: Sequence[dict[str, Any]]) -> str:
@@ -90,8 +94,9 @@ class CloudForwarder:
         self.dead = runtime.metrics.counter("iotpipe_records_dead_lettered", "Records the cloud refused")
         self._cloud_down = False
         for kind in ("processed", "alerts"):
-            runtime.bus.subscribe(runtime.topics.all(kind), self._handler(kind), batch=s.batch_max,
-                                  linger=s.batch_linger)
+            runtime.bus.subscribe(
+                runtime.topics.all(kind), self._handler(kind), batch=s.batch_max, linger=s.batch_linger
+            )
 
     def _handler(self, kind: str):  # type: ignore[no-untyped-def]
         async def handle(messages: Sequence[Opened]) -> None:
@@ -109,8 +114,12 @@ class CloudForwarder:
                 await self._post_with_retries(body, key)
             except CloudUnavailable as exc:
                 # A whole round of retries failed: keep the batch (unacknowledged) and go again.
-                log.warning("cloud still unavailable after %.0fs (%s); retrying batch %s",
-                            self.settings.retry_max_time, exc, key)
+                log.warning(
+                    "cloud still unavailable after %.0fs (%s); retrying batch %s",
+                    self.settings.retry_max_time,
+                    exc,
+                    key,
+                )
                 self.batches.labels("retry_round").inc()
                 continue
             except CloudRejected as exc:
@@ -130,9 +139,15 @@ class CloudForwarder:
                 self._cloud_down = True
                 log.error("cloud upload failing (%s); retrying with backoff", details.get("exception"))
 
-        @backoff.on_exception(backoff.expo, CloudUnavailable, max_time=self.settings.retry_max_time,
-                              max_value=self.settings.retry_max_delay, jitter=backoff.full_jitter,
-                              on_backoff=on_backoff, logger=None)
+        @backoff.on_exception(
+            backoff.expo,
+            CloudUnavailable,
+            max_time=self.settings.retry_max_time,
+            max_value=self.settings.retry_max_delay,
+            jitter=backoff.full_jitter,
+            on_backoff=on_backoff,
+            logger=None,
+        )
         async def attempt() -> None:
             await self._post(body, key)
 
@@ -159,8 +174,12 @@ class CloudForwarder:
 
     def _dead_letter(self, body: bytes, why: str) -> None:
         records = orjson.loads(body)["records"]
-        log.error("cloud refused batch of %d records permanently (%s); written to %s", len(records), why,
-                  self.settings.dead_letter_file)
+        log.error(
+            "cloud refused batch of %d records permanently (%s); written to %s",
+            len(records),
+            why,
+            self.settings.dead_letter_file,
+        )
         path = self.settings.dead_letter_file
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as fh:

@@ -79,8 +79,14 @@ class Sink:
         return web.json_response({"status": "accepted", "batch_id": body["batch_id"], "records": len(records)})
 
     async def stats(self, _request: web.Request) -> web.Response:
-        return web.json_response({"batches": len(self.keys), "duplicate_batches": self.duplicate_batches,
-                                  "records": len(self.records), "unique_records": len(self.record_ids)})
+        return web.json_response(
+            {
+                "batches": len(self.keys),
+                "duplicate_batches": self.duplicate_batches,
+                "records": len(self.records),
+                "unique_records": len(self.record_ids),
+            }
+        )
 
     async def list_records(self, request: web.Request) -> web.Response:
         device = request.query.get("device")
@@ -94,12 +100,14 @@ class Sink:
 def make_app(settings: Settings) -> web.Application:
     sink = Sink(settings)
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app.add_routes([
-        web.post("/ingest", sink.ingest),
-        web.get("/stats", sink.stats),
-        web.get("/records", sink.list_records),
-        web.get("/healthz", sink.healthz),
-    ])
+    app.add_routes(
+        [
+            web.post("/ingest", sink.ingest),
+            web.get("/stats", sink.stats),
+            web.get("/records", sink.list_records),
+            web.get("/healthz", sink.healthz),
+        ]
+    )
     return app
 
 

@@ -21,8 +21,14 @@ def features(window: Mapping[str, float]) -> list[float]:
 
 
 class AnomalyDetector:
-    def __init__(self, history: int = 2000, min_samples: int = 30, contamination: float = 0.01,
-                 n_estimators: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        history: int = 2000,
+        min_samples: int = 30,
+        contamination: float = 0.01,
+        n_estimators: int = 50,
+        seed: int = 0,
+    ) -> None:
         self.history = history
         self.min_samples = min_samples
         self.contamination = contamination
@@ -52,8 +58,9 @@ class AnomalyDetector:
         """CPU-heavy: run in a worker thread."""
         models = {}
         for key, rows in data.items():
-            model = IsolationForest(n_estimators=self.n_estimators, contamination=self.contamination,
-                                    random_state=self.seed)
+            model = IsolationForest(
+                n_estimators=self.n_estimators, contamination=self.contamination, random_state=self.seed
+            )
             model.fit(rows)
             models[key] = model
         return models

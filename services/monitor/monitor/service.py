@@ -47,8 +47,7 @@ class Monitor:
         self.runtime = runtime
         self.settings: Settings = runtime.settings  # type: ignore[assignment]
         s = self.settings
-        self.detector = AnomalyDetector(history=s.history, min_samples=s.min_fit_samples,
-                                        contamination=s.contamination)
+        self.detector = AnomalyDetector(history=s.history, min_samples=s.min_fit_samples, contamination=s.contamination)
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
         self.device_state: dict[str, tuple[str, str | None]] = {}  # what we last published
         self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
@@ -80,10 +79,21 @@ class Monitor:
                     continue
                 scores = self.detector.score(key, [row])
                 if scores is not None and scores[0] < 0:
-                    alerts.append((device, {"kind": "anomaly", "device": device, "sensor": key[1],
-                                            "start": window.get("start"), "end": window.get("end"),
-                                            "mean": window.get("mean"), "score": round(float(scores[0]), 4),
-                                            "ts": now}))
+                    alerts.append(
+                        (
+                            device,
+                            {
+                                "kind": "anomaly",
+                                "device": device,
+                                "sensor": key[1],
+                                "start": window.get("start"),
+                                "end": window.get("end"),
+                                "mean": window.get("mean"),
+                                "score": round(float(scores[0]), 4),
+                                "ts": now,
+                            },
+                        )
+                    )
                 self.detector.observe(key, row)
             await self._set_device_state(device)
         for device, alert in alerts:
@@ -139,13 +149,13 @@ class Monitor:
         payload = {"state": state, "device": device, "last_seen": seen, "ts": now}
         if reason:
             payload["reason"] = reason
-        await self.runtime.bus.publish(self.runtime.topics.device_status(device), orjson.dumps(payload),
-                                       retain=True, kind="status")
+        await self.runtime.bus.publish(
+            self.runtime.topics.device_status(device), orjson.dumps(payload), retain=True, kind="status"
+        )
         if not first or state != "online":
             log.info("device %s is %s%s", device, state, f" ({reason})" if reason else "")
         if state in ("offline", "fault"):
-            await self._alert(device, {"kind": state, "device": device, "reason": reason, "last_seen": seen,
-                                       "ts": now})
+            await self._alert(device, {"kind": state, "device": device, "reason": reason, "last_seen": seen, "ts": now})
 
     async def _alert(self, device: str, alert: dict[str, Any]) -> None:
         await self.runtime.bus.publish_sealed(self.runtime.topics.alerts(device), alert, kind="alert")
@@ -178,8 +188,10 @@ class Monitor:
         stale_after = self.settings.offline_after * 1000
         return {
             "devices": {d: s for d, (s, _r) in self.device_state.items()},
-            "services": {n: ("stale" if s["state"] == "online" and now - s["seen"] > stale_after else s["state"])
-                         for n, s in self.services.items()},
+            "services": {
+                n: ("stale" if s["state"] == "online" and now - s["seen"] > stale_after else s["state"])
+                for n, s in self.services.items()
+            },
             "models": len(list(self.detector.fitted)),
         }
 

@@ -109,8 +109,9 @@ class Preprocessor:
             for sensor, unit, _values in series:
                 windows.append({"sensor": sensor, "unit": unit, "start": start, "end": start + size, **next(stats)})
             topic = self.runtime.topics.processed(device)
-            publishes.append(self.runtime.bus.publish_sealed(topic, {"device": device, "windows": windows},
-                                                             kind="processed"))
+            publishes.append(
+                self.runtime.bus.publish_sealed(topic, {"device": device, "windows": windows}, kind="processed")
+            )
             self.windows.inc(len(windows))
         # Returning acknowledges the raw batches: only after every processed message is at the broker.
         await asyncio.gather(*publishes)

@@ -27,13 +27,15 @@ def aggregate(series: Sequence[np.ndarray], kernel: int) -> list[dict[str, float
         block = np.stack([series[i] for i in indices]).astype(np.float64, copy=False)
         if kernel > 1 and length > 1:
             block = median_filter(block, size=(1, kernel), mode="nearest")
-        stats = np.stack([
-            block.mean(axis=1),
-            np.median(block, axis=1),
-            block.min(axis=1),
-            block.max(axis=1),
-            block.std(axis=1),
-        ])
+        stats = np.stack(
+            [
+                block.mean(axis=1),
+                np.median(block, axis=1),
+                block.min(axis=1),
+                block.max(axis=1),
+                block.std(axis=1),
+            ]
+        )
         for column, index in enumerate(indices):
             results[index] = {"n": length, **{f: float(stats[row, column]) for row, f in enumerate(FIELDS)}}
     return results

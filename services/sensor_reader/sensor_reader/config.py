@@ -1,12 +1,12 @@
 """The devices file (TOML): which devices to poll, with which driver and parameters.
 
-    [[devices]]
-    id = "greenhouse-1"      # ^[A-Za-z0-9_-]{1,64}$
-    driver = "bme280"        # a name from DRIVERS
-    interval = 1.0           # seconds between polls
-    [devices.params]         # the driver's own parameters, validated by its Params model
-    bus = 1
-    address = 0x76
+[[devices]]
+id = "greenhouse-1"      # ^[A-Za-z0-9_-]{1,64}$
+driver = "bme280"        # a name from DRIVERS
+interval = 1.0           # seconds between polls
+[devices.params]         # the driver's own parameters, validated by its Params model
+bus = 1
+address = 0x76
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,40 @@ StateSink = Callable[[str, str | None], None]
 
 class ReadTimeoutError(BusError):
     kind = "timeout"
+
+
+class DeviceThread:
+    """One daemon worker thread per device. A stdlib ThreadPoolExecutor's threads are joined at
+    interpreter exit, so a driver wedged forever in a bus call would keep the process from ever
+    exiting on SIGTERM; a daemon thread does not."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future[object]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future[object]:
+        if self._closed:
+            raise RuntimeError("device thread is shut down")
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting poller, which classifies it
+                future.set_exception(exc)
 
 
 @dataclass(frozen=True)
@@ -80,9 +116,7 @@ class DevicePoller:
         self._opened = False
         self._pending: concurrent.futures.Future[object] | None = None
         # One thread per device: a bus that hangs stalls its own device, never the others.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"dev-{driver.device_id}"
-        )
+        self._executor = DeviceThread(f"dev-{driver.device_id}")
 
     # -- schedule -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -110,7 +144,7 @@ class DevicePoller:
                 await asyncio.sleep(start + tick * self.interval - now)
         finally:
             await self._close()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown()
 
     # -- one poll -------------------------------------------------------------------------------
     async def poll_once(self) -> bool:
@@ -143,9 +177,9 @@ class DevicePoller:
             max_tries=policy.retries + 1,
             factor=policy.retry_base,
             jitter=backoff.full_jitter,
-            on_backoff=lambda details: self.stats.errors.update([type(details["exception"]).kind])
-            if "exception" in details
-            else None,
+            on_backoff=lambda details: (
+                self.stats.errors.update([type(details["exception"]).kind]) if "exception" in details else None
+            ),
             logger=None,
         )
         async def attempt() -> Mapping[str, float]:

@@ -63,8 +63,9 @@ class SensorReader:
         self.settings: Settings = runtime.settings  # type: ignore[assignment]
         self.devices = load_devices(self.settings.devices_file)
         s = self.settings
-        policy = PollPolicy(read_timeout=s.read_timeout, retries=s.read_retries, reopen_after=s.reopen_after,
-                            fault_after=s.fault_after)
+        policy = PollPolicy(
+            read_timeout=s.read_timeout, retries=s.read_retries, reopen_after=s.reopen_after, fault_after=s.fault_after
+        )
         self.pollers: dict[str, DevicePoller] = {}
         self._open: dict[str, _Window] = {}
         self._units: dict[str, Mapping[str, str]] = {}
@@ -116,8 +117,7 @@ class SensorReader:
         try:
             await self.runtime.bus.publish_sealed(topic, data, kind="raw")
         except Exception:
-            log.exception("publishing window %s of %s failed; %d readings lost", data["window"]["start"],
-                          device, count)
+            log.exception("publishing window %s of %s failed; %d readings lost", data["window"]["start"], device, count)
             self.runtime.metrics.errors.labels("publish").inc()
             return
         self.readings.labels(device).inc(count)
@@ -169,5 +169,3 @@ class SensorReader:
 
 def run(settings: Settings) -> None:
     run_service(settings, SensorReader)
-
-

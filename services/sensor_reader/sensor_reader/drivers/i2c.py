@@ -233,9 +233,7 @@ class BME280Driver(_I2CDriver):
     _MODE_BITS: ClassVar[dict[str, int]] = {"sleep": 0b00, "forced": 0b01, "normal": 0b11}
     _KNOWN_IDS: ClassVar[dict[int, str]] = {0x58: "a BMP280 (no humidity sensor)", 0x61: "a BME680"}
 
-    def __init__(
-        self, device_id: str, params: BME280Params, *, bus_factory: BusFactory | None = None
-    ) -> None:
+    def __init__(self, device_id: str, params: BME280Params, *, bus_factory: BusFactory | None = None) -> None:
         super().__init__(device_id, params, bus_factory=bus_factory)
         self._calibration: BME280Calibration | None = None
 
@@ -398,8 +396,7 @@ class SHT31Driver(_I2CDriver):
         for name, word in (("temperature", frame[0:3]), ("humidity", frame[3:6])):
             if crc8_sensirion(word[:2]) != word[2]:
                 raise ChecksumError(
-                    f"{name} word {word[:2].hex()} has CRC 0x{word[2]:02X}, "
-                    f"expected 0x{crc8_sensirion(word[:2]):02X}"
+                    f"{name} word {word[:2].hex()} has CRC 0x{word[2]:02X}, expected 0x{crc8_sensirion(word[:2]):02X}"
                 )
         raw_t = int.from_bytes(frame[0:2], "big")
         raw_rh = int.from_bytes(frame[3:5], "big")

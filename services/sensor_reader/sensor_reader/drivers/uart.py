@@ -228,8 +228,7 @@ class PMS5003Driver(Driver):
         if not frame.checksum_ok:
             raw = frame.raw
             raise ChecksumError(
-                f"frame checksum 0x{int.from_bytes(raw[-2:], 'big'):04X}, "
-                f"computed 0x{frame_checksum(raw[:-2]):04X}"
+                f"frame checksum 0x{int.from_bytes(raw[-2:], 'big'):04X}, computed 0x{frame_checksum(raw[:-2]):04X}"
             )
         words = struct.unpack(">13H", frame.raw[4:30])
         sample: dict[str, float] = {}
