@@ -65,20 +65,28 @@ async def forwarder_factory(
         await forwarder.close()
 
 
+async def upload_to(
+    cloud: FlakyCloud, make: Callable[[str], CloudForwarder], batch: list[dict[str, object]]
+) -> CloudForwarder:
+    """Serve `cloud`, upload one batch through a fresh forwarder, stop serving."""
+    app = web.Application()
+    app.router.add_post("/ingest", cloud.ingest)
+    runner, url = await serve(app)
+    try:
+        forwarder = make(f"{url}/ingest")
+        await forwarder.upload(batch)
+    finally:
+        await runner.cleanup()
+    return forwarder
+
+
 def records(n: int) -> list[dict[str, object]]:
     return [{"type": "window", "id": f"d1/temp/{i}", "device": "d1", "sensor": "temp", "start": i} for i in range(n)]
 
 
 async def test_retries_5xx_and_429_with_one_idempotency_key(forwarder_factory, stack: Stack) -> None:  # type: ignore[no-untyped-def]
     cloud = FlakyCloud([(500, {}), (503, {}), (429, {"Retry-After": "0"})])
-    app = web.Application()
-    app.router.add_post("/ingest", cloud.ingest)
-    runner, url = await serve(app)
-    try:
-        forwarder = forwarder_factory(f"{url}/ingest")
-        await forwarder.upload(records(3))
-    finally:
-        await runner.cleanup()
+    forwarder = await upload_to(cloud, forwarder_factory, records(3))
     assert len(cloud.requests) == 4
     keys = {headers["Idempotency-Key"] for headers, _body in cloud.requests}
     assert keys == {batch_id(records(3))}
@@ -92,14 +100,7 @@ async def test_retries_5xx_and_429_with_one_idempotency_key(forwarder_factory, s
 async def test_outage_longer_than_one_round_keeps_the_batch(forwarder_factory) -> None:  # type: ignore[no-untyped-def]
     """More failures than one `retry_max_time` round allows: nothing is dropped, it goes on retrying."""
     cloud = FlakyCloud([(502, {})] * 40)
-    app = web.Application()
-    app.router.add_post("/ingest", cloud.ingest)
-    runner, url = await serve(app)
-    try:
-        forwarder = forwarder_factory(f"{url}/ingest")
-        await forwarder.upload(records(2))
-    finally:
-        await runner.cleanup()
+    forwarder = await upload_to(cloud, forwarder_factory, records(2))
     assert len(cloud.requests) == 41
     assert forwarder.runtime.metrics.snapshot()["iotpipe_batches{outcome=retry_round}"] >= 1
     assert forwarder.runtime.metrics.snapshot()["iotpipe_records_uploaded"] == 2
@@ -107,14 +108,7 @@ async def test_outage_longer_than_one_round_keeps_the_batch(forwarder_factory) -
 
 async def test_4xx_is_dead_lettered_not_retried(forwarder_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cloud = FlakyCloud([(400, {})])
-    app = web.Application()
-    app.router.add_post("/ingest", cloud.ingest)
-    runner, url = await serve(app)
-    try:
-        forwarder = forwarder_factory(f"{url}/ingest")
-        await forwarder.upload(records(2))
-    finally:
-        await runner.cleanup()
+    forwarder = await upload_to(cloud, forwarder_factory, records(2))
     assert len(cloud.requests) == 1
     (line,) = (tmp_path / "dead.jsonl").read_bytes().splitlines()
     assert orjson.loads(line)["batch"]["records"] == records(2)

@@ -142,7 +142,9 @@ class Bus:
         linger: float = 0.0,
     ) -> None:
         """Register a handler before `start()`. It receives a batch of verified messages and must
-        make their effect durable before returning: the batch is acknowledged when it returns."""
+        make their effect durable before returning: the batch is acknowledged when it returns.
+        A batch takes what is already queued, up to `batch`; `linger` waits up to that many seconds
+        for it to fill (worth it for HTTP uploads, pointless for Redis)."""
         if sealed and self.opener is None:
             raise ConfigError("a sealed subscription needs a key ring")
         wire = f"$share/{share_group}/{topic_filter}" if share_group else topic_filter

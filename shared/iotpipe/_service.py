@@ -84,10 +84,11 @@ async def serve(settings: ServiceSettings, factory: ComponentFactory, stop: asyn
         for task in (main, status, stopper):
             task.cancel()
         await asyncio.gather(main, status, stopper, return_exceptions=True)
+        # First, so a healthcheck never reports a stopping service healthy, however long draining takes.
+        _write_health(runtime, component, "offline")
         try:
             await component.close()
         finally:
-            _write_health(runtime, component, "offline")
             await runtime.bus.stop()
 
 
