@@ -54,7 +54,8 @@ class Server:
                     ready.set()
             ready.set()  # exited: let start() see it
 
-        threading.Thread(target=drain, daemon=True, name=f"{self.name}-output").start()
+        self._drain = threading.Thread(target=drain, daemon=True, name=f"{self.name}-output")
+        self._drain.start()
         if not ready.wait(timeout) or proc.poll() is not None:
             self.stop()
             raise RuntimeError(f"{self.name} did not become ready:\n" + "\n".join(self.lines[-30:]))
@@ -64,6 +65,13 @@ class Server:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        self._release()
+
+    def _release(self) -> None:
+        """Close the output pipe once the drain thread has read it to the end."""
+        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            self._drain.join(10)
+            self.proc.stdout.close()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -74,8 +82,7 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._release()
 
 
 @dataclass

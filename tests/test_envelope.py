@@ -156,3 +156,11 @@ def test_key_ring_file_errors_never_show_the_key(tmp_path) -> None:  # type: ign
         KeyRing.from_file(path)
     with pytest.raises(ConfigError, match="cannot read"):
         KeyRing.from_file(tmp_path / "missing")
+
+
+def test_public_surface_is_exactly_what_all_names() -> None:
+    import iotpipe
+
+    assert all(hasattr(iotpipe, name) for name in iotpipe.__all__)
+    public = {n for n in dir(iotpipe) if not n.startswith("_") and n not in {"annotations", "sys", "TypeVar", "S"}}
+    assert public - {"cli", "devstack"} == set(iotpipe.__all__)

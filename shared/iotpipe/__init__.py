@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TypeVar
 
-from ._bus import Bus, PlainMessage
+from ._bus import SHUTDOWN_DRAIN, Bus, PlainMessage
 from ._envelope import KeyRing, Opened, Opener, ReplayGuard, Sealer, loads_strict
 from ._errors import (
     ConfigError,
@@ -39,6 +39,7 @@ def load_settings_or_exit(cls: type[S]) -> S:
 
 __all__ = [
     "ID_PATTERN",
+    "SHUTDOWN_DRAIN",
     "Bus",
     "Component",
     "ConfigError",

@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._envelope import KeyRing, Opened, Opener, Sealer
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # How long a handler batch may grow: draining what is already queued amortises per-call costs
 # (one Redis pipeline, one HTTP batch) without adding latency when traffic is light.
 DEFAULT_BATCH = 64
+# How long a stopping service waits for the broker to acknowledge its last messages: short, since
+# process managers (honcho, docker) SIGKILL after a few seconds, and the broker may be stopping too.
+SHUTDOWN_DRAIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,18 +184,32 @@ class Bus:
                 f"within {timeout or self.settings.connect_timeout}s"
             ) from exc
 
-    async def stop(self, drain_timeout: float = 5.0) -> None:
+    async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN) -> None:
         """Clean shutdown: say `offline` ourselves (the Will only fires on an unclean loss)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._stopping = True
+        said_offline = False
         if self.status_topic and self.connected.is_set():
             try:
                 await asyncio.wait_for(self.publish_status("offline"), drain_timeout)
-            except (TimeoutError, RetryableError, PermanentError) as exc:
+                said_offline = True
+            except TimeoutError:
+                log.warning(
+                    "offline status not acknowledged within %.0fs (broker stopping?); "
+                    "asking the broker for our Last Will instead",
+                    drain_timeout,
+                )
+            except (RetryableError, PermanentError) as exc:
                 log.warning("could not publish offline status: %s", exc)
-        self._client.disconnect()
+        # A normal DISCONNECT discards the Will; if our own `offline` did not make it, ask for the Will.
+        reason = (
+            None
+            if said_offline or not self.status_topic
+            else ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+        )
+        self._client.disconnect(reasoncode=reason)
         await asyncio.to_thread(self._client.loop_stop)
 
     # -- publishing -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iotpipe import Runtime, ServiceSettings, run_service
+from iotpipe import SHUTDOWN_DRAIN, RateLimitedLog, Runtime, ServiceSettings, run_service
 from pydantic import Field
 
 from .config import load_devices
@@ -35,6 +35,11 @@ class Settings(ServiceSettings):
     read_retries: int = Field(2, ge=0)
     reopen_after: int = Field(3, ge=1)
     fault_after: int = Field(5, ge=1)
+    max_pending_windows: int = Field(
+        10_000,
+        ge=1,
+        description="windows awaiting the broker's ack (e.g. during an outage) before new ones are dropped",
+    )
 
 
 @dataclass
@@ -70,6 +75,10 @@ class SensorReader:
         self._open: dict[str, _Window] = {}
         self._units: dict[str, Mapping[str, str]] = {}
         self.readings = runtime.metrics.counter("iotpipe_readings", "Readings published", ("device",))
+        self.dropped = runtime.metrics.counter(
+            "iotpipe_readings_dropped", "Readings dropped because too many windows awaited the broker", ("device",)
+        )
+        self._drops = RateLimitedLog(log)
         self.late = runtime.metrics.counter("iotpipe_late_samples", "Samples for an already closed window")
         for device, driver in self.devices:
             self._units[device.id] = driver.sensors
@@ -107,6 +116,18 @@ class SensorReader:
         if not window.v:
             return
         count = sum(len(v) for v in window.v.values())
+        if len(self._publishing) >= self.settings.max_pending_windows:
+            # The broker has been unreachable for a long time: bound our memory, and say what is lost.
+            self.dropped.labels(device).inc(count)
+            self._drops.warning(
+                "pending",
+                "broker unreachable and %d windows pending: dropping window %s of %s (%d readings)",
+                len(self._publishing),
+                window.start,
+                device,
+                count,
+            )
+            return
         topic = self.runtime.topics.raw(device)
         data = window.payload(device, self.settings.window_ms)
         task = asyncio.get_running_loop().create_task(self._publish(topic, data, device, count))
@@ -164,7 +185,9 @@ class SensorReader:
             del self._open[device]
             self._flush(device, window)
         if self._publishing:
-            await asyncio.wait(self._publishing, timeout=5)
+            # The last windows: drained briefly; whatever the broker has not acknowledged by then is
+            # counted as a publish error (the reader is the source, it has no upstream to redeliver).
+            await asyncio.wait(self._publishing, timeout=SHUTDOWN_DRAIN)
 
 
 def run(settings: Settings) -> None:
