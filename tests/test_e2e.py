@@ -216,6 +216,14 @@ async def test_every_reading_is_accounted_for(
         await wait_until(lambda: wire.state("device/dead-adc") == "fault", 30, "dead-adc reported fault")
         assert "bus" in str(wire.status["device/dead-adc"]["reason"])
 
+        def reader_counters() -> dict[str, object]:
+            devices = wire.status.get("service/sensor-reader/e2e", {}).get("devices") or {}
+            return devices.get("dead-adc", {})  # type: ignore[no-any-return, union-attr]
+
+        # Per-device counters in the reader's own (retained) status: errors by kind, bus reopens.
+        await wait_until(lambda: reader_counters().get("reopens", 0) >= 1, 20, "dead-adc reopen counted")
+        assert reader_counters()["errors"]["bus"] >= 3 and reader_counters()["state"] == "fault"
+
         # Clean stop of the reader: it publishes its own `offline` and its last window first.
         procs["sensor_reader"].send_signal(signal.SIGTERM)
         assert procs["sensor_reader"].wait(30) == 0

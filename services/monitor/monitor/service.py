@@ -36,6 +36,7 @@ class Settings(ServiceSettings):
     min_fit_samples: int = Field(30, ge=2)
     history: int = Field(2000, ge=10, description="windows per sensor kept for fitting")
     contamination: float = Field(0.01, gt=0, le=0.5)
+    alert_cooldown: float = Field(60.0, ge=0, description="s between anomaly alerts for one sensor")
 
 
 def _now_ms() -> int:
@@ -53,6 +54,8 @@ class Monitor:
         self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
         self.services: dict[str, dict[str, Any]] = {}  # "service/instance" -> last status
         self.alerts = runtime.metrics.counter("iotpipe_alerts", "Alerts published", ("kind",))
+        self.suppressed = runtime.metrics.counter("iotpipe_anomalies_suppressed", "Anomalies within the cooldown")
+        self._last_anomaly: dict[tuple[str, str], int] = {}
         self._rejects = RateLimitedLog(log)
         topics = runtime.topics
         runtime.bus.subscribe(topics.all("processed"), self.on_processed, batch=256)
@@ -60,8 +63,10 @@ class Monitor:
 
     # -- inputs ---------------------------------------------------------------------------------
     async def on_processed(self, messages: Sequence[Opened]) -> None:
-        alerts = []
         now = _now_ms()
+        # Group the batch's windows per sensor so each model scores once per batch, not per window.
+        pending: dict[tuple[str, str], list[tuple[list[float], dict[str, Any]]]] = {}
+        devices: set[str] = set()
         for message in messages:
             data = message.data
             device = message.topic.rsplit("/", 1)[-1]
@@ -70,6 +75,7 @@ class Monitor:
                 self._rejects.warning("schema", "rejected processed message on %s: no windows", message.topic)
                 continue
             self.last_seen[device] = now
+            devices.add(device)
             for window in data["windows"]:
                 try:
                     key = (device, str(window["sensor"]))
@@ -77,27 +83,34 @@ class Monitor:
                 except (KeyError, TypeError, ValueError):
                     self.runtime.metrics.rejected.labels("schema").inc()
                     continue
-                scores = self.detector.score(key, [row])
-                if scores is not None and scores[0] < 0:
-                    alerts.append(
-                        (
-                            device,
-                            {
-                                "kind": "anomaly",
-                                "device": device,
-                                "sensor": key[1],
-                                "start": window.get("start"),
-                                "end": window.get("end"),
-                                "mean": window.get("mean"),
-                                "score": round(float(scores[0]), 4),
-                                "ts": now,
-                            },
-                        )
-                    )
+                pending.setdefault(key, []).append((row, window))
+        alerts = []
+        for key, items in pending.items():
+            scores = self.detector.score(key, [row for row, _ in items])
+            for index, (row, window) in enumerate(items):
                 self.detector.observe(key, row)
+                if scores is None or scores[index] >= 0:
+                    continue
+                if now - self._last_anomaly.get(key, -(10**18)) < self.settings.alert_cooldown * 1000:
+                    self.suppressed.inc()  # one alert per sensor per cooldown, not one per window
+                    continue
+                self._last_anomaly[key] = now
+                alerts.append(
+                    {
+                        "kind": "anomaly",
+                        "device": key[0],
+                        "sensor": key[1],
+                        "start": window.get("start"),
+                        "end": window.get("end"),
+                        "mean": window.get("mean"),
+                        "score": round(float(scores[index]), 4),
+                        "ts": now,
+                    }
+                )
+        for device in devices:
             await self._set_device_state(device)
-        for device, alert in alerts:
-            await self._alert(device, alert)
+        for alert in alerts:
+            await self._alert(alert["device"], alert)
 
     async def on_service_status(self, messages: Sequence[PlainMessage]) -> None:
         for message in messages:
