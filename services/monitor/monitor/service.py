@@ -34,7 +34,7 @@ class Settings(ServiceSettings):
     check_interval: float = Field(2.0, gt=0)
     fit_interval: float = Field(60.0, gt=0, description="s between IsolationForest refits")
     min_fit_samples: int = Field(30, ge=2)
-    history: int = Field(2000, ge=10, description="windows per sensor kept for fitting")
+    fit_history: int = Field(2000, ge=10, description="windows per sensor kept for fitting")
     contamination: float = Field(0.01, gt=0, le=0.5)
     alert_cooldown: float = Field(60.0, ge=0, description="s between anomaly alerts for one sensor")
 
@@ -48,7 +48,7 @@ class Monitor:
         self.runtime = runtime
         self.settings: Settings = runtime.settings  # type: ignore[assignment]
         s = self.settings
-        self.detector = AnomalyDetector(history=s.history, min_samples=s.min_fit_samples, contamination=s.contamination)
+        self.detector = AnomalyDetector(history=s.fit_history, min_samples=s.min_fit_samples, contamination=s.contamination)
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
         self.device_state: dict[str, tuple[str, str | None]] = {}  # what we last published
         self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
