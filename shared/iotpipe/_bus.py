@@ -104,6 +104,8 @@ class Bus:
         self._inflight: asyncio.Semaphore | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, int] = {}  # mid -> reason code, for PUBACKs that beat registration
+        self._untracked: set[int] = set()  # mids of publishes nobody awaits (the birth message)
+        self._refused_logged = False
         self._lock = threading.Lock()
         self._rejects = RateLimitedLog(log)
         self._was_connected = False
@@ -259,6 +261,11 @@ class Bus:
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
         code = getattr(reason, "value", reason)
         with self._lock:
+            if mid in self._untracked:
+                # Nobody awaits it; and an entry left in _early would wrongly resolve a later publish
+                # that reuses this packet id.
+                self._untracked.discard(mid)
+                return
             future = self._pending.get(mid)
             if future is None:
                 self._early[mid] = code
@@ -279,7 +286,7 @@ class Bus:
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             # Bad credentials or a refused client id: paho retries; say it once per outage.
-            if self._was_connected or not getattr(self, "_refused_logged", False):
+            if self._was_connected or not self._refused_logged:
                 log.error("broker refused connection: %s", reason)
                 self._refused_logged = True
             return
@@ -290,7 +297,11 @@ class Bus:
             # Re-subscribe every time: the broker may have lost our session (expiry, restart).
             client.subscribe([(s.filter, SubscribeOptions(qos=1)) for s in self._subs])
         if self.status_topic:
-            client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+            # Birth message. Its PUBACK is handled on this same (paho) thread, after we return, so
+            # recording the mid here cannot race with it.
+            info = client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+            with self._lock:
+                self._untracked.add(info.mid)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.connected.set)
 

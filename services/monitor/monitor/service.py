@@ -48,7 +48,9 @@ class Monitor:
         self.runtime = runtime
         self.settings: Settings = runtime.settings  # type: ignore[assignment]
         s = self.settings
-        self.detector = AnomalyDetector(history=s.fit_history, min_samples=s.min_fit_samples, contamination=s.contamination)
+        self.detector = AnomalyDetector(
+            history=s.fit_history, min_samples=s.min_fit_samples, contamination=s.contamination
+        )
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
         self.device_state: dict[str, tuple[str, str | None]] = {}  # what we last published
         self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
