@@ -9,13 +9,14 @@ UV ?= uv
 OS_PACKAGES := mosquitto mosquitto-clients redis-server
 TEST_OS_PACKAGES := docker-compose
 
-.PHONY: help deps test-deps venv secrets run test logs lint clean
+.PHONY: help deps test-deps venv secrets run test bench logs lint clean
 
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
 	@echo "make test           run the test suite (starts its own mosquitto and redis)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
 	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
+	@echo "make bench          readings/s through the pipeline on this machine (prints figures)"
 	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
 	@echo "make lint           ruff"
 
@@ -54,6 +55,9 @@ run: venv
 
 test: test-deps venv
 	$(UV) run --frozen pytest
+
+bench: venv
+	$(UV) run --frozen python tests/bench/pipeline.py $(ARGS)
 
 logs:
 	@test -n "$(s)" || { echo "usage: make logs s=<service>" >&2; exit 2; }
