@@ -77,7 +77,15 @@ def parse_raw(message: Opened) -> tuple[str, int, int, list[tuple[str, str, np.n
             raise MalformedEnvelope(f"sensor {sensor}: values must be numbers") from exc
         if array.ndim != 1 or not np.isfinite(array).all():
             raise MalformedEnvelope(f"sensor {sensor}: values must be finite numbers")
-        if any(type(t) is not int or not start <= t < start + size for t in stamps):
+        try:
+            times = np.asarray(stamps)
+        except (TypeError, ValueError) as exc:  # ragged or nested input
+            raise MalformedEnvelope(f"sensor {sensor}: timestamps must be integers") from exc
+        # Vectorised: this runs for every reading. A non-integer dtype (floats, strings, bools mixed
+        # with ints become object/float) is refused rather than truncated.
+        if times.ndim != 1 or times.dtype.kind not in "iu":
+            raise MalformedEnvelope(f"sensor {sensor}: timestamps must be integers")
+        if times.min() < start or times.max() >= start + size:
             raise MalformedEnvelope(f"sensor {sensor}: timestamps outside the window")
         series.append((sensor, body["unit"][:32], array))
     return device, start, size, series
