@@ -7,11 +7,13 @@ around it, so drivers stay small: open the bus, turn raw bytes into SI values, c
 Error tree (what the reader does with each):
 
     DriverError                 base; never escapes the reader
-    ├── BusError                transient I/O failure (OSError on a transfer, timeout): retry with
-    │                           backoff, reopen the bus after N consecutive failures
+    ├── BusError                transient I/O failure (OSError on a transfer or on open, e.g. nothing
+    │                           answering at the address; a timeout): retry with backoff, reopen the
+    │                           bus after N consecutive failures
     ├── ChecksumError           a frame/word failed its CRC or checksum: counted and dropped
     ├── ImplausibleValueError   a value outside the chip's physical range: counted and dropped
-    └── DeviceIdentityError     wrong chip id / nothing answering at that address: reopen, then fault
+    └── DeviceIdentityError     something answers, but it is not this chip (wrong chip id): reopen,
+                                then fault
 """
 
 from __future__ import annotations
