@@ -28,6 +28,9 @@ from .windows import aggregate
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES_PER_SENSOR = 1_000_000  # a window larger than this is a bug or an attack
+# Aggregates go out rounded: 53.477 rather than 53.477000000000004 in Redis and at the cloud, and
+# far finer than any sensor this pipeline reads resolves.
+AGGREGATE_DECIMALS = 6
 
 
 class Settings(ServiceSettings):
@@ -115,7 +118,8 @@ class Preprocessor:
         for device, start, size, series in parsed:
             windows: list[dict[str, Any]] = []
             for sensor, unit, _values in series:
-                windows.append({"sensor": sensor, "unit": unit, "start": start, "end": start + size, **next(stats)})
+                aggregates = {k: round(v, AGGREGATE_DECIMALS) for k, v in next(stats).items()}
+                windows.append({"sensor": sensor, "unit": unit, "start": start, "end": start + size, **aggregates})
             topic = self.runtime.topics.processed(device)
             publishes.append(
                 self.runtime.bus.publish_sealed(topic, {"device": device, "windows": windows}, kind="processed")
