@@ -93,8 +93,13 @@ def ensure_secrets(secrets_dir: Path) -> Path:
         lines = [f"{user}:{mosquitto_hash(_password(mqtt_password_file(secrets_dir, user)))}" for user in MQTT_USERS]
         _write(passwd, "\n".join(lines) + "\n", 0o644)  # hashes only; the broker's user must read it
     acl = secrets_dir / "redis_users_acl"
-    if not acl.exists():
-        lines = ["user default off"]
+    if not acl.exists() or acl.read_text().startswith("user default off"):  # the latter: see below
+        # Not `user default off`: Redis replays the append-only file as the default user, and with
+        # that user disabled it refused every MULTI/EXEC block (our multi-write Lua scripts) on
+        # restart, losing them (measured: tests/test_crash_recovery.py). So `default` keeps its
+        # permissions but gets a random password that is thrown away: nobody can log in as it.
+        unknowable = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
+        lines = [f"user default on #{unknowable} ~* &* +@all"]
         for user in REDIS_USERS:
             digest = hashlib.sha256(_password(redis_password_file(secrets_dir, user)).encode()).hexdigest()
             lines.append(f"user {user} on #{digest} {_REDIS_RULES[user]}")

@@ -1,0 +1,146 @@
+"""Crashes mid-stream (kill -9) of the cache-writer and of Redis: every acknowledged window ends up in
+Redis exactly once, because the writer acknowledges only after the write, its durable session holds
+what arrives while it is down, and Redis keeps an append-only file."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from iotpipe import KeyRing, PlainMessage, Topics
+from iotpipe.devstack import redis_password_file
+from servers import ROOT, Stack, bus_for, run_servers
+from test_e2e import wait_until
+
+WINDOWS = 400
+
+
+@pytest.fixture
+async def private_stack(tmp_path: Path, secrets_dir: Path) -> AsyncIterator[Stack]:
+    """Servers of this test's own: it kills them."""
+    with run_servers(tmp_path / "servers", secrets_dir) as stack:
+        yield stack
+
+
+def start_writer(stack: Stack, base: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    env = stack.env(
+        IOTPIPE_BASE_TOPIC=base,
+        IOTPIPE_REDIS_PREFIX=base,
+        IOTPIPE_INSTANCE="crash",
+        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
+        IOTPIPE_RETRY_MAX_DELAY="0.5",
+    )
+    with (tmp_path / "cache-writer.out").open("ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "cache_writer"], env=env, cwd=ROOT, stdout=log, stderr=log)
+
+
+async def wait_online(stack: Stack, topic: str) -> None:
+    """The service's retained status says online: it is published after its SUBSCRIBE on the same
+    connection, so the broker has its subscription (and durable session) by then."""
+    online = asyncio.Event()
+
+    async def on_status(messages: Sequence[PlainMessage]) -> None:
+        if any(m.payload and orjson.loads(m.payload)["state"] == "online" for m in messages):
+            online.set()
+
+    watcher = bus_for(stack, "reader")
+    watcher.subscribe(topic, on_status, sealed=False)
+    await watcher.start()
+    try:
+        await asyncio.wait_for(online.wait(), 30)
+    finally:
+        await watcher.stop()
+
+
+def window(i: int) -> dict[str, object]:
+    return {
+        "sensor": "temp",
+        "unit": "degC",
+        "start": i * 1000,
+        "end": i * 1000 + 1000,
+        "n": 5,
+        "mean": float(i),
+        "median": float(i),
+        "min": float(i),
+        "max": float(i),
+        "std": 0.0,
+    }
+
+
+async def windows_in_redis(stack: Stack, base: str) -> int:
+    password = redis_password_file(stack.secrets_dir, "reader").read_text().strip()
+    client = aioredis.Redis(port=stack.ports.redis, username="reader", password=password)
+    try:
+        return int(await client.zcard(f"{base}:series:d1:temp"))
+    except (aioredis.ConnectionError, OSError):
+        return -1  # Redis restarting
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["cache-writer", "redis"])
+async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
+    private_stack: Stack, keyring: KeyRing, base: str, tmp_path: Path, victim: str
+) -> None:
+    stack = private_stack
+    topics = Topics(base)
+    writer = start_writer(stack, base, tmp_path)
+    producer = bus_for(stack, "preprocessor", keyring=keyring)
+    await producer.start()
+    await producer.wait_connected()
+    try:
+        # The writer's durable session must exist before we publish (its first subscribe creates it).
+        await wait_online(stack, topics.service_status("cache-writer", "crash"))
+        for i in range(WINDOWS):
+            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
+            if i == WINDOWS // 2:
+                if victim == "cache-writer":
+                    writer.send_signal(signal.SIGKILL)
+                    writer.wait(10)
+                else:
+                    stack.redis.kill()
+        if victim == "cache-writer":
+            writer = start_writer(stack, base, tmp_path)  # resumes its session: the backlog is delivered
+        else:
+            # Keep Redis down until the writer has noticed (its own retries, not redis-py's, are at work).
+            health = tmp_path / "health" / "cache-writer-crash.json"
+            await wait_until(
+                lambda: health.exists() and orjson.loads(health.read_bytes()).get("redis") == "down",
+                30,
+                "the writer to report Redis down",
+            )
+            await asyncio.to_thread(stack.redis.start)  # AOF replays every acknowledged write
+
+        async def all_written() -> bool:
+            return await windows_in_redis(stack, base) == WINDOWS
+
+        try:
+            await wait_until(all_written, 60, f"all {WINDOWS} windows in Redis after the {victim} crash")
+        except AssertionError as exc:
+            password = redis_password_file(stack.secrets_dir, "reader").read_text().strip()
+            client = aioredis.Redis(port=stack.ports.redis, username="reader", password=password)
+            starts = {
+                int(score) // 1000
+                for _m, score in await client.zrange(f"{base}:series:d1:temp", 0, -1, withscores=True)
+            }
+            await client.aclose()
+            missing = sorted(set(range(WINDOWS)) - starts)
+            redis_log = "\n".join(stack.redis.lines[-30:])
+            raise AssertionError(f"{exc}: {len(missing)} missing, e.g. {missing[:20]}\n{redis_log}") from None
+        assert writer.poll() is None, "the writer survived Redis going away"
+        if victim == "redis":
+            log = (tmp_path / "cache-writer.out").read_text()
+            assert log.count("Redis unavailable") == 1 and "Redis is back" in log  # once down, once back
+    finally:
+        await producer.stop()
+        writer.send_signal(signal.SIGTERM)
+        writer.wait(15)
