@@ -11,12 +11,13 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import ROOT, Stack, bus_for, run_servers
+from servers import ROOT, Stack, bus_for, free_port, run_servers
 from test_e2e import wait_until
 
 WINDOWS = 400
@@ -163,3 +164,68 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
         await producer.stop()
         writer.send_signal(signal.SIGTERM)
         writer.wait(15)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+async def test_forwarder_killed_during_cloud_outage_loses_nothing(
+    stack: Stack, keyring: KeyRing, base: str, tmp_path: Path
+) -> None:
+    """The forwarder holds batches unacknowledged while the cloud is down; kill -9 it then, bring the
+    cloud back and restart it: the broker redelivers, and every record arrives."""
+    topics = Topics(base)
+    sink_port = free_port()
+    env = stack.env(
+        IOTPIPE_BASE_TOPIC=base,
+        IOTPIPE_INSTANCE="crash",
+        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
+        IOTPIPE_CLOUD_URL=f"http://127.0.0.1:{sink_port}/ingest",
+        IOTPIPE_RETRY_MAX_DELAY="0.2",
+        IOTPIPE_STATUS_INTERVAL="0.2",
+        IOTPIPE_BATCH_LINGER="0.1",
+        IOTPIPE_SINK_PORT=str(sink_port),
+        IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
+    )
+
+    def start(module: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"{module}.out").open("ab") as log:
+            return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log)
+
+    forwarder = start("cloud_forwarder")
+    sink: subprocess.Popen[bytes] | None = None
+    producer = bus_for(stack, "preprocessor", keyring=keyring)
+    await producer.start()
+    await producer.wait_connected()
+    try:
+        await wait_online(stack, topics.service_status("cloud-forwarder", "crash"))
+        for i in range(50):
+            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
+        health = tmp_path / "health" / "cloud-forwarder-crash.json"
+        await wait_until(
+            lambda: health.exists() and orjson.loads(health.read_bytes()).get("cloud") == "down",
+            30,
+            "the forwarder to find the cloud down",
+        )
+        forwarder.send_signal(signal.SIGKILL)
+        forwarder.wait(10)
+        sink = start("cloud_sink")
+        forwarder = start("cloud_forwarder")
+
+        async def stats() -> dict[str, int]:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{sink_port}/stats") as r:
+                    return await r.json()  # type: ignore[no-any-return]
+            except aiohttp.ClientError:
+                return {}
+
+        async def all_arrived() -> bool:
+            return (await stats()).get("unique_records") == 50
+
+        await wait_until(all_arrived, 60, "all 50 records at the cloud after the restart")
+        assert not (tmp_path / "dead.jsonl").exists()
+    finally:
+        await producer.stop()
+        for proc in (forwarder, sink):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
