@@ -310,3 +310,59 @@ async def test_every_service_recovers_from_a_broker_restart(
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(15)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+async def test_preprocessor_killed_mid_stream_every_window_once(
+    stack: Stack, keyring: KeyRing, base: str, tmp_path: Path
+) -> None:
+    """Raw batches the preprocessor had not acknowledged are redelivered to its restarted session;
+    a batch processed twice (killed after publishing, before acknowledging) changes nothing in Redis."""
+    topics = Topics(base)
+    env = stack.env(
+        IOTPIPE_BASE_TOPIC=base,
+        IOTPIPE_REDIS_PREFIX=base,
+        IOTPIPE_INSTANCE="crash",
+        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
+    )
+
+    def start(module: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"{module}.out").open("ab") as log:
+            return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log)
+
+    writer, preprocessor = start("cache_writer"), start("preprocessor")
+    producer = bus_for(stack, "sensor-reader", keyring=keyring)
+    await producer.start()
+    await producer.wait_connected()
+    try:
+        await wait_online(stack, topics.service_status("cache-writer", "crash"))
+        await wait_online(stack, topics.service_status("preprocessor", "crash"))
+        for i in range(WINDOWS):
+            start_ms = i * 1000
+            data = {
+                "device": "d1",
+                "window": {"start": start_ms, "size": 1000},
+                "sensors": {"temp": {"unit": "degC", "t": [start_ms + k for k in range(7)], "v": [20.0] * 7}},
+            }
+            await producer.publish_sealed(topics.raw("d1"), data)
+            if i == WINDOWS // 2:
+                preprocessor.send_signal(signal.SIGKILL)
+                preprocessor.wait(10)
+        preprocessor = start("preprocessor")
+
+        async def all_written() -> bool:
+            return await windows_in_redis(stack, base) == WINDOWS
+
+        await wait_until(all_written, 60, f"all {WINDOWS} windows in Redis")
+        password = redis_password_file(stack.secrets_dir, "reader").read_text().strip()
+        client = aioredis.Redis(port=stack.ports.redis, username="reader", password=password)
+        members = await client.zrange(f"{base}:series:d1:temp", 0, -1)
+        await client.aclose()
+        assert sorted(orjson.loads(m)["start"] for m in members) == [i * 1000 for i in range(WINDOWS)]
+        assert {orjson.loads(m)["n"] for m in members} == {7}
+    finally:
+        await producer.stop()
+        for proc in (writer, preprocessor):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
