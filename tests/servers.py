@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,6 +140,12 @@ def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
             redis.stop()
     finally:
         broker.stop()
+
+
+def spawn(module: str, env: dict[str, str], log_dir: Path, name: str | None = None) -> subprocess.Popen[bytes]:
+    """Run `python -m <module>` as a service would run, its output appended to <log_dir>/<name>.out."""
+    with (log_dir / f"{name or module}.out").open("ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log)
 
 
 def bus_for(

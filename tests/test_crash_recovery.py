@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import ROOT, Stack, bus_for, free_port, run_servers
+from servers import Stack, bus_for, free_port, run_servers, spawn
 from test_e2e import wait_until
 
 WINDOWS = 400
@@ -39,8 +38,7 @@ def start_writer(stack: Stack, base: str, tmp_path: Path) -> subprocess.Popen[by
         IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
         IOTPIPE_RETRY_MAX_DELAY="0.5",
     )
-    with (tmp_path / "cache-writer.out").open("ab") as log:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "cache_writer"], env=env, cwd=ROOT, stdout=log, stderr=log)
+    return spawn("cache_writer", env, tmp_path, "cache-writer")
 
 
 async def wait_online(stack: Stack, topic: str) -> None:
@@ -189,8 +187,7 @@ async def test_forwarder_killed_during_cloud_outage_loses_nothing(
     )
 
     def start(module: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"{module}.out").open("ab") as log:
-            return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log)
+        return spawn(module, env, tmp_path)
 
     forwarder = start("cloud_forwarder")
     sink: subprocess.Popen[bytes] | None = None
@@ -267,8 +264,7 @@ async def test_every_service_recovers_from_a_broker_restart(
     names = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
     procs = []
     for module in ("cloud_sink", *(n.replace("-", "_") for n in names)):
-        with (tmp_path / f"{module}.out").open("ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log))
+        procs.append(spawn(module, env, tmp_path))
 
     def connected_services() -> set[str]:
         up = set()
@@ -328,8 +324,7 @@ async def test_preprocessor_killed_mid_stream_every_window_once(
     )
 
     def start(module: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"{module}.out").open("ab") as log:
-            return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log)
+        return spawn(module, env, tmp_path)
 
     writer, preprocessor = start("cache_writer"), start("preprocessor")
     producer = bus_for(stack, "sensor-reader", keyring=keyring)

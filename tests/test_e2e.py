@@ -12,7 +12,6 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opener, PlainMessage
-from servers import ROOT, Stack, bus_for, free_port
+from servers import Stack, bus_for, free_port, spawn
 from test_broker import raw_connect
 
 SERVICES = ("cloud_sink", "sensor_reader", "preprocessor", "cache_writer", "cloud_forwarder", "monitor")
@@ -143,18 +142,9 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
     await watcher.wait_connected()
     await asyncio.wait_for(watcher.subscribed.wait(), 10)
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    outputs = {}
 
     def start(service: str, name: str | None = None, **extra_env: str) -> None:
-        name = name or service
-        outputs[name] = (tmp_path / f"{name}.out").open("wb")
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", service],
-            env={**env, **extra_env},
-            cwd=ROOT,
-            stdout=outputs[name],
-            stderr=subprocess.STDOUT,
-        )
+        procs[name or service] = spawn(service, {**env, **extra_env}, tmp_path, name)
 
     for service in SERVICES:
         if service != "sensor_reader":
@@ -167,13 +157,12 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for service, proc in procs.items():
+        for proc in procs.values():
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            outputs[service].close()
         await watcher.stop()
 
 
