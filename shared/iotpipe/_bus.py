@@ -179,7 +179,8 @@ class Bus:
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         try:
-            await asyncio.wait_for(self.connected.wait(), timeout or self.settings.connect_timeout)
+            async with asyncio.timeout(timeout or self.settings.connect_timeout):
+                await self.connected.wait()
         except TimeoutError as exc:
             raise RetryableError(
                 f"no MQTT connection to {self.settings.host}:{self.settings.port} "
@@ -195,7 +196,8 @@ class Bus:
         said_offline = False
         if self.status_topic and self.connected.is_set():
             try:
-                await asyncio.wait_for(self.publish_status("offline"), drain_timeout)
+                async with asyncio.timeout(drain_timeout):
+                    await self.publish_status("offline")
                 said_offline = True
             except TimeoutError:
                 log.warning(
@@ -339,7 +341,8 @@ class Bus:
                 if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(sub.queue.get(), remaining))
+                    async with asyncio.timeout(remaining):
+                        batch.append(await sub.queue.get())
                 except TimeoutError:
                     break
             accepted: list[Any] = []

@@ -99,7 +99,8 @@ async def _report_status(runtime: Runtime, component: Component) -> None:
         _write_health(runtime, component, "online")
         if runtime.bus.connected.is_set():
             with contextlib.suppress(Exception):  # a heartbeat lost to a reconnect is harmless
-                await asyncio.wait_for(runtime.bus.publish_status("online", **_details(runtime, component)), interval)
+                async with asyncio.timeout(interval):
+                    await runtime.bus.publish_status("online", **_details(runtime, component))
         await asyncio.sleep(interval)
 
 
