@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from iotpipe.devstack import MQTT_USERS, REDIS_USERS, ensure_secrets, mqtt_password_file, secret_name
+from iotpipe._settings import secret_name
+from iotpipe.devstack import MQTT_USERS, REDIS_USERS, ensure_secrets, mqtt_password_file, redis_password_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "services/Dockerfile"
@@ -493,7 +494,7 @@ def test_service_settings_read_every_compose_variable(
         assert str(settings.mqtt.ca_file) in mounted
         if hasattr(settings, "redis"):
             assert settings.redis.port == int(redis_conf()["port"])
-            assert str(settings.secret_path("redis_cache_writer_password")) in mounted
+            assert str(redis_password_file(settings.secrets_dir, "cache-writer")) in mounted
         if hasattr(settings, "cloud_token_file"):
             assert str(settings.cloud_token_file) in mounted
             assert str(settings.dead_letter_file.parent) in files, "dead letters must be on a volume"

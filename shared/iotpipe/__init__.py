@@ -22,7 +22,7 @@ from ._errors import (
 from ._health import Metrics, check_health, write_health
 from ._logging import RateLimitedLog, configure_logging, setup_logging
 from ._service import Component, Runtime, run_service, serve
-from ._settings import MqttSettings, RedisSettings, ServiceSettings, read_secret
+from ._settings import MqttSettings, RedisSettings, ServiceSettings, read_secret, redis_password_file
 from ._topics import ID_PATTERN, Topics, validate_id
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -70,6 +70,7 @@ __all__ = [
     "load_settings_or_exit",
     "loads_strict",
     "read_secret",
+    "redis_password_file",
     "run_service",
     "serve",
     "setup_logging",

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,6 @@ class Opened:
     seq: int
     ts: int
     data: Any
-
-
-def _reject_constant(value: str) -> Any:
-    raise ValueError(f"non-finite number {value}")
 
 
 def loads_strict(payload: bytes) -> Any:
@@ -239,9 +235,3 @@ class Opener:
     def commit(self, message: Opened) -> None:
         """Record a handled message in the replay window."""
         self.guard.record(message.src, message.boot, message.seq)
-
-
-def as_mapping(value: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise MalformedEnvelope(f"{what} must be an object")
-    return value

@@ -30,6 +30,20 @@ def read_secret(path: Path | str, what: str) -> str:
     return value
 
 
+# Secret file names, the one place they are spelled: compose mounts each as /run/secrets/<name>, and
+# `iotpipe secrets` (devstack) writes the same names for the local stack and tests.
+def secret_name(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def mqtt_password_file(secrets_dir: Path, user: str) -> Path:
+    return secrets_dir / f"mqtt_{secret_name(user)}_password"
+
+
+def redis_password_file(secrets_dir: Path, user: str) -> Path:
+    return secrets_dir / f"redis_{secret_name(user)}_password"
+
+
 def health_file_for(health_dir: Path, service: str, instance: str) -> Path:
     return health_dir / f"{service}-{instance}.json"
 
@@ -93,17 +107,13 @@ class ServiceSettings(BaseSettings):
     def src(self) -> str:
         return f"{self.service_name}/{self.instance}"
 
-    def secret_path(self, name: str) -> Path:
-        """Default location of a secret: compose mounts secrets at /run/secrets/<name>."""
-        return self.secrets_dir / name.replace("-", "_")
-
     @property
     def keyring_path(self) -> Path:
-        return self.keyring_file or self.secret_path("keyring")
+        return self.keyring_file or self.secrets_dir / "keyring"
 
     @property
     def mqtt_password_path(self) -> Path:
-        return self.mqtt.password_file or self.secret_path(f"mqtt_{self.mqtt.username or self.service_name}_password")
+        return self.mqtt.password_file or mqtt_password_file(self.secrets_dir, self.mqtt.username or self.service_name)
 
     @property
     def log_file(self) -> Path | None:

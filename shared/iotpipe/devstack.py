@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ._envelope import KeyRing
+from ._settings import mqtt_password_file, redis_password_file
 
 SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
 MQTT_USERS = (*SERVICES, "reader")
@@ -38,18 +39,6 @@ _REDIS_RULES = {
     "reader": "~* resetchannels -@all +@read +@connection",
 }
 _TLS_NAMES = ("localhost", "mosquitto", "broker")
-
-
-def secret_name(name: str) -> str:
-    return name.replace("-", "_")
-
-
-def mqtt_password_file(secrets_dir: Path, user: str) -> Path:
-    return secrets_dir / f"mqtt_{secret_name(user)}_password"
-
-
-def redis_password_file(secrets_dir: Path, user: str) -> Path:
-    return secrets_dir / f"redis_{secret_name(user)}_password"
 
 
 def _write(path: Path, content: str | bytes, mode: int = 0o644) -> None:

@@ -31,7 +31,9 @@ from iotpipe import (
     RedisSettings,
     Runtime,
     ServiceSettings,
+    Topics,
     read_secret,
+    redis_password_file,
     run_service,
 )
 from pydantic import Field, field_validator
@@ -73,7 +75,7 @@ def parse_processed(message: Opened) -> tuple[str, list[dict[str, Any]]]:
     if not isinstance(data, dict) or set(data) != {"device", "windows"}:
         raise MalformedEnvelope("processed message must have exactly device, windows")
     device, windows = data["device"], data["windows"]
-    if not isinstance(device, str) or message.topic.rsplit("/", 1)[-1] != device:
+    if not isinstance(device, str) or Topics.device_of(message.topic) != device:
         raise MalformedEnvelope("device does not match the topic")
     if not isinstance(windows, list) or not windows:
         raise MalformedEnvelope("windows must be a non-empty list")
@@ -92,7 +94,7 @@ class CacheWriter:
         self.runtime = runtime
         self.settings: Settings = runtime.settings  # type: ignore[assignment]
         r = self.settings.redis
-        password_file = r.password_file or self.settings.secret_path("redis_cache_writer_password")
+        password_file = r.password_file or redis_password_file(self.settings.secrets_dir, "cache-writer")
         password = read_secret(password_file, "Redis password")
         self.redis = aioredis.Redis(
             host=r.host,

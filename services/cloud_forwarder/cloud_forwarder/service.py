@@ -29,6 +29,7 @@ from iotpipe import (
     RetryableError,
     Runtime,
     ServiceSettings,
+    Topics,
     read_secret,
     run_service,
 )
@@ -64,7 +65,7 @@ class CloudUnavailable(RetryableError):
 
 def to_records(message: Opened, kind: str) -> list[dict[str, Any]]:
     data = message.data if isinstance(message.data, dict) else {"value": message.data}
-    device = message.topic.rsplit("/", 1)[-1]
+    device = Topics.device_of(message.topic)
     if kind == "processed" and isinstance(data.get("windows"), list):
         return [
             {"type": "window", "id": f"{device}/{w.get('sensor')}/{w.get('start')}", "device": device, **w}

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from iotpipe import ID_PATTERN, Opened, PlainMessage, RateLimitedLog, Runtime, ServiceSettings, run_service
+from iotpipe import ID_PATTERN, Opened, PlainMessage, RateLimitedLog, Runtime, ServiceSettings, Topics, run_service
 from pydantic import Field
 
 from .anomaly import AnomalyDetector, features
@@ -71,7 +71,7 @@ class Monitor:
         devices: set[str] = set()
         for message in messages:
             data = message.data
-            device = message.topic.rsplit("/", 1)[-1]
+            device = Topics.device_of(message.topic)
             if not isinstance(data, dict) or not isinstance(data.get("windows"), list):
                 self.runtime.metrics.rejected.labels("schema").inc()
                 self._rejects.warning("schema", "rejected processed message on %s: no windows", message.topic)

@@ -20,6 +20,7 @@ from iotpipe import (
     RateLimitedLog,
     Runtime,
     ServiceSettings,
+    Topics,
     run_service,
 )
 from pydantic import Field, field_validator
@@ -54,7 +55,7 @@ def parse_raw(message: Opened) -> tuple[str, int, int, list[tuple[str, str, np.n
     if not isinstance(data, dict) or set(data) != {"device", "window", "sensors"}:
         raise MalformedEnvelope("raw batch must have exactly device, window, sensors")
     device, window, sensors = data["device"], data["window"], data["sensors"]
-    if not isinstance(device, str) or not ID_PATTERN.fullmatch(device) or message.topic.rsplit("/", 1)[-1] != device:
+    if not isinstance(device, str) or not ID_PATTERN.fullmatch(device) or Topics.device_of(message.topic) != device:
         raise MalformedEnvelope("device does not match the topic")
     if not isinstance(window, dict) or set(window) != {"start", "size"}:
         raise MalformedEnvelope("window must have exactly start, size")
