@@ -111,7 +111,21 @@ class CacheWriter:
         self.duplicates = runtime.metrics.counter("iotpipe_windows_duplicate", "Windows already in Redis")
         self._rejects = RateLimitedLog(log)
         self._redis_down = False
+        self._write_retrying = backoff.on_exception(
+            backoff.expo,
+            (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
+            max_value=self.settings.retry_max_delay,
+            jitter=backoff.full_jitter,
+            on_backoff=self._on_redis_down,
+            logger=None,
+        )(self._write)
         runtime.bus.subscribe(runtime.topics.all("processed"), self.handle, batch=256)
+
+    def _on_redis_down(self, details: Any) -> None:
+        if not self._redis_down:
+            self._redis_down = True
+            rows = details["args"][0]
+            log.error("Redis unavailable (%s); holding %d windows and retrying", details.get("exception"), len(rows))
 
     async def handle(self, messages: Sequence[Opened]) -> None:
         rows: list[tuple[str, dict[str, Any]]] = []
@@ -129,23 +143,7 @@ class CacheWriter:
     async def _write_until_done(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
         """Retry while Redis is unavailable: the batch stays unacknowledged (so is redelivered if we
         die) and, through ReceiveMaximum, the broker holds the rest. Log once down, once back."""
-
-        def on_backoff(details: Any) -> None:
-            if not self._redis_down:
-                self._redis_down = True
-                log.error(
-                    "Redis unavailable (%s); holding %d windows and retrying", details.get("exception", "?"), len(rows)
-                )
-
-        retry = backoff.on_exception(
-            backoff.expo,
-            (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
-            max_value=self.settings.retry_max_delay,
-            jitter=backoff.full_jitter,
-            on_backoff=on_backoff,
-            logger=None,
-        )
-        results = await retry(self._write)(rows)
+        results = await self._write_retrying(rows)
         if self._redis_down:
             self._redis_down = False
             log.info("Redis is back")

@@ -94,6 +94,16 @@ class CloudForwarder:
         self.batches = runtime.metrics.counter("iotpipe_batches", "Upload batches by outcome", ("outcome",))
         self.dead = runtime.metrics.counter("iotpipe_records_dead_lettered", "Records the cloud refused")
         self._cloud_down = False
+        # Built once: a round of jittered retries bounded by retry_max_time (upload() starts new rounds).
+        self._post_with_retries = backoff.on_exception(
+            backoff.expo,
+            CloudUnavailable,
+            max_time=s.retry_max_time,
+            max_value=s.retry_max_delay,
+            jitter=backoff.full_jitter,
+            on_backoff=self._on_cloud_failing,
+            logger=None,
+        )(self._attempt)
         for kind in ("processed", "alerts"):
             runtime.bus.subscribe(
                 runtime.topics.all(kind), self._handler(kind), batch=s.batch_max, linger=s.batch_linger
@@ -108,8 +118,8 @@ class CloudForwarder:
         return handle
 
     async def upload(self, records: list[dict[str, Any]]) -> None:
-        body = orjson.dumps({"batch_id": batch_id(records), "records": records})
         key = batch_id(records)
+        body = orjson.dumps({"batch_id": key, "records": records})
         while True:
             try:
                 await self._post_with_retries(body, key)
@@ -124,7 +134,7 @@ class CloudForwarder:
                 self.batches.labels("retry_round").inc()
                 continue
             except CloudRejected as exc:
-                self._dead_letter(body, str(exc))
+                self._dead_letter(body, len(records), str(exc))
                 return
             break
         if self._cloud_down:
@@ -133,26 +143,14 @@ class CloudForwarder:
         self.batches.labels("accepted").inc()
         self.uploaded.inc(len(records))
 
-    async def _post_with_retries(self, body: bytes, key: str) -> None:
-        def on_backoff(details: Any) -> None:
-            self.batches.labels("retried").inc()
-            if not self._cloud_down:
-                self._cloud_down = True
-                log.error("cloud upload failing (%s); retrying with backoff", details.get("exception"))
+    def _on_cloud_failing(self, details: Any) -> None:
+        self.batches.labels("retried").inc()
+        if not self._cloud_down:
+            self._cloud_down = True
+            log.error("cloud upload failing (%s); retrying with backoff", details.get("exception"))
 
-        @backoff.on_exception(
-            backoff.expo,
-            CloudUnavailable,
-            max_time=self.settings.retry_max_time,
-            max_value=self.settings.retry_max_delay,
-            jitter=backoff.full_jitter,
-            on_backoff=on_backoff,
-            logger=None,
-        )
-        async def attempt() -> None:
-            await self._post(body, key)
-
-        await attempt()
+    async def _attempt(self, body: bytes, key: str) -> None:
+        await self._post(body, key)  # looked up per call (tests wrap _post to script the cloud)
 
     async def _post(self, body: bytes, key: str) -> None:
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}
@@ -173,11 +171,10 @@ class CloudForwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CloudUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def _dead_letter(self, body: bytes, why: str) -> None:
-        records = orjson.loads(body)["records"]
+    def _dead_letter(self, body: bytes, count: int, why: str) -> None:
         log.error(
             "cloud refused batch of %d records permanently (%s); written to %s",
-            len(records),
+            count,
             why,
             self.settings.dead_letter_file,
         )
@@ -186,7 +183,7 @@ class CloudForwarder:
         with path.open("ab") as fh:
             fh.write(orjson.dumps({"why": why, "batch": orjson.Fragment(body)}) + b"\n")
         self.batches.labels("dead_lettered").inc()
-        self.dead.inc(len(records))
+        self.dead.inc(count)
 
     async def run(self) -> None:
         await asyncio.Event().wait()

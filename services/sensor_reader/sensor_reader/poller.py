@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import backoff
 
@@ -117,6 +118,16 @@ class DevicePoller:
         self._pending: concurrent.futures.Future[object] | None = None
         # One thread per device: a bus that hangs stalls its own device, never the others.
         self._executor = DeviceThread(f"dev-{driver.device_id}")
+        # Built once, not per poll: transient bus errors are retried within the poll, with jitter.
+        self._read_with_retries = backoff.on_exception(
+            backoff.expo,
+            BusError,
+            max_tries=self.policy.retries + 1,
+            factor=self.policy.retry_base,
+            jitter=backoff.full_jitter,
+            on_backoff=self._count_retry,
+            logger=None,
+        )(self._read)
 
     # -- schedule -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -168,24 +179,13 @@ class DevicePoller:
             self._on_sample(ts, sample)
         return True
 
-    async def _read_with_retries(self) -> Mapping[str, float]:
-        policy = self.policy
+    async def _read(self) -> Mapping[str, float]:
+        return await self._call(self.driver.read)  # type: ignore[return-value]
 
-        @backoff.on_exception(
-            backoff.expo,
-            BusError,
-            max_tries=policy.retries + 1,
-            factor=policy.retry_base,
-            jitter=backoff.full_jitter,
-            on_backoff=lambda details: (
-                self.stats.errors.update([type(details["exception"]).kind]) if "exception" in details else None
-            ),
-            logger=None,
-        )
-        async def attempt() -> Mapping[str, float]:
-            return await self._call(self.driver.read)  # type: ignore[return-value]
-
-        return await attempt()
+    def _count_retry(self, details: Any) -> None:
+        exc = details.get("exception")
+        if isinstance(exc, DriverError):
+            self.stats.errors[exc.kind] += 1
 
     async def _call(self, fn: Callable[[], object]) -> object:
         if self._pending is not None and not self._pending.done():
