@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +146,36 @@ def spawn(module: str, env: dict[str, str], log_dir: Path, name: str | None = No
     """Run `python -m <module>` as a service would run, its output appended to <log_dir>/<name>.out."""
     with (log_dir / f"{name or module}.out").open("ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=log, stderr=log)
+
+
+def service_env(
+    stack: Stack, base: str, workdir: Path, instance: str, sink_port: int | None = None, **extra: str
+) -> dict[str, str]:
+    """The environment of services a test runs: its own topic base and Redis prefix, an instance id,
+    health and dead-letter files in `workdir`, and, given `sink_port`, a cloud-sink there to upload to."""
+    env = {
+        "IOTPIPE_BASE_TOPIC": base,
+        "IOTPIPE_REDIS_PREFIX": base,
+        "IOTPIPE_INSTANCE": instance,
+        "IOTPIPE_HEALTH_DIR": str(workdir / "health"),
+        "IOTPIPE_DEAD_LETTER_FILE": str(workdir / "dead.jsonl"),
+    }
+    if sink_port is not None:
+        env |= {"IOTPIPE_CLOUD_URL": f"http://127.0.0.1:{sink_port}/ingest", "IOTPIPE_SINK_PORT": str(sink_port)}
+    return stack.env(**env, **extra)
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes] | None]) -> None:
+    """SIGTERM every service at once, then wait for each (SIGKILL if one will not stop)."""
+    running = [p for p in procs if p is not None and p.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def bus_for(

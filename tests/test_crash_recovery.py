@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import Stack, bus_for, free_port, run_servers, spawn
+from servers import Stack, bus_for, free_port, run_servers, service_env, spawn, stop_all
 from test_e2e import wait_until
 
 WINDOWS = 400
@@ -31,13 +31,7 @@ async def private_stack(tmp_path: Path, secrets_dir: Path) -> AsyncIterator[Stac
 
 
 def start_writer(stack: Stack, base: str, tmp_path: Path) -> subprocess.Popen[bytes]:
-    env = stack.env(
-        IOTPIPE_BASE_TOPIC=base,
-        IOTPIPE_REDIS_PREFIX=base,
-        IOTPIPE_INSTANCE="crash",
-        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
-        IOTPIPE_RETRY_MAX_DELAY="0.5",
-    )
+    env = service_env(stack, base, tmp_path, "crash", IOTPIPE_RETRY_MAX_DELAY="0.5")
     return spawn("cache_writer", env, tmp_path, "cache-writer")
 
 
@@ -161,8 +155,7 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
             assert log.count("Redis unavailable") == 1 and "Redis is back" in log  # once down, once back
     finally:
         await producer.stop()
-        writer.send_signal(signal.SIGTERM)
-        writer.wait(15)
+        stop_all([writer])
 
 
 @pytest.mark.e2e
@@ -174,16 +167,15 @@ async def test_forwarder_killed_during_cloud_outage_loses_nothing(
     cloud back and restart it: the broker redelivers, and every record arrives."""
     topics = Topics(base)
     sink_port = free_port()
-    env = stack.env(
-        IOTPIPE_BASE_TOPIC=base,
-        IOTPIPE_INSTANCE="crash",
-        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
-        IOTPIPE_CLOUD_URL=f"http://127.0.0.1:{sink_port}/ingest",
+    env = service_env(
+        stack,
+        base,
+        tmp_path,
+        "crash",
+        sink_port,
         IOTPIPE_RETRY_MAX_DELAY="0.2",
         IOTPIPE_STATUS_INTERVAL="0.2",
         IOTPIPE_BATCH_LINGER="0.1",
-        IOTPIPE_SINK_PORT=str(sink_port),
-        IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
     )
 
     def start(module: str) -> subprocess.Popen[bytes]:
@@ -223,10 +215,7 @@ async def test_forwarder_killed_during_cloud_outage_loses_nothing(
         assert not (tmp_path / "dead.jsonl").exists()
     finally:
         await producer.stop()
-        for proc in (forwarder, sink):
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(15)
+        stop_all([forwarder, sink])
 
 
 SIM_DEVICES = """
@@ -248,18 +237,16 @@ async def test_every_service_recovers_from_a_broker_restart(
     devices = tmp_path / "devices.toml"
     devices.write_text(SIM_DEVICES)
     sink_port = free_port()
-    env = stack.env(
-        IOTPIPE_BASE_TOPIC=base,
-        IOTPIPE_REDIS_PREFIX=base,
-        IOTPIPE_INSTANCE="restart",
+    env = service_env(
+        stack,
+        base,
+        tmp_path,
+        "restart",
+        sink_port,
         IOTPIPE_DEVICES_FILE=str(devices),
         IOTPIPE_WINDOW_MS="200",
         IOTPIPE_WINDOW_GRACE_MS="50",
-        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
         IOTPIPE_STATUS_INTERVAL="0.5",
-        IOTPIPE_CLOUD_URL=f"http://127.0.0.1:{sink_port}/ingest",
-        IOTPIPE_SINK_PORT=str(sink_port),
-        IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
     )
     names = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
     procs = []
@@ -302,10 +289,7 @@ async def test_every_service_recovers_from_a_broker_restart(
         for proc in procs:
             assert proc.poll() is None
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(15)
+        stop_all(procs)
 
 
 @pytest.mark.e2e
@@ -316,12 +300,7 @@ async def test_preprocessor_killed_mid_stream_every_window_once(
     """Raw batches the preprocessor had not acknowledged are redelivered to its restarted session;
     a batch processed twice (killed after publishing, before acknowledging) changes nothing in Redis."""
     topics = Topics(base)
-    env = stack.env(
-        IOTPIPE_BASE_TOPIC=base,
-        IOTPIPE_REDIS_PREFIX=base,
-        IOTPIPE_INSTANCE="crash",
-        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
-    )
+    env = service_env(stack, base, tmp_path, "crash")
 
     def start(module: str) -> subprocess.Popen[bytes]:
         return spawn(module, env, tmp_path)
@@ -358,6 +337,4 @@ async def test_preprocessor_killed_mid_stream_every_window_once(
         assert {orjson.loads(m)["n"] for m in members} == {7}
     finally:
         await producer.stop()
-        for proc in (writer, preprocessor):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+        stop_all([writer, preprocessor])

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opener, PlainMessage
-from servers import Stack, bus_for, free_port, spawn
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all
 from test_broker import raw_connect
 
 SERVICES = ("cloud_sink", "sensor_reader", "preprocessor", "cache_writer", "cloud_forwarder", "monitor")
@@ -114,10 +114,12 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
     devices = tmp_path / "devices.toml"
     devices.write_text(DEVICES)
     sink_port = free_port()
-    env = stack.env(
-        IOTPIPE_BASE_TOPIC=base,
-        IOTPIPE_REDIS_PREFIX=base,
-        IOTPIPE_INSTANCE="e2e",
+    env = service_env(
+        stack,
+        base,
+        tmp_path,
+        "e2e",
+        sink_port,
         IOTPIPE_DEVICES_FILE=str(devices),
         IOTPIPE_WINDOW_MS="500",
         IOTPIPE_WINDOW_GRACE_MS="100",
@@ -127,13 +129,9 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
         IOTPIPE_CHECK_INTERVAL="0.5",
         IOTPIPE_FIT_INTERVAL="2",
         IOTPIPE_MIN_FIT_SAMPLES="5",
-        IOTPIPE_CLOUD_URL=f"http://127.0.0.1:{sink_port}/ingest",
         IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_SINK_PORT=str(sink_port),
         IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_LOG_DIR=str(tmp_path / "log"),
-        IOTPIPE_HEALTH_DIR=str(tmp_path / "health"),
-        IOTPIPE_DEAD_LETTER_FILE=str(tmp_path / "dead.jsonl"),
     )
     wire = Wire(keyring)
     watcher = bus_for(stack, "reader")
@@ -154,15 +152,7 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
     try:
         yield {"wire": wire, "procs": procs, "sink": f"http://127.0.0.1:{sink_port}", "tmp": tmp_path, "start": start}
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs.values())
         await watcher.stop()
 
 
