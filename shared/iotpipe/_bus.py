@@ -347,8 +347,17 @@ class Bus:
                     break
             accepted: list[Any] = []
             ack_now: list[mqtt.MQTTMessage] = []
+            # The replay window records a message only once its batch is handled, so a duplicate
+            # within this same batch (a QoS 1 resend right behind the original) is caught here.
+            in_batch: set[tuple[str, str, int]] = set()
             for msg in batch:
                 item = self._open(sub, msg)
+                if isinstance(item, Opened):
+                    key = (item.src, item.boot, item.seq)
+                    if key in in_batch:
+                        self.metrics.rejected.labels(DuplicateMessage.reason).inc()
+                        item = None
+                    in_batch.add(key)
                 if item is None:
                     ack_now.append(msg)
                 else:

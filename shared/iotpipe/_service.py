@@ -96,11 +96,12 @@ async def _report_status(runtime: Runtime, component: Component) -> None:
     """Heartbeat: retained status with counters, and the health file, every `status_interval`."""
     interval = runtime.settings.status_interval
     while True:
-        _write_health(runtime, component, "online")
+        details = _details(runtime, component)  # one snapshot for both the file and the topic
+        _write_health(runtime, component, "online", details)
         if runtime.bus.connected.is_set():
             with contextlib.suppress(Exception):  # a heartbeat lost to a reconnect is harmless
                 async with asyncio.timeout(interval):
-                    await runtime.bus.publish_status("online", **_details(runtime, component))
+                    await runtime.bus.publish_status("online", **details)
         await asyncio.sleep(interval)
 
 
@@ -108,7 +109,7 @@ def _details(runtime: Runtime, component: Component) -> dict[str, Any]:
     return {"boot_ts": runtime.boot_ts, "counters": runtime.metrics.snapshot(), **component.health()}
 
 
-def _write_health(runtime: Runtime, component: Component, state: str) -> None:
+def _write_health(runtime: Runtime, component: Component, state: str, details: dict[str, Any] | None = None) -> None:
     path = runtime.settings.health_file
     doc = {
         "state": state,
@@ -116,7 +117,7 @@ def _write_health(runtime: Runtime, component: Component, state: str) -> None:
         "instance": runtime.settings.instance,
         "ts": time.time_ns() // 1_000_000,
         "connected": runtime.bus.connected.is_set(),
-        **_details(runtime, component),
+        **(details if details is not None else _details(runtime, component)),
     }
     try:
         write_health(path, doc)

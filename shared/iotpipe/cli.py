@@ -19,7 +19,7 @@ from ._envelope import KeyRing, Opener
 from ._errors import DuplicateMessage, EnvelopeError, IotpipeError
 from ._health import check_health
 from ._settings import ServiceSettings, health_file_for
-from ._topics import Topics
+from ._topics import validate_id
 from .devstack import Ports, ensure_secrets, prepare_local_stack
 
 SEALED_KINDS = frozenset({"raw", "processed", "alerts"})
@@ -117,7 +117,10 @@ def secrets(directory: Path) -> None:
 @click.argument("kid")
 def keygen(kid: str) -> None:
     """Print a new key ring line `<KID> <fernet key>` (for key rotation; see docs/operations.md)."""
-    click.echo(KeyRing.generate_line(Topics(kid).base))
+    try:
+        click.echo(KeyRing.generate_line(validate_id(kid, "key id")))
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
