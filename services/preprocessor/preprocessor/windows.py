@@ -1,9 +1,12 @@
 """Window maths: median filter, then per-window aggregates, vectorised across a whole batch.
 
 Series of equal length are stacked into one 2-D array so scipy and numpy run once per length
-rather than once per sensor. The median filter replicates edge samples (`mode="nearest"`) instead
-of zero-padding as `scipy.signal.medfilt` does, which would drag the first and last values of every
-window towards zero. `std` is the population standard deviation (ddof=0).
+rather than once per sensor. `std` is the population standard deviation (ddof=0).
+
+Edges: the filter reflects the window about its edge sample (`mode="mirror"`: `c b | a b c`), so
+the sample at an edge is judged among its real neighbours. Replicating it (`mode="mirror"`) would
+count a spike on the first sample three times in a width-5 kernel and let it through, and
+zero-padding (`scipy.signal.medfilt`) would drag edges towards a value no sensor reported.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def aggregate(series: Sequence[np.ndarray], kernel: int) -> list[dict[str, float
     for length, indices in by_length.items():
         block = np.stack([series[i] for i in indices]).astype(np.float64, copy=False)
         if kernel > 1 and length > 1:
-            block = median_filter(block, size=(1, kernel), mode="nearest")
+            block = median_filter(block, size=(1, kernel), mode="mirror")
         stats = np.stack(
             [
                 block.mean(axis=1),
