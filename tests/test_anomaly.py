@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import numpy as np
+from iotpipe import Window
 from monitor.anomaly import AnomalyDetector, features
+
+
+def window(mean: float, std: float, low: float, high: float) -> Window:
+    return Window(sensor="t", unit="degC", start=0, end=1000, n=10, mean=mean, median=mean, min=low, max=high, std=std)
 
 
 def test_scores_only_after_a_fit_and_flags_an_outlier() -> None:
@@ -9,7 +14,7 @@ def test_scores_only_after_a_fit_and_flags_an_outlier() -> None:
     key = ("d1", "temperature")
     rng = np.random.default_rng(3)
     for mean in rng.normal(21.0, 0.2, size=300):
-        detector.observe(key, features({"mean": mean, "std": 0.1, "min": mean - 0.2, "max": mean + 0.2}))
+        detector.observe(key, features(window(mean, 0.1, mean - 0.2, mean + 0.2)))
     assert detector.score(key, [[21.0, 0.1, 0.4]]) is None  # observing never fits
     data = detector.snapshot()
     assert data[key].shape == (300, 3)

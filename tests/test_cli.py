@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -11,6 +12,19 @@ from iotpipe import KeyRing, Topics
 from sensor_reader.config import load_devices
 from servers import ROOT, Stack, bus_for
 
+WINDOW = {
+    "sensor": "t",
+    "unit": "C",
+    "start": 0,
+    "end": 1000,
+    "n": 1,
+    "mean": 1.5,
+    "median": 1.5,
+    "min": 1.5,
+    "max": 1.5,
+    "std": 0.0,
+}
+
 
 async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing, base: str) -> None:
     topics = Topics(base)
@@ -19,7 +33,7 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
     await producer.wait_connected()
     try:
         # Retained, so the subscriber gets it whenever it connects: no race with its start-up.
-        payload = producer.sealer.seal(topics.processed("d9"), {"device": "d9", "windows": []})  # type: ignore[union-attr]
+        payload = producer.sealer.seal(topics.processed("d9"), {"device": "d9", "windows": [WINDOW]})  # type: ignore[union-attr]
         await producer.publish(topics.processed("d9"), payload, retain=True)
         result = subprocess.run(
             [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v1/processed/#", "-n", "1"],
@@ -33,8 +47,37 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
         await producer.stop()
     assert result.returncode == 0, result.stderr
     line = orjson.loads(result.stdout.splitlines()[0])
-    assert line["topic"] == topics.processed("d9") and line["data"] == {"device": "d9", "windows": []}
+    assert line["topic"] == topics.processed("d9") and line["data"] == {"device": "d9", "windows": [WINDOW]}
     assert line["src"] == "preprocessor/test"
+
+
+async def test_iotpipe_sub_exits_quietly_when_its_output_closes(stack: Stack, keyring: KeyRing, base: str) -> None:
+    """`iotpipe sub | head -1`: once head has its line and exits, sub must stop with status 0 and
+    no traceback, as Unix tools do, while messages keep arriving."""
+    topics = Topics(base)
+    producer = bus_for(stack, "preprocessor", keyring=keyring)
+    await producer.start()
+    await producer.wait_connected()
+    command = f"set -o pipefail; {sys.executable} -m iotpipe.cli sub '{base}/v1/processed/#' | head -1"
+    proc = await asyncio.create_subprocess_shell(
+        command, env=stack.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, executable="/bin/bash"
+    )
+
+    async def keep_publishing() -> None:
+        while True:
+            await producer.publish_sealed(topics.processed("d9"), {"device": "d9", "windows": [WINDOW]})
+            await asyncio.sleep(0.05)
+
+    feeder = asyncio.create_task(keep_publishing())
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
+        await producer.stop()
+    assert proc.returncode == 0, stderr.decode()
+    assert len(stdout.splitlines()) == 1 and orjson.loads(stdout)["data"]["device"] == "d9"
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
 
 
 def test_iotpipe_sub_reports_a_bad_setup_clearly(tmp_path: Path) -> None:

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 import pytest
-from iotpipe import KeyRing, Opened, PlainMessage, Runtime, Topics
+from iotpipe import KeyRing, Opened, PlainMessage, Processed, Runtime, Topics, decode
 from monitor.service import Monitor, Settings
 from servers import Stack, bus_for
 from test_e2e import wait_until
 
 
-def processed(base: str, device: str, seq: int, mean: float, spread: float) -> Opened:
+def processed(base: str, device: str, seq: int, mean: float, spread: float) -> Opened[Processed]:
     window = {
         "sensor": "temp",
         "unit": "degC",
@@ -28,9 +28,9 @@ def processed(base: str, device: str, seq: int, mean: float, spread: float) -> O
         "max": mean + spread,
         "std": spread / 2,
     }
-    return Opened(
-        f"{base}/v1/processed/{device}", "preprocessor/x", "b", seq, 0, {"device": device, "windows": [window]}
-    )
+    topic = f"{base}/v1/processed/{device}"
+    data = decode(orjson.dumps({"device": device, "windows": [window]}), Processed, topic)
+    return Opened(topic, "preprocessor/x", "b", seq, 0, data)
 
 
 async def test_anomaly_alerts_with_cooldown_and_device_status(

@@ -1,13 +1,12 @@
-"""iotpipe core library: sealed envelope, key ring, MQTT bus client, settings, logging, health."""
+"""iotpipe core library: the wire contract as types, sealed envelope, key ring, MQTT bus, settings,
+logging, health."""
 
 from __future__ import annotations
 
-import sys
-from typing import TypeVar
-
-from ._bus import SHUTDOWN_DRAIN, Bus, PlainMessage
-from ._envelope import KeyRing, Opened, Opener, ReplayGuard, Sealer, loads_strict
+from ._bus import BUG_RETRIES, SHUTDOWN_DRAIN, Bus, DeadLetters, PlainMessage
+from ._envelope import KeyRing, Opened, Opener, ReplayGuard, Sealer
 from ._errors import (
+    BrokerRefused,
     ConfigError,
     DuplicateMessage,
     EnvelopeError,
@@ -15,65 +14,105 @@ from ._errors import (
     MalformedEnvelope,
     PermanentError,
     RetryableError,
+    SchemaError,
     StaleMessage,
     TopicMismatch,
     UndecryptableToken,
 )
 from ._health import Metrics, check_health, write_health
-from ._logging import RateLimitedLog, configure_logging, setup_logging
+from ._logging import RateLimitedLog, configure_logging
+from ._models import (
+    Alert,
+    AlertRecord,
+    AnomalyAlert,
+    CloudBatch,
+    CloudRecord,
+    DeviceStatus,
+    FaultAlert,
+    OfflineAlert,
+    Processed,
+    RawBatch,
+    ReaderDeviceHealth,
+    Series,
+    ServiceStatus,
+    Window,
+    WindowRecord,
+    WindowSpan,
+    decode,
+    encode,
+    encode_sorted,
+    json_schemas,
+)
 from ._service import Component, Runtime, run_service, serve
-from ._settings import MqttSettings, RedisSettings, ServiceSettings, read_secret, redis_password_file
+from ._settings import (
+    MqttSettings,
+    RedisSettings,
+    ServiceSettings,
+    load_settings_or_exit,
+    read_secret,
+    redis_password_file,
+)
 from ._topics import ID_PATTERN, Topics, validate_id
 
-S = TypeVar("S", bound=ServiceSettings)
-
-
-def load_settings_or_exit(cls: type[S]) -> S:
-    """Settings from the environment; a bad value ends the process with one clear line, exit 2."""
-    try:
-        return cls.load()
-    except ConfigError as exc:
-        sys.stderr.write(f"{cls.service_name}: configuration error: {exc}\n")
-        raise SystemExit(2) from None
-
-
 __all__ = [
+    "BUG_RETRIES",
     "ID_PATTERN",
     "SHUTDOWN_DRAIN",
+    "Alert",
+    "AlertRecord",
+    "AnomalyAlert",
+    "BrokerRefused",
     "Bus",
+    "CloudBatch",
+    "CloudRecord",
     "Component",
     "ConfigError",
+    "DeadLetters",
+    "DeviceStatus",
     "DuplicateMessage",
     "EnvelopeError",
+    "FaultAlert",
     "IotpipeError",
     "KeyRing",
     "MalformedEnvelope",
     "Metrics",
     "MqttSettings",
+    "OfflineAlert",
     "Opened",
     "Opener",
     "PermanentError",
     "PlainMessage",
+    "Processed",
     "RateLimitedLog",
+    "RawBatch",
+    "ReaderDeviceHealth",
     "RedisSettings",
     "ReplayGuard",
     "RetryableError",
     "Runtime",
+    "SchemaError",
     "Sealer",
+    "Series",
     "ServiceSettings",
+    "ServiceStatus",
     "StaleMessage",
     "TopicMismatch",
     "Topics",
     "UndecryptableToken",
+    "Window",
+    "WindowRecord",
+    "WindowSpan",
     "check_health",
     "configure_logging",
+    "decode",
+    "encode",
+    "encode_sorted",
+    "json_schemas",
     "load_settings_or_exit",
-    "loads_strict",
     "read_secret",
     "redis_password_file",
     "run_service",
     "serve",
-    "setup_logging",
     "validate_id",
     "write_health",
 ]

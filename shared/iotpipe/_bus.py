@@ -1,43 +1,45 @@
-"""The MQTT bus client every service uses: paho-mqtt 2.x under asyncio, MQTT v5, QoS 1.
+"""The bus every service uses: typed, sealed messages over one MQTT connection (iotpipe._mqtt).
 
-Delivery (see docs/contract.md and ../notes on paho/mosquitto defaults):
-- durable session: `clean_start=False`, a session expiry, a stable client id (service-instance),
-  so the broker queues for us while we are down;
-- `manual_ack=True`: a message is acknowledged only after its handler returned, i.e. after its
-  effect is durable; `ReceiveMaximum` caps unacked deliveries, which is also our backpressure;
-- our publishes resolve when the broker's PUBACK arrives, and at most `max_inflight` are
-  outstanding, so nothing piles up unbounded in paho's memory;
-- Last Will: retained `offline` on our status topic; birth: retained `online` on every connect.
-
-Bad input never reaches a handler: each message is opened (size, envelope, key, topic binding,
-replay window) first; a rejection is counted by reason, logged rate-limited with its topic, and
-acknowledged so it can never block the pipeline.
+Delivery (docs/contract.md):
+- each message is opened (size, envelope, key, topic binding, replay window) and its payload
+  decoded into the subscriber's model (iotpipe._models) before a handler sees it; a message that
+  fails is counted by reason, logged rate-limited, dead-lettered and acknowledged, so bad input can
+  neither reach a handler nor block a subscription (a QoS 1 duplicate is only counted);
+- a handler receives a batch and makes its effect durable before returning: the batch is then
+  acknowledged (`manual_ack`) and recorded in the replay window;
+- what a handler raises decides what happens to its messages (iotpipe._errors):
+  RetryableError: a dependency is down; the batch stays unacknowledged and is retried with capped,
+  jittered backoff (honouring the dependency's `retry_after`), said once when waiting starts and
+  once when it ends; nothing is acknowledged, nothing lost, and ReceiveMaximum makes the broker
+  hold the rest;
+  PermanentError (SchemaError, BrokerRefused, a cloud 4xx...): it concerns one message; that
+  message alone is dead-lettered and acknowledged, its batch-mates handled;
+  anything else is a bug: the batch is retried `BUG_RETRIES` times, then each message alone, and a
+  message that still fails is dead-lettered with the traceback's summary. One poison message never
+  stops a subscription and never takes healthy messages with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-import threading
+import random
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import orjson
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._envelope import KeyRing, Opened, Opener, Sealer
-from ._errors import ConfigError, DuplicateMessage, EnvelopeError, PermanentError, RetryableError
+from ._errors import ConfigError, DuplicateMessage, PermanentError, RetryableError, SchemaError
 from ._health import Metrics
 from ._logging import RateLimitedLog
+from ._models import decode
+from ._mqtt import MqttConnection
 from ._settings import MqttSettings, read_secret
 
 log = logging.getLogger(__name__)
@@ -48,17 +50,71 @@ DEFAULT_BATCH = 64
 # How long a stopping service waits for the broker to acknowledge its last messages: short, since
 # process managers (honcho, docker) SIGKILL after a few seconds, and the broker may be stopping too.
 SHUTDOWN_DRAIN = 2.0
+# A handler that raised something unforeseen gets this many more tries (with the batch, then with
+# each message alone) before the message is dead-lettered: enough to ride out a transient glitch
+# nobody classified, few enough that a poison message costs milliseconds.
+BUG_RETRIES = 2
+BUG_RETRY_DELAY = 0.05
+# Retrying a dependency: the first retry comes fast, later ones spread out up to the subscription's cap.
+RETRY_FIRST_DELAY = 0.5
+DEFAULT_RETRY_MAX_DELAY = 30.0
+# Dead-letter file: rotated once it reaches this size (one old generation kept), so a flood of bad
+# messages cannot fill the disk; every message is counted whether or not its line survives.
+DEAD_LETTER_MAX_BYTES = 64 << 20
+DEAD_LETTER_MAX_PAYLOAD = 64 << 10
+
+T = TypeVar("T")
+M = TypeVar("M")
 
 
 @dataclass(frozen=True, slots=True)
-class PlainMessage:
+class PlainMessage(Generic[T]):
+    """A message on a plain (unsealed) topic. With a model, `data` is the payload decoded as it;
+    `None` for an empty payload (a cleared retained message) or when no model was given."""
+
     topic: str
     payload: bytes
     retain: bool
+    data: T | None = None
 
 
-SealedHandler = Callable[[Sequence[Opened]], Awaitable[None]]
-PlainHandler = Callable[[Sequence[PlainMessage]], Awaitable[None]]
+SealedHandler = Callable[[Sequence[Opened[T]]], Awaitable[None]]
+PlainHandler = Callable[[Sequence[PlainMessage[T]]], Awaitable[None]]
+
+
+class DeadLetters:
+    """Messages a service gave up on, one JSON line each: when, topic, reason, the error, the
+    sender's src/boot/seq when known, and the payload as received (a sealed payload stays sealed:
+    a dead-letter file never holds key material or decrypted data)."""
+
+    def __init__(self, path: Path | None, metrics: Metrics, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.counter = metrics.counter("iotpipe_dead_lettered", "Messages dead-lettered, by reason", ("reason",))
+
+    def write(self, reason: str, error: str, topic: str, payload: bytes | None = None, **extra: Any) -> None:
+        self.counter.labels(reason).inc()
+        if self.path is None:
+            return
+        line: dict[str, Any] = {
+            "ts": time.time_ns() // 1_000_000,
+            "reason": reason,
+            "error": error[:500],
+            "topic": topic,
+        }
+        line.update(extra)
+        if payload is not None:
+            line["bytes"] = len(payload)
+            if len(payload) <= DEAD_LETTER_MAX_PAYLOAD:
+                line["payload"] = payload.decode("utf-8", "replace")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
+                self.path.replace(self.path.with_name(self.path.name + ".1"))
+            with self.path.open("ab") as fh:
+                fh.write(orjson.dumps(line) + b"\n")
+        except OSError as exc:
+            log.error("cannot write dead letter to %s: %s", self.path, exc)
 
 
 @dataclass
@@ -66,13 +122,20 @@ class _Subscription:
     filter: str  # what we SUBSCRIBE to (may be $share/...)
     match: str  # the topic filter deliveries match
     handler: Callable[[Sequence[Any]], Awaitable[None]]
+    model: Any
     sealed: bool
     batch: int
     linger: float
-    queue: asyncio.Queue[mqtt.MQTTMessage] | None = None
+    retry_max_delay: float
+    queue: asyncio.Queue[mqtt.MQTTMessage] = field(default_factory=asyncio.Queue)
+    waiting_on: str | None = None  # the dependency a held batch waits for
+    waiting_since: float = 0.0
 
 
 class Bus:
+    """Typed publish/subscribe for one service process (see the module docstring for the contract
+    of acknowledgement and errors). Everything runs on the event loop that calls `start()`."""
+
     def __init__(
         self,
         settings: MqttSettings,
@@ -81,119 +144,113 @@ class Bus:
         src: str,
         *,
         status_topic: str | None = None,
+        status_extra: dict[str, Any] | None = None,
         metrics: Metrics | None = None,
         message_ttl: int | None = 7 * 24 * 3600,
         max_payload_bytes: int = 1 << 20,
         username: str | None = None,
         password_file: Path | None = None,
+        dead_letter_file: Path | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
         self.status_topic = status_topic
+        self.status_extra = dict(status_extra or {})
         self.metrics = metrics or Metrics()
         self.sealer = Sealer(keyring, src) if keyring else None
         self.opener = Opener(keyring, ttl=message_ttl, max_bytes=max_payload_bytes) if keyring else None
-        self.connected = asyncio.Event()
-        self.subscribed = asyncio.Event()  # set once the broker acknowledged our subscriptions
-        self.status_extra: dict[str, Any] = {}
-        self._username = settings.username or username
-        self._password_file = settings.password_file or password_file
+        self.dead_letters = DeadLetters(dead_letter_file, self.metrics)
         self._subs: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: asyncio.Semaphore | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: dict[int, int] = {}  # mid -> reason code, for PUBACKs that beat registration
-        self._untracked: set[int] = set()  # mids of publishes nobody awaits (the birth message)
-        self._refused_logged = False
-        self._lock = threading.Lock()
         self._rejects = RateLimitedLog(log)
-        self._was_connected = False
-        self._stopping = False
-        self._client = self._make_client()
-
-    # -- setup ----------------------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        user = settings.username or username
+        password_path = settings.password_file or password_file
+        password = read_secret(password_path, "MQTT password") if user and password_path else None
+        self.connection = MqttConnection(
+            settings,
+            client_id,
+            username=user,
+            password=password,
+            will=(status_topic, self._status_payload("offline")) if status_topic else None,
+            birth=(lambda: (status_topic, self._status_payload("online"))) if status_topic else None,
         )
-        if self._username:
-            password = read_secret(self._password_file, "MQTT password") if self._password_file else None
-            client.username_pw_set(self._username, password)
-        if s.tls:
-            if s.ca_file is None:
-                raise ConfigError("IOTPIPE_MQTT__CA_FILE is required when IOTPIPE_MQTT__TLS is true")
-            context = ssl.create_default_context(cafile=str(s.ca_file))
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            client.tls_set_context(context)
-        if self.status_topic:
-            client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
-        client.max_inflight_messages_set(s.max_inflight)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_subscribe = self._on_subscribe
-        return client
+        self.connected = self.connection.connected
+        self.subscribed = self.connection.subscribed
+
+    # -- subscribing ----------------------------------------------------------------------------
+    @overload
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: SealedHandler[M],
+        *,
+        model: type[M],
+        share_group: str | None = ...,
+        batch: int = ...,
+        linger: float = ...,
+        retry_max_delay: float = ...,
+    ) -> None: ...
+
+    @overload
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: PlainHandler[M],
+        *,
+        model: type[M] | None = ...,
+        sealed: bool,
+        share_group: str | None = ...,
+        batch: int = ...,
+        linger: float = ...,
+        retry_max_delay: float = ...,
+    ) -> None: ...
 
     def subscribe(
         self,
         topic_filter: str,
-        handler: SealedHandler | PlainHandler,
+        handler: Any,
         *,
+        model: Any = None,
         sealed: bool = True,
         share_group: str | None = None,
         batch: int = DEFAULT_BATCH,
         linger: float = 0.0,
+        retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY,
     ) -> None:
-        """Register a handler before `start()`. It receives a batch of verified messages and must
-        make their effect durable before returning: the batch is acknowledged when it returns.
-        A batch takes what is already queued, up to `batch`; `linger` waits up to that many seconds
-        for it to fill (worth it for HTTP uploads, pointless for Redis)."""
+        """Register a handler before `start()`. Sealed subscriptions (the default) hand the handler
+        `Opened[model]` messages, `model` one of iotpipe._models; `sealed=False` hands it
+        `PlainMessage`s, their payload decoded as `model` if one is given. A batch takes what is
+        already queued, up to `batch`; `linger` waits up to that many seconds for it to fill
+        (worth it for HTTP uploads, pointless for Redis). `retry_max_delay` caps the backoff while
+        the handler reports a dependency down (RetryableError)."""
         if sealed and self.opener is None:
             raise ConfigError("a sealed subscription needs a key ring")
+        if sealed and model is None:
+            model = Any  # any strict JSON value: for tools and tests; services always name a model
         wire = f"$share/{share_group}/{topic_filter}" if share_group else topic_filter
-        sub = _Subscription(wire, topic_filter, handler, sealed, batch, linger)
+        sub = _Subscription(wire, topic_filter, handler, model, sealed, batch, linger, retry_max_delay)
         self._subs.append(sub)
-        self._client.message_callback_add(topic_filter, lambda _c, _u, msg, sub=sub: self._deliver(sub, msg))
+        self.connection.subscribe(wire, topic_filter, sub.queue.put_nowait)
 
     async def start(self) -> None:
         """Connect (retrying in the background until the broker answers) and start the consumers."""
-        self._loop = asyncio.get_running_loop()
-        self._inflight = asyncio.Semaphore(self.settings.max_inflight)
         for sub in self._subs:
-            sub.queue = asyncio.Queue()
             self._tasks.append(asyncio.create_task(self._consume(sub), name=f"consume {sub.match}"))
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry
-        props.ReceiveMaximum = self.settings.receive_maximum
-        self._client.connect_async(
-            self.settings.host,
-            self.settings.port,
-            keepalive=self.settings.keepalive,
-            clean_start=False,
-            properties=props,
-        )
-        self._client.loop_start()
+        await self.connection.start()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        try:
-            async with asyncio.timeout(timeout or self.settings.connect_timeout):
-                await self.connected.wait()
-        except TimeoutError as exc:
-            raise RetryableError(
-                f"no MQTT connection to {self.settings.host}:{self.settings.port} "
-                f"within {timeout or self.settings.connect_timeout}s"
-            ) from exc
+        await self.connection.wait_connected(timeout)
+
+    def waiting_on(self) -> set[str]:
+        """Dependencies some subscription is holding a batch for right now (e.g. {"redis"})."""
+        return {sub.waiting_on for sub in self._subs if sub.waiting_on}
 
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN) -> None:
         """Clean shutdown: say `offline` ourselves (the Will only fires on an unclean loss)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._stopping = True
-        said_offline = False
+        said_offline = not self.status_topic
         if self.status_topic and self.connected.is_set():
             try:
                 async with asyncio.timeout(drain_timeout):
@@ -208,41 +265,18 @@ class Bus:
             except (RetryableError, PermanentError) as exc:
                 log.warning("could not publish offline status: %s", exc)
         # A normal DISCONNECT discards the Will; if our own `offline` did not make it, ask for the Will.
-        reason = (
-            None
-            if said_offline or not self.status_topic
-            else ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
-        )
-        self._client.disconnect(reasoncode=reason)
-        await asyncio.to_thread(self._client.loop_stop)
+        await self.connection.stop(will=not said_offline, timeout=drain_timeout)
 
     # -- publishing -----------------------------------------------------------------------------
     async def publish_sealed(self, topic: str, data: Any, *, kind: str = "sealed") -> None:
+        """Seal `data` (a model of iotpipe._models) for `topic` and publish it."""
         if self.sealer is None:
             raise ConfigError("publishing sealed messages needs a key ring")
         await self.publish(topic, self.sealer.seal(topic, data), kind=kind)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, kind: str = "plain") -> None:
-        """Publish at QoS 1 and return once the broker acknowledged it (after a reconnect if need be:
-        paho keeps and resends unacknowledged QoS 1 messages of a durable session)."""
-        assert self._loop is not None and self._inflight is not None, "start() first"
-        async with self._inflight:
-            future: asyncio.Future[None] = self._loop.create_future()
-            info = self._client.publish(topic, payload, qos=1, retain=retain)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                raise RetryableError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-            with self._lock:
-                early = self._early.pop(info.mid, None)
-                if early is None:
-                    self._pending[info.mid] = future
-            if early is not None:
-                self._resolve(future, early, topic)
-            else:
-                try:
-                    await future
-                finally:
-                    with self._lock:
-                        self._pending.pop(info.mid, None)
+        """QoS 1, returning once the broker acknowledged it; BrokerRefused if the broker said no."""
+        await self.connection.publish(topic, payload, retain=retain)
         self.metrics.published.labels(kind).inc()
 
     async def publish_status(self, state: str, **extra: Any) -> None:
@@ -260,146 +294,144 @@ class Bus:
             }
         )
 
-    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
-        code = getattr(reason, "value", reason)
-        with self._lock:
-            if mid in self._untracked:
-                # Nobody awaits it; and an entry left in _early would wrongly resolve a later publish
-                # that reuses this packet id.
-                self._untracked.discard(mid)
-                return
-            future = self._pending.get(mid)
-            if future is None:
-                self._early[mid] = code
-                return
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._resolve, future, code, "")
-
-    @staticmethod
-    def _resolve(future: asyncio.Future[None], code: int, topic: str) -> None:
-        if future.done():
-            return
-        if code >= 0x80:  # e.g. 0x87 not authorised: the ACL refused our publish
-            future.set_exception(PermanentError(f"broker refused publish {topic} (reason code {code:#x})"))
-        else:
-            future.set_result(None)
-
-    # -- connection events (paho's thread) ------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            # Bad credentials or a refused client id: paho retries; say it once per outage.
-            if self._was_connected or not self._refused_logged:
-                log.error("broker refused connection: %s", reason)
-                self._refused_logged = True
-            return
-        self._refused_logged = False
-        log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
-        self._was_connected = True
-        if self._subs:
-            # Re-subscribe every time: the broker may have lost our session (expiry, restart).
-            client.subscribe([(s.filter, SubscribeOptions(qos=1)) for s in self._subs])
-        if self.status_topic:
-            # Birth message. Its PUBACK is handled on this same (paho) thread, after we return, so
-            # recording the mid here cannot race with it.
-            info = client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
-            with self._lock:
-                self._untracked.add(info.mid)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.connected.set)
-
-    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
-        for reason in reasons:
-            if reason.is_failure:
-                log.error("broker refused a subscription: %s", reason)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.subscribed.set)
-
-    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.connected.clear)
-            self._loop.call_soon_threadsafe(self.subscribed.clear)
-        if self._was_connected and not self._stopping:
-            log.warning("disconnected from broker (%s); reconnecting", reason)
-
-    def _deliver(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed() or sub.queue is None:
-            return  # shutting down: unacked, so the broker redelivers to our next session
-        loop.call_soon_threadsafe(sub.queue.put_nowait, msg)
-
     # -- consuming ------------------------------------------------------------------------------
     async def _consume(self, sub: _Subscription) -> None:
-        assert sub.queue is not None
         while True:
-            batch = [await sub.queue.get()]
-            deadline = asyncio.get_running_loop().time() + sub.linger
-            while len(batch) < sub.batch:
-                if not sub.queue.empty():
-                    batch.append(sub.queue.get_nowait())
-                    continue
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        batch.append(await sub.queue.get())
-                except TimeoutError:
-                    break
-            accepted: list[Any] = []
-            ack_now: list[mqtt.MQTTMessage] = []
-            # The replay window records a message only once its batch is handled, so a duplicate
-            # within this same batch (a QoS 1 resend right behind the original) is caught here.
-            in_batch: set[tuple[str, str, int]] = set()
-            for msg in batch:
+            batch = await self._collect(sub)
+            items = self._accept(sub, batch)
+            if items:
+                await self._handle(sub, items)
+
+    async def _collect(self, sub: _Subscription) -> list[mqtt.MQTTMessage]:
+        batch = [await sub.queue.get()]
+        deadline = asyncio.get_running_loop().time() + sub.linger
+        while len(batch) < sub.batch:
+            if not sub.queue.empty():
+                batch.append(sub.queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    batch.append(await sub.queue.get())
+            except TimeoutError:
+                break
+        return batch
+
+    def _accept(self, sub: _Subscription, batch: list[mqtt.MQTTMessage]) -> list[tuple[mqtt.MQTTMessage, Any]]:
+        """Open and validate each message; reject (count, log, dead-letter, ack) the rest."""
+        accepted: list[tuple[mqtt.MQTTMessage, Any]] = []
+        # The replay window records a message only once its batch is handled, so a duplicate
+        # within this same batch (a QoS 1 resend right behind the original) is caught here.
+        in_batch: set[tuple[str, str, int]] = set()
+        for msg in batch:
+            try:
                 item = self._open(sub, msg)
                 if isinstance(item, Opened):
                     key = (item.src, item.boot, item.seq)
                     if key in in_batch:
-                        self.metrics.rejected.labels(DuplicateMessage.reason).inc()
-                        item = None
+                        raise DuplicateMessage(f"seq {item.seq} of {item.src} twice in one batch")
                     in_batch.add(key)
-                if item is None:
-                    ack_now.append(msg)
-                else:
-                    accepted.append((msg, item))
-            for msg in ack_now:
-                self._ack(msg)
-            if not accepted:
+            except DuplicateMessage:
+                self.metrics.rejected.labels(DuplicateMessage.reason).inc()  # QoS 1 redelivery: quiet
+                self.connection.ack(msg)
                 continue
-            try:
-                await sub.handler([item for _msg, item in accepted])
-            except asyncio.CancelledError:
-                raise  # unacked: redelivered to our next session
-            except Exception:
-                # A bug or an unexpected input in the handler: say so loudly with the topics, count
-                # it, and move on; holding the messages would stall the whole subscription.
-                topics = sorted({m.topic for m, _ in accepted})
-                log.exception("handler for %s failed on %d message(s) from %s", sub.match, len(accepted), topics[:5])
-                self.metrics.errors.labels("handler").inc(len(accepted))
-            for msg, item in accepted:
-                if sub.sealed and self.opener is not None:
-                    self.opener.commit(item)
-                self._ack(msg)
-            self.metrics.received.labels("sealed" if sub.sealed else "plain").inc(len(accepted))
+            except SchemaError as exc:
+                self._reject(msg, exc.reason, str(exc), exc.sender or {})
+                continue
+            except PermanentError as exc:
+                self._reject(msg, exc.reason, str(exc))
+                continue
+            except Exception as exc:  # input we did not foresee must still not kill the consumer
+                self._reject(msg, "malformed", f"unexpected {type(exc).__name__}: {exc}")
+                continue
+            accepted.append((msg, item))
+        return accepted
 
-    def _open(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> Opened | PlainMessage | None:
+    def _open(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> Opened[Any] | PlainMessage[Any]:
         if not sub.sealed:
-            return PlainMessage(msg.topic, msg.payload, bool(msg.retain))
+            data = decode(msg.payload, sub.model) if sub.model is not None and msg.payload else None
+            return PlainMessage(msg.topic, msg.payload, bool(msg.retain), data)
         assert self.opener is not None
-        try:
-            return self.opener.open(msg.topic, msg.payload)
-        except DuplicateMessage:
-            self.metrics.rejected.labels(DuplicateMessage.reason).inc()  # QoS 1 redelivery: quiet
-        except EnvelopeError as exc:
-            self.metrics.rejected.labels(exc.reason).inc()
-            self._rejects.warning(exc.reason, "rejected message on %s (%s): %s", msg.topic, exc.reason, exc)
-        except Exception as exc:  # input we did not foresee must still not kill the consumer
-            self.metrics.rejected.labels("malformed").inc()
-            self._rejects.warning(
-                "unexpected", "rejected message on %s (unexpected %s): %s", msg.topic, type(exc).__name__, exc
-            )
-        return None
+        return self.opener.open(msg.topic, msg.payload, sub.model)
 
-    def _ack(self, msg: mqtt.MQTTMessage) -> None:
-        if msg.qos > 0:
-            self._client.ack(msg.mid, msg.qos)
+    def _reject(self, msg: mqtt.MQTTMessage, reason: str, error: str, sender: dict[str, object] | None = None) -> None:
+        """A message we give up on: counted, logged rate-limited, dead-lettered, acknowledged."""
+        self.metrics.rejected.labels(reason).inc()
+        self._rejects.warning(reason, "rejected message on %s (%s): %s", msg.topic, reason, error)
+        self.dead_letters.write(reason, error, msg.topic, msg.payload, **(sender or {}))
+        self.connection.ack(msg)
+
+    def _done(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> None:
+        for msg, item in items:
+            if isinstance(item, Opened) and self.opener is not None:
+                self.opener.commit(item)
+            self.connection.ack(msg)
+        self.metrics.received.labels("sealed" if sub.sealed else "plain").inc(len(items))
+
+    async def _handle(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> None:
+        """Run the handler until every message in `items` is handled or dead-lettered."""
+        failure = await self._call(sub, items)
+        for attempt in range(BUG_RETRIES):
+            if failure is None or isinstance(failure, PermanentError):
+                break
+            self.metrics.errors.labels("handler").inc()
+            await asyncio.sleep(BUG_RETRY_DELAY * 2**attempt)
+            failure = await self._call(sub, items)
+        if failure is None:
+            self._done(sub, items)
+        elif len(items) == 1:
+            msg, item = items[0]
+            sender = {"src": item.src, "boot": item.boot, "seq": item.seq} if isinstance(item, Opened) else None
+            if isinstance(failure, PermanentError):
+                self._reject(msg, failure.reason, str(failure), sender)
+            else:
+                log.error("handler for %s keeps failing on one message from %s", sub.match, msg.topic, exc_info=failure)
+                self._reject(msg, "handler_error", _summary(failure), sender)
+        else:
+            # Find the message(s) at fault: each alone, so the healthy ones are handled.
+            for one in items:
+                await self._handle(sub, [one])
+
+    async def _call(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> Exception | None:
+        """Call the handler, holding the batch through RetryableErrors; the error it ended with."""
+        attempt = 0
+        while True:
+            try:
+                await sub.handler([item for _msg, item in items])
+            except asyncio.CancelledError:
+                raise  # unacknowledged: redelivered to our next session
+            except RetryableError as exc:
+                self._waiting(sub, exc, len(items))
+                cap = sub.retry_max_delay
+                delay = random.uniform(0, min(cap, RETRY_FIRST_DELAY * 2**attempt))
+                if exc.retry_after is not None:
+                    delay = min(max(delay, exc.retry_after), cap)  # the dependency's own pacing
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:
+                self._recovered(sub)
+                return exc
+            self._recovered(sub)
+            return None
+
+    def _waiting(self, sub: _Subscription, exc: RetryableError, count: int) -> None:
+        self.metrics.errors.labels("retry").inc()
+        if sub.waiting_on is None:
+            sub.waiting_on = exc.dependency or "dependency"
+            sub.waiting_since = time.monotonic()
+            log.error("%s unavailable (%s); holding %d message(s) and retrying", sub.waiting_on, exc, count)
+
+    def _recovered(self, sub: _Subscription) -> None:
+        if sub.waiting_on is not None:
+            log.info("%s is back after %.0fs", sub.waiting_on, time.monotonic() - sub.waiting_since)
+            sub.waiting_on = None
+
+
+def _summary(exc: BaseException) -> str:
+    """`ValueError: bad thing at service.py:42 in handle`: enough to find the bug, no locals."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(exc).__name__}: {str(exc)[:300]}{where}"

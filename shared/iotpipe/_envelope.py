@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import msgspec
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -28,16 +29,33 @@ from ._errors import (
     ConfigError,
     DuplicateMessage,
     MalformedEnvelope,
+    SchemaError,
     StaleMessage,
     TopicMismatch,
     UndecryptableToken,
 )
+from ._models import decode, encode
 from ._topics import ID_PATTERN
 
 ENVELOPE_VERSION = 1
 ALGORITHM = "fernet"
 _ENVELOPE_KEYS = frozenset({"v", "alg", "kid", "ct"})
-_INNER_KEYS = frozenset({"topic", "src", "boot", "seq", "ts", "data"})
+T = TypeVar("T")
+
+
+class _Sealed(msgspec.Struct, forbid_unknown_fields=True):
+    """What a token holds: exactly these keys. `data` is kept undecoded (a slice of the plaintext)
+    until the envelope checks passed, then decoded straight into the subscriber's model."""
+
+    topic: str
+    src: str
+    boot: str
+    seq: int
+    ts: int
+    data: msgspec.Raw
+
+
+_sealed_decoder = msgspec.json.Decoder(_Sealed)
 
 
 class KeyRing:
@@ -93,15 +111,16 @@ class KeyRing:
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
-    """A verified message."""
+class Opened(Generic[T]):
+    """A verified message: who sealed it (`src`, `boot`, `seq`), when (`ts`, unix ms), and its
+    payload, decoded and validated as the subscriber's model."""
 
     topic: str
     src: str
     boot: str
     seq: int
     ts: int
-    data: Any
+    data: T
 
 
 def loads_strict(payload: bytes) -> Any:
@@ -139,6 +158,7 @@ class Sealer:
         self._seq = itertools.count(1)
 
     def seal(self, topic: str, data: Any) -> bytes:
+        """`data` is a model of iotpipe._models (or plain JSON values)."""
         inner = {
             "topic": topic,
             "src": self.src,
@@ -147,7 +167,7 @@ class Sealer:
             "ts": time.time_ns() // 1_000_000,
             "data": data,
         }
-        token = self.keyring.encrypt(orjson.dumps(inner))
+        token = self.keyring.encrypt(encode(inner))
         return orjson.dumps(
             {"v": ENVELOPE_VERSION, "alg": ALGORITHM, "kid": self.keyring.primary_kid, "ct": token.decode("ascii")}
         )
@@ -206,7 +226,19 @@ class Opener:
         self.max_bytes = max_bytes
         self.guard = ReplayGuard(replay_window)
 
-    def open(self, topic: str, payload: bytes) -> Opened:
+    def open(self, topic: str, payload: bytes, model: Any = Any) -> Opened[Any]:
+        """Verify a sealed message and decode its payload as `model` (one of iotpipe._models; by
+        default any strict JSON value). Raises an EnvelopeError, or SchemaError for the payload."""
+        opened = self._verify(topic, payload)
+        try:
+            data = decode(opened.data, model, topic)
+        except SchemaError as exc:
+            exc.sender = {"src": opened.src, "boot": opened.boot, "seq": opened.seq}
+            raise
+        return Opened(topic, opened.src, opened.boot, opened.seq, opened.ts, data)
+
+    def _verify(self, topic: str, payload: bytes) -> _Sealed:
+        """Everything but the payload's schema, which is decoded only once all else passed."""
         if len(payload) > self.max_bytes:  # before any parsing or decrypting
             raise MalformedEnvelope(f"payload of {len(payload)} bytes exceeds {self.max_bytes}")
         envelope = loads_strict(payload)
@@ -221,17 +253,15 @@ class Opener:
             plaintext = self.keyring.decrypt(token.encode("ascii"), ttl=self.ttl)
         except (InvalidToken, UnicodeEncodeError) as exc:
             raise UndecryptableToken("token failed authentication (wrong key, tampered, truncated or expired)") from exc
-        inner = loads_strict(plaintext)
-        if not isinstance(inner, dict) or inner.keys() != _INNER_KEYS:
-            raise MalformedEnvelope("sealed content lacks topic/src/boot/seq/ts/data")
-        src, boot, seq, ts = inner["src"], inner["boot"], inner["seq"], inner["ts"]
-        if not (isinstance(src, str) and isinstance(boot, str) and type(seq) is int and type(ts) is int):
-            raise MalformedEnvelope("bad src/boot/seq/ts types")
-        if inner["topic"] != topic:
-            raise TopicMismatch(f"sealed for {str(inner['topic'])[:200]!r}, arrived on {topic!r}")
-        self.guard.check(src, boot, seq)
-        return Opened(topic, src, boot, seq, ts, inner["data"])
+        try:
+            inner = _sealed_decoder.decode(plaintext)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise MalformedEnvelope(f"sealed content is not topic/src/boot/seq/ts/data: {str(exc)[:200]}") from None
+        if inner.topic != topic:
+            raise TopicMismatch(f"sealed for {inner.topic[:200]!r}, arrived on {topic!r}")
+        self.guard.check(inner.src, inner.boot, inner.seq)
+        return inner
 
-    def commit(self, message: Opened) -> None:
+    def commit(self, message: Opened[Any]) -> None:
         """Record a handled message in the replay window."""
         self.guard.record(message.src, message.boot, message.seq)

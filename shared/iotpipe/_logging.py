@@ -7,12 +7,21 @@ import logging.handlers
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 
-if TYPE_CHECKING:
-    from ._settings import ServiceSettings
+
+class LoggingSettings(Protocol):
+    """What logging needs to know (every ServiceSettings has it; so does the cloud-sink's)."""
+
+    service_name: str
+    instance: str
+    log_level: str
+    log_format: str
+
+    @property
+    def log_file(self) -> Path | None: ...
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,16 +42,11 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def configure_logging(settings: ServiceSettings) -> None:
+def configure_logging(settings: LoggingSettings) -> None:
     """Configure the root logger once, from a service's settings (stderr, plus its own file)."""
-    setup_logging(settings.service_name, settings.instance, settings.log_level, settings.log_format, settings.log_file)
-
-
-def setup_logging(
-    service: str, instance: str, level: str = "INFO", fmt: str = "text", file: Path | None = None
-) -> None:
+    service, instance, file = settings.service_name, settings.instance, settings.log_file
     formatter: logging.Formatter
-    if fmt == "json":
+    if settings.log_format == "json":
         formatter = JsonFormatter(service, instance)
     else:
         formatter = logging.Formatter(f"%(asctime)s %(levelname)-7s {service}/{instance} %(name)s: %(message)s")
@@ -55,7 +59,7 @@ def setup_logging(
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(settings.log_level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 

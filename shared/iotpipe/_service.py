@@ -9,15 +9,15 @@ reads), and on SIGINT/SIGTERM drains: component first, then `offline` status, th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Generic, TypeVar
 
 from ._bus import Bus
 from ._envelope import KeyRing
+from ._errors import IotpipeError
 from ._health import Metrics, write_health
 from ._settings import ServiceSettings
 from ._topics import Topics
@@ -25,22 +25,14 @@ from ._topics import Topics
 log = logging.getLogger(__name__)
 
 
-class Component(Protocol):
-    """A service's own logic, built with the runtime it runs in."""
-
-    async def run(self) -> None:
-        """The service's main loop (return or block until cancelled)."""
-
-    def health(self) -> dict[str, Any]:
-        """Service-specific details for the status topic and health file."""
-
-    async def close(self) -> None:
-        """Flush and release resources; called once on shutdown."""
+S = TypeVar("S", bound=ServiceSettings)
 
 
-class Runtime:
-    def __init__(self, settings: ServiceSettings, *, keyring: KeyRing | None = None) -> None:
-        self.settings = settings
+class Runtime(Generic[S]):
+    """What a service runs in: its settings, topics, counters, key ring and bus."""
+
+    def __init__(self, settings: S, *, keyring: KeyRing | None = None) -> None:
+        self.settings: S = settings
         self.name = settings.service_name
         self.topics = Topics(settings.base_topic)
         self.metrics = Metrics()
@@ -57,14 +49,35 @@ class Runtime:
             max_payload_bytes=settings.max_payload_bytes,
             username=self.name,
             password_file=settings.mqtt_password_path,
+            status_extra={"service": self.name, "instance": settings.instance},
+            dead_letter_file=settings.dead_letter_path,
         )
-        self.bus.status_extra = {"service": self.name, "instance": settings.instance}
 
 
-ComponentFactory = Callable[[Runtime], Component]
+class Component(Generic[S]):
+    """A service's own logic, built with the runtime it runs in. Subclasses subscribe in
+    `__init__` and override what they need; the defaults do nothing."""
+
+    def __init__(self, runtime: Runtime[S]) -> None:
+        self.runtime = runtime
+        self.settings: S = runtime.settings
+
+    async def run(self) -> None:
+        """The service's own loops, if any (the bus delivers messages without one)."""
+        await asyncio.Event().wait()
+
+    def health(self) -> dict[str, Any]:
+        """Service-specific details for the status topic and health file."""
+        return {}
+
+    async def close(self) -> None:
+        """Flush and release resources; called once on shutdown."""
 
 
-async def serve(settings: ServiceSettings, factory: ComponentFactory, stop: asyncio.Event | None = None) -> None:
+ComponentFactory = Callable[[Runtime[S]], Component[S]]
+
+
+async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(settings)
     component = factory(runtime)
     stop = stop or asyncio.Event()
@@ -77,8 +90,8 @@ async def serve(settings: ServiceSettings, factory: ComponentFactory, stop: asyn
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
         done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if main in done and not main.cancelled() and main.exception() is not None:
-            raise main.exception()  # type: ignore[misc]
+        if main in done and not main.cancelled() and (error := main.exception()) is not None:
+            raise error
     finally:
         log.info("%s shutting down", runtime.name)
         for task in (main, status, stopper):
@@ -92,24 +105,28 @@ async def serve(settings: ServiceSettings, factory: ComponentFactory, stop: asyn
             await runtime.bus.stop()
 
 
-async def _report_status(runtime: Runtime, component: Component) -> None:
+async def _report_status(runtime: Runtime[Any], component: Component[Any]) -> None:
     """Heartbeat: retained status with counters, and the health file, every `status_interval`."""
     interval = runtime.settings.status_interval
     while True:
         details = _details(runtime, component)  # one snapshot for both the file and the topic
         _write_health(runtime, component, "online", details)
         if runtime.bus.connected.is_set():
-            with contextlib.suppress(Exception):  # a heartbeat lost to a reconnect is harmless
+            try:
                 async with asyncio.timeout(interval):
                     await runtime.bus.publish_status("online", **details)
+            except (TimeoutError, IotpipeError) as exc:  # a heartbeat lost to a reconnect is harmless
+                log.debug("heartbeat not published: %s", exc)
         await asyncio.sleep(interval)
 
 
-def _details(runtime: Runtime, component: Component) -> dict[str, Any]:
+def _details(runtime: Runtime[Any], component: Component[Any]) -> dict[str, Any]:
     return {"boot_ts": runtime.boot_ts, "counters": runtime.metrics.snapshot(), **component.health()}
 
 
-def _write_health(runtime: Runtime, component: Component, state: str, details: dict[str, Any] | None = None) -> None:
+def _write_health(
+    runtime: Runtime[Any], component: Component[Any], state: str, details: dict[str, Any] | None = None
+) -> None:
     path = runtime.settings.health_file
     doc = {
         "state": state,
@@ -125,7 +142,7 @@ def _write_health(runtime: Runtime, component: Component, state: str, details: d
         log.warning("cannot write health file %s: %s", path, exc)
 
 
-def run_service(settings: ServiceSettings, factory: ComponentFactory) -> None:
+def run_service(settings: S, factory: ComponentFactory[S]) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly."""
 
     async def main() -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -95,6 +96,9 @@ class ServiceSettings(BaseSettings):
     health_dir: Path = Field(Path(tempfile.gettempdir()) / "iotpipe", description="health files go here")
     status_interval: float = Field(10.0, gt=0, description="s between status/health updates")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port")
+    dead_letter_file: Path | None = Field(
+        None, description="messages given up on, as JSON lines; default var/dead-letter/<service>-<instance>.jsonl"
+    )
 
     @field_validator("base_topic", "instance")
     @classmethod
@@ -120,11 +124,15 @@ class ServiceSettings(BaseSettings):
         return self.log_dir / f"{self.service_name}.log" if self.log_dir else None
 
     @property
+    def dead_letter_path(self) -> Path:
+        return self.dead_letter_file or Path("var/dead-letter") / f"{self.service_name}-{self.instance}.jsonl"
+
+    @property
     def health_file(self) -> Path:
         return health_file_for(self.health_dir, self.service_name, self.instance)
 
     @classmethod
-    def load(cls, **overrides: object):  # type: ignore[no-untyped-def]
+    def load(cls, **overrides: Any) -> Self:
         """Build from the environment, turning validation errors into one ConfigError that names
         each bad field as its environment variable."""
         try:
@@ -134,3 +142,15 @@ class ServiceSettings(BaseSettings):
                 f"IOTPIPE_{'__'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
             )
             raise ConfigError(f"invalid {cls.service_name} settings: {problems}") from None
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings_or_exit(cls: type[S]) -> S:
+    """Settings from the environment; a bad value ends the process with one clear line, exit 2."""
+    try:
+        return cls.load()
+    except ConfigError as exc:
+        sys.stderr.write(f"{cls.service_name}: configuration error: {exc}\n")
+        raise SystemExit(2) from None

@@ -10,19 +10,22 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
 
 from ._bus import Bus, PlainMessage
 from ._envelope import KeyRing, Opener
-from ._errors import DuplicateMessage, EnvelopeError, IotpipeError
+from ._errors import DuplicateMessage, IotpipeError, PermanentError
 from ._health import check_health
+from ._models import Alert, Processed, RawBatch, json_schemas, to_builtins
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .devstack import Ports, ensure_secrets, prepare_local_stack
 
-SEALED_KINDS = frozenset({"raw", "processed", "alerts"})
+# The models of the sealed topics, by the topic level after `<base>/v1/`.
+SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "alerts": Alert}
 
 
 class SubscriberSettings(ServiceSettings):
@@ -68,27 +71,22 @@ async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int
     done = asyncio.Event()
     seen = 0
 
-    async def show(messages: Sequence[PlainMessage]) -> None:
+    async def show(messages: Sequence[PlainMessage[None]]) -> None:
         nonlocal seen
         for message in messages:
-            parts = message.topic.split("/")
-            line: dict[str, object] = {"topic": message.topic}
-            if len(parts) >= 3 and parts[2] in SEALED_KINDS:
-                try:
-                    opened = opener.open(message.topic, message.payload)
-                    opener.commit(opened)
-                    line.update(src=opened.src, seq=opened.seq, ts=opened.ts, data=opened.data)
-                except DuplicateMessage:
-                    continue
-                except EnvelopeError as exc:
-                    line.update(rejected=exc.reason, error=str(exc))
-            else:
-                try:
-                    line["data"] = orjson.loads(message.payload) if message.payload else None
-                except orjson.JSONDecodeError:
-                    line["payload"] = message.payload.decode("utf-8", "replace")
-                line["retained"] = message.retain
-            click.echo(orjson.dumps(line).decode())
+            if done.is_set():
+                return
+            line = _describe(opener, message)
+            if line is None:
+                continue
+            try:
+                sys.stdout.write(orjson.dumps(line).decode() + "\n")
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader went away (`| head -3`): stop quietly, as Unix tools do.
+                _silence_stdout()
+                done.set()
+                return
             seen += 1
             if count and seen >= count:
                 done.set()
@@ -105,12 +103,63 @@ async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int
         await bus.stop()
 
 
+def _describe(opener: Opener, message: PlainMessage[None]) -> dict[str, object] | None:
+    """One output line: sealed payloads opened and validated, plain ones as they are; None for a
+    QoS 1 duplicate."""
+    parts = message.topic.split("/")
+    line: dict[str, object] = {"topic": message.topic}
+    model = SEALED_KINDS.get(parts[2]) if len(parts) >= 3 else None
+    if model is not None:
+        try:
+            opened = opener.open(message.topic, message.payload, model)
+            opener.commit(opened)
+            line.update(src=opened.src, seq=opened.seq, ts=opened.ts, data=to_builtins(opened.data))
+        except DuplicateMessage:
+            return None
+        except PermanentError as exc:
+            line.update(rejected=exc.reason, error=str(exc))
+    else:
+        try:
+            line["data"] = orjson.loads(message.payload) if message.payload else None
+        except orjson.JSONDecodeError:
+            line["payload"] = message.payload.decode("utf-8", "replace")
+        line["retained"] = message.retain
+    return line
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("secrets"))
 def secrets(directory: Path) -> None:
     """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY."""
     ensure_secrets(directory)
     click.echo(f"dev secrets ready in {directory}/ (existing files kept)")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False), default=Path("docs/schema"))
+@click.option("--check", is_flag=True, help="exit 1 if DIRECTORY differs from what the models produce")
+def schema(directory: Path, check: bool) -> None:
+    """Write the JSON Schema of every payload (generated from iotpipe._models) into DIRECTORY."""
+    stale = []
+    for name, document in json_schemas().items():
+        path = directory / f"{name}.json"
+        text = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
+        if path.exists() and path.read_text() == text:
+            continue
+        stale.append(path)
+        if not check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if check and stale:
+        raise click.ClickException(f"out of date: {', '.join(map(str, stale))} (run `iotpipe schema`)")
+    click.echo(f"{'checked' if check else 'wrote'} {len(json_schemas())} schemas in {directory}/")
 
 
 @main.command()

@@ -14,24 +14,23 @@ All windows of a batch go to Redis in one pipeline round trip.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-import backoff
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from iotpipe import (
     ID_PATTERN,
-    MalformedEnvelope,
+    Component,
     Opened,
-    RateLimitedLog,
+    Processed,
     RedisSettings,
+    RetryableError,
     Runtime,
     ServiceSettings,
-    Topics,
+    Window,
+    encode_sorted,
     read_secret,
     redis_password_file,
     run_service,
@@ -51,7 +50,6 @@ if not newest or tonumber(newest) < tonumber(ARGV[1]) then
 end
 return 1
 """
-NUMBER_FIELDS = ("mean", "median", "min", "max", "std")
 
 
 class Settings(ServiceSettings):
@@ -70,29 +68,9 @@ class Settings(ServiceSettings):
         return value
 
 
-def parse_processed(message: Opened) -> tuple[str, list[dict[str, Any]]]:
-    data = message.data
-    if not isinstance(data, dict) or set(data) != {"device", "windows"}:
-        raise MalformedEnvelope("processed message must have exactly device, windows")
-    device, windows = data["device"], data["windows"]
-    if not isinstance(device, str) or Topics.device_of(message.topic) != device:
-        raise MalformedEnvelope("device does not match the topic")
-    if not isinstance(windows, list) or not windows:
-        raise MalformedEnvelope("windows must be a non-empty list")
-    for w in windows:
-        if not isinstance(w, dict) or not isinstance(w.get("sensor"), str) or not ID_PATTERN.fullmatch(w["sensor"]):
-            raise MalformedEnvelope("window without a valid sensor id")
-        if type(w.get("start")) is not int or type(w.get("end")) is not int or type(w.get("n")) is not int:
-            raise MalformedEnvelope("window start/end/n must be integers")
-        if not all(isinstance(w.get(f), int | float) for f in NUMBER_FIELDS):
-            raise MalformedEnvelope("window aggregates must be numbers")
-    return device, windows
-
-
-class CacheWriter:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings: Settings = runtime.settings  # type: ignore[assignment]
+class CacheWriter(Component[Settings]):
+    def __init__(self, runtime: Runtime[Settings]) -> None:
+        super().__init__(runtime)
         r = self.settings.redis
         password_file = r.password_file or redis_password_file(self.settings.secrets_dir, "cache-writer")
         password = read_secret(password_file, "Redis password")
@@ -109,69 +87,42 @@ class CacheWriter:
         self.script = self.redis.register_script(WRITE_WINDOW)
         self.written = runtime.metrics.counter("iotpipe_windows_written", "Windows newly written to Redis")
         self.duplicates = runtime.metrics.counter("iotpipe_windows_duplicate", "Windows already in Redis")
-        self._rejects = RateLimitedLog(log)
-        self._redis_down = False
-        self._write_retrying = backoff.on_exception(
-            backoff.expo,
-            (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
-            max_value=self.settings.retry_max_delay,
-            jitter=backoff.full_jitter,
-            on_backoff=self._on_redis_down,
-            logger=None,
-        )(self._write)
-        runtime.bus.subscribe(runtime.topics.all("processed"), self.handle, batch=256)
+        # While Redis is down the bus holds the batch unacknowledged (so it is redelivered if we die)
+        # and retries; through ReceiveMaximum the broker holds the rest.
+        runtime.bus.subscribe(
+            runtime.topics.all("processed"),
+            self.handle,
+            model=Processed,
+            batch=256,
+            retry_max_delay=self.settings.retry_max_delay,
+        )
 
-    def _on_redis_down(self, details: Any) -> None:
-        if not self._redis_down:
-            self._redis_down = True
-            rows = details["args"][0]
-            log.error("Redis unavailable (%s); holding %d windows and retrying", details.get("exception"), len(rows))
-
-    async def handle(self, messages: Sequence[Opened]) -> None:
-        rows: list[tuple[str, dict[str, Any]]] = []
-        for message in messages:
-            try:
-                device, windows = parse_processed(message)
-            except MalformedEnvelope as exc:
-                self.runtime.metrics.rejected.labels("schema").inc()
-                self._rejects.warning("schema", "rejected processed message on %s: %s", message.topic, exc)
-                continue
-            rows.extend((device, w) for w in windows)
-        if rows:
-            await self._write_until_done(rows)
-
-    async def _write_until_done(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
-        """Retry while Redis is unavailable: the batch stays unacknowledged (so is redelivered if we
-        die) and, through ReceiveMaximum, the broker holds the rest. Log once down, once back."""
-        results = await self._write_retrying(rows)
-        if self._redis_down:
-            self._redis_down = False
-            log.info("Redis is back")
+    async def handle(self, messages: Sequence[Opened[Processed]]) -> None:
+        rows = [(m.data.device, w) for m in messages for w in m.data.windows]
+        try:
+            results = await self._write(rows)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise RetryableError(str(exc) or type(exc).__name__, dependency="Redis") from exc
         new = sum(results)
         self.written.inc(new)
         self.duplicates.inc(len(results) - new)
 
-    async def _write(self, rows: list[tuple[str, dict[str, Any]]]) -> list[int]:
+    async def _write(self, rows: list[tuple[str, Window]]) -> list[int]:
         prefix, history = self.settings.redis_prefix, self.settings.history
         async with self.redis.pipeline(transaction=False) as pipe:
             for device, w in rows:
-                sensor = w["sensor"]
                 keys = [
-                    f"{prefix}:series:{device}:{sensor}",
+                    f"{prefix}:series:{device}:{w.sensor}",
                     f"{prefix}:latest:{device}",
                     f"{prefix}:latest_start:{device}",
                 ]
-                member = orjson.dumps(w, option=orjson.OPT_SORT_KEYS)
                 await self.script(
-                    keys=keys, args=[w["start"], member, history, sensor, repr(float(w["mean"]))], client=pipe
+                    keys=keys, args=[w.start, encode_sorted(w), history, w.sensor, repr(w.mean)], client=pipe
                 )
             return [int(x) for x in await pipe.execute()]
 
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
     def health(self) -> dict[str, Any]:
-        return {"redis": "down" if self._redis_down else "up"}
+        return {"redis": "down" if "Redis" in self.runtime.bus.waiting_on() else "up"}
 
     async def close(self) -> None:
         await self.redis.aclose()

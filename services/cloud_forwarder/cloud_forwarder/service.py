@@ -5,15 +5,14 @@ durable session is the spool: a dead forwarder or a cloud outage loses nothing, 
 bounds what we hold in memory. Each batch carries an `Idempotency-Key` derived from the identities
 of its records, so a retried POST is recognisable as the same batch.
 
-Errors split the way `backoff` needs: connection errors, timeouts, 5xx, 408 and 429 are retried
-with jittered exponential backoff bounded by `retry_max_time` per round (then logged and retried in
-a new round: data is never dropped for being slow); any other 4xx is permanent, so the batch is
-written to the dead-letter file, counted, and acknowledged.
+Errors map onto the bus's error tree (iotpipe._bus): connection errors, timeouts, 5xx, 408, 425 and
+429 are CloudUnavailable (retryable: the bus holds the batch and retries with jittered backoff,
+honouring Retry-After, for as long as it takes); any other 4xx is CloudRejected (permanent: the bus
+retries the batch's messages one by one and dead-letters only those the cloud still refuses).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -21,15 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import backoff
-import orjson
 from iotpipe import (
+    Alert,
+    AlertRecord,
+    CloudBatch,
+    CloudRecord,
+    Component,
     Opened,
     PermanentError,
+    Processed,
     RetryableError,
     Runtime,
     ServiceSettings,
-    Topics,
+    WindowRecord,
+    encode,
     read_secret,
     run_service,
 )
@@ -48,109 +52,76 @@ class Settings(ServiceSettings):
     batch_max: int = Field(200, ge=1, le=10_000, description="messages per POST at most")
     batch_linger: float = Field(1.0, ge=0, description="s to wait for a batch to fill")
     request_timeout: float = Field(10.0, gt=0)
-    retry_max_time: float = Field(60.0, gt=0, description="s of retries before logging and starting over")
-    retry_max_delay: float = Field(30.0, gt=0)
-    dead_letter_file: Path = Path("var/cloud-forwarder/dead-letter.jsonl")
+    retry_max_delay: float = Field(30.0, gt=0, description="cap on the delay between upload retries")
 
 
 class CloudRejected(PermanentError):
-    pass
+    reason = "cloud_rejected"
 
 
 class CloudUnavailable(RetryableError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, dependency="cloud", retry_after=retry_after)
 
 
-def to_records(message: Opened, kind: str) -> list[dict[str, Any]]:
-    data = message.data if isinstance(message.data, dict) else {"value": message.data}
-    device = Topics.device_of(message.topic)
-    if kind == "processed" and isinstance(data.get("windows"), list):
-        return [
-            {"type": "window", "id": f"{device}/{w.get('sensor')}/{w.get('start')}", "device": device, **w}
-            for w in data["windows"]
-            if isinstance(w, dict)
-        ]
+def window_records(message: Opened[Processed]) -> list[CloudRecord]:
+    device = message.data.device
     return [
-        {"type": "alert", "id": f"{device}/alert/{message.src}/{message.boot}/{message.seq}", "device": device, **data}
+        WindowRecord(id=f"{device}/{w.sensor}/{w.start}", device=device, **_fields(w)) for w in message.data.windows
     ]
 
 
-def batch_id(records: Sequence[dict[str, Any]]) -> str:
-    digest = hashlib.sha256("\n".join(sorted(r["id"] for r in records)).encode()).hexdigest()
+def alert_record(message: Opened[Alert]) -> AlertRecord:
+    alert = message.data
+    fields = _fields(alert)
+    return AlertRecord(
+        id=f"{alert.device}/alert/{message.src}/{message.boot}/{message.seq}",
+        kind=type(alert).__struct_config__.tag,
+        **fields,
+    )
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return {f: getattr(value, f) for f in value.__struct_fields__}
+
+
+def batch_id(records: Sequence[CloudRecord]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(r.id for r in records)).encode()).hexdigest()
     return digest[:32]
 
 
-class CloudForwarder:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings: Settings = runtime.settings  # type: ignore[assignment]
+class CloudForwarder(Component[Settings]):
+    def __init__(self, runtime: Runtime[Settings]) -> None:
+        super().__init__(runtime)
         s = self.settings
         self.token = read_secret(s.cloud_token_file, "cloud token") if s.cloud_token_file else None
         # Built here, not in run(): deliveries can start as soon as the bus connects.
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.request_timeout))
         self.uploaded = runtime.metrics.counter("iotpipe_records_uploaded", "Records accepted by the cloud")
         self.batches = runtime.metrics.counter("iotpipe_batches", "Upload batches by outcome", ("outcome",))
-        self.dead = runtime.metrics.counter("iotpipe_records_dead_lettered", "Records the cloud refused")
-        self._cloud_down = False
-        # Built once: a round of jittered retries bounded by retry_max_time (upload() starts new rounds).
-        self._post_with_retries = backoff.on_exception(
-            backoff.expo,
-            CloudUnavailable,
-            max_time=s.retry_max_time,
-            max_value=s.retry_max_delay,
-            jitter=backoff.full_jitter,
-            on_backoff=self._on_cloud_failing,
-            logger=None,
-        )(self._attempt)
-        for kind in ("processed", "alerts"):
-            runtime.bus.subscribe(
-                runtime.topics.all(kind), self._handler(kind), batch=s.batch_max, linger=s.batch_linger
-            )
+        options: dict[str, Any] = {"batch": s.batch_max, "linger": s.batch_linger, "retry_max_delay": s.retry_max_delay}
+        runtime.bus.subscribe(runtime.topics.all("processed"), self.upload_windows, model=Processed, **options)
+        runtime.bus.subscribe(runtime.topics.all("alerts"), self.upload_alerts, model=Alert, **options)
 
-    def _handler(self, kind: str):  # type: ignore[no-untyped-def]
-        async def handle(messages: Sequence[Opened]) -> None:
-            records = [r for m in messages for r in to_records(m, kind)]
-            if records:
-                await self.upload(records)
+    async def upload_windows(self, messages: Sequence[Opened[Processed]]) -> None:
+        await self.upload([r for m in messages for r in window_records(m)])
 
-        return handle
+    async def upload_alerts(self, messages: Sequence[Opened[Alert]]) -> None:
+        await self.upload([alert_record(m) for m in messages])
 
-    async def upload(self, records: list[dict[str, Any]]) -> None:
+    async def upload(self, records: list[CloudRecord]) -> None:
         key = batch_id(records)
-        body = orjson.dumps({"batch_id": key, "records": records})
-        while True:
-            try:
-                await self._post_with_retries(body, key)
-            except CloudUnavailable as exc:
-                # A whole round of retries failed: keep the batch (unacknowledged) and go again.
-                log.warning(
-                    "cloud still unavailable after %.0fs (%s); retrying batch %s",
-                    self.settings.retry_max_time,
-                    exc,
-                    key,
-                )
-                self.batches.labels("retry_round").inc()
-                continue
-            except CloudRejected as exc:
-                self._dead_letter(body, len(records), str(exc))
-                return
-            break
-        if self._cloud_down:
-            self._cloud_down = False
-            log.info("cloud is accepting uploads again")
+        body = encode(CloudBatch(batch_id=key, records=records))
+        try:
+            await self._post(body, key)
+        except CloudUnavailable:
+            self.batches.labels("retried").inc()
+            raise
+        except CloudRejected:
+            self.batches.labels("rejected").inc()
+            raise
         self.batches.labels("accepted").inc()
         self.uploaded.inc(len(records))
-
-    def _on_cloud_failing(self, details: Any) -> None:
-        self.batches.labels("retried").inc()
-        if not self._cloud_down:
-            self._cloud_down = True
-            log.error("cloud upload failing (%s); retrying with backoff", details.get("exception"))
-
-    async def _attempt(self, body: bytes, key: str) -> None:
-        await self._post(body, key)  # looked up per call (tests wrap _post to script the cloud)
 
     async def _post(self, body: bytes, key: str) -> None:
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}
@@ -163,41 +134,24 @@ class CloudForwarder:
                 text = (await response.text())[:200]
                 if response.status >= 500 or response.status in RETRYABLE_STATUS:
                     retry_after = _retry_after(response.headers.get("Retry-After"))
-                    if retry_after:
-                        # Honour the server's pacing, capped so one header cannot stall us for long.
-                        await asyncio.sleep(min(retry_after, self.settings.retry_max_delay))
                     raise CloudUnavailable(f"HTTP {response.status}: {text}", retry_after)
                 raise CloudRejected(f"HTTP {response.status}: {text}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CloudUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def _dead_letter(self, body: bytes, count: int, why: str) -> None:
-        log.error(
-            "cloud refused batch of %d records permanently (%s); written to %s",
-            count,
-            why,
-            self.settings.dead_letter_file,
-        )
-        path = self.settings.dead_letter_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as fh:
-            fh.write(orjson.dumps({"why": why, "batch": orjson.Fragment(body)}) + b"\n")
-        self.batches.labels("dead_lettered").inc()
-        self.dead.inc(count)
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
     def health(self) -> dict[str, Any]:
-        return {"cloud": "down" if self._cloud_down else "up"}
+        return {"cloud": "down" if "cloud" in self.runtime.bus.waiting_on() else "up"}
 
     async def close(self) -> None:
         await self.session.close()
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (0 included); None when absent or an HTTP-date."""
+    if value is None:
+        return None
     try:
-        return max(0.0, float(value)) if value else None
+        return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP-date: fall back to our own backoff
 

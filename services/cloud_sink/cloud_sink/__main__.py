@@ -1,7 +1,9 @@
-from iotpipe import setup_logging
+"""cloud-sink: a stand-in cloud ingest endpoint."""
+
+from iotpipe import configure_logging
 
 from .app import Settings, run
 
 settings = Settings()
-setup_logging("cloud-sink", "0", settings.log_level, settings.log_format, settings.log_file)
+configure_logging(settings)
 run(settings)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 from aiohttp import web
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IOTPIPE_SINK_", extra="ignore")
+    service_name: ClassVar[str] = "cloud-sink"
+    instance: ClassVar[str] = "0"
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)

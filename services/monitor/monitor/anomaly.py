@@ -10,14 +10,15 @@ import collections
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+from iotpipe import Window
 from sklearn.ensemble import IsolationForest
 
 Key = tuple[str, str]  # (device, sensor)
 
 
-def features(window: Mapping[str, float]) -> list[float]:
+def features(window: Window) -> list[float]:
     """What a window looks like to the model: level, spread, and range."""
-    return [float(window["mean"]), float(window["std"]), float(window["max"]) - float(window["min"])]
+    return [window.mean, window.std, window.max - window.min]
 
 
 class AnomalyDetector:

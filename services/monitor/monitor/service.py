@@ -18,8 +18,24 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-from iotpipe import ID_PATTERN, Opened, PlainMessage, RateLimitedLog, Runtime, ServiceSettings, Topics, run_service
+from iotpipe import (
+    Alert,
+    AnomalyAlert,
+    Component,
+    DeviceStatus,
+    FaultAlert,
+    OfflineAlert,
+    Opened,
+    PlainMessage,
+    Processed,
+    ReaderDeviceHealth,
+    Runtime,
+    ServiceSettings,
+    ServiceStatus,
+    Window,
+    encode,
+    run_service,
+)
 from pydantic import Field
 
 from .anomaly import AnomalyDetector, features
@@ -43,10 +59,9 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class Monitor:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings: Settings = runtime.settings  # type: ignore[assignment]
+class Monitor(Component[Settings]):
+    def __init__(self, runtime: Runtime[Settings]) -> None:
+        super().__init__(runtime)
         s = self.settings
         self.detector = AnomalyDetector(
             history=s.fit_history, min_samples=s.min_fit_samples, contamination=s.contamination
@@ -58,35 +73,25 @@ class Monitor:
         self.alerts = runtime.metrics.counter("iotpipe_alerts", "Alerts published", ("kind",))
         self.suppressed = runtime.metrics.counter("iotpipe_anomalies_suppressed", "Anomalies within the cooldown")
         self._last_anomaly: dict[tuple[str, str], int] = {}
-        self._rejects = RateLimitedLog(log)
         topics = runtime.topics
-        runtime.bus.subscribe(topics.all("processed"), self.on_processed, batch=256)
-        runtime.bus.subscribe(f"{topics.root}/status/service/+/+", self.on_service_status, sealed=False)
+        runtime.bus.subscribe(topics.all("processed"), self.on_processed, model=Processed, batch=256)
+        runtime.bus.subscribe(
+            f"{topics.root}/status/service/+/+", self.on_service_status, model=ServiceStatus, sealed=False
+        )
 
     # -- inputs ---------------------------------------------------------------------------------
-    async def on_processed(self, messages: Sequence[Opened]) -> None:
+    async def on_processed(self, messages: Sequence[Opened[Processed]]) -> None:
         now = _now_ms()
         # Group the batch's windows per sensor so each model scores once per batch, not per window.
-        pending: dict[tuple[str, str], list[tuple[list[float], dict[str, Any]]]] = {}
+        pending: dict[tuple[str, str], list[tuple[list[float], Window]]] = {}
         devices: set[str] = set()
         for message in messages:
-            data = message.data
-            device = Topics.device_of(message.topic)
-            if not isinstance(data, dict) or not isinstance(data.get("windows"), list):
-                self.runtime.metrics.rejected.labels("schema").inc()
-                self._rejects.warning("schema", "rejected processed message on %s: no windows", message.topic)
-                continue
+            device = message.data.device
             self.last_seen[device] = now
             devices.add(device)
-            for window in data["windows"]:
-                try:
-                    key = (device, str(window["sensor"]))
-                    row = features(window)
-                except (KeyError, TypeError, ValueError):
-                    self.runtime.metrics.rejected.labels("schema").inc()
-                    continue
-                pending.setdefault(key, []).append((row, window))
-        alerts = []
+            for window in message.data.windows:
+                pending.setdefault((device, window.sensor), []).append((features(window), window))
+        alerts: list[Alert] = []
         for key, items in pending.items():
             scores = self.detector.score(key, [row for row, _ in items])
             for index, (row, window) in enumerate(items):
@@ -98,49 +103,40 @@ class Monitor:
                     continue
                 self._last_anomaly[key] = now
                 alerts.append(
-                    {
-                        "kind": "anomaly",
-                        "device": key[0],
-                        "sensor": key[1],
-                        "start": window.get("start"),
-                        "end": window.get("end"),
-                        "mean": window.get("mean"),
-                        "score": round(float(scores[index]), 4),
-                        "ts": now,
-                    }
+                    AnomalyAlert(
+                        device=key[0],
+                        sensor=key[1],
+                        start=window.start,
+                        end=window.end,
+                        mean=window.mean,
+                        score=round(float(scores[index]), 4),
+                        ts=now,
+                    )
                 )
         for device in devices:
             await self._set_device_state(device)
         for alert in alerts:
-            await self._alert(alert["device"], alert)
+            await self._alert(alert)
 
-    async def on_service_status(self, messages: Sequence[PlainMessage]) -> None:
+    async def on_service_status(self, messages: Sequence[PlainMessage[ServiceStatus]]) -> None:
         for message in messages:
             parts = message.topic.split("/")
             name = "/".join(parts[-2:])
-            if not message.payload:
+            status = message.data
+            if status is None:
                 self.services.pop(name, None)  # retained status cleared
                 continue
-            try:
-                status = orjson.loads(message.payload)
-                state = status["state"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                self.runtime.metrics.rejected.labels("status").inc()
-                self._rejects.warning("status", "unreadable status on %s", message.topic)
-                continue
             previous = self.services.get(name, {}).get("state")
-            self.services[name] = {"state": state, "ts": status.get("ts"), "seen": _now_ms()}
-            if previous is not None and previous != state:
-                log.info("service %s is %s", name, state)
-            if parts[-2] == "sensor-reader" and isinstance(status.get("devices"), dict):
-                await self._reader_devices(status["devices"] if state == "online" else {})
+            self.services[name] = {"state": status.state, "ts": status.ts, "seen": _now_ms()}
+            if previous is not None and previous != status.state:
+                log.info("service %s is %s", name, status.state)
+            if parts[-2] == "sensor-reader" and status.devices is not None:
+                await self._reader_devices(status.devices if status.state == "online" else {})
 
-    async def _reader_devices(self, devices: dict[str, Any]) -> None:
+    async def _reader_devices(self, devices: dict[str, ReaderDeviceHealth]) -> None:
         for device, info in devices.items():
-            if not isinstance(device, str) or not ID_PATTERN.fullmatch(device) or not isinstance(info, dict):
-                continue
-            if info.get("state") == "fault":
-                self.reader_faults[device] = str(info.get("reason"))[:200]
+            if info.state == "fault":
+                self.reader_faults[device] = str(info.reason)[:200]
             else:
                 self.reader_faults.pop(device, None)
             await self._set_device_state(device)
@@ -161,20 +157,20 @@ class Monitor:
             return
         first = device not in self.device_state
         self.device_state[device] = (state, reason)
-        payload = {"state": state, "device": device, "last_seen": seen, "ts": now}
-        if reason:
-            payload["reason"] = reason
+        status = DeviceStatus(state=state, device=device, last_seen=seen, ts=now, reason=reason)
         await self.runtime.bus.publish(
-            self.runtime.topics.device_status(device), orjson.dumps(payload), retain=True, kind="status"
+            self.runtime.topics.device_status(device), encode(status), retain=True, kind="status"
         )
         if not first or state != "online":
             log.info("device %s is %s%s", device, state, f" ({reason})" if reason else "")
-        if state in ("offline", "fault"):
-            await self._alert(device, {"kind": state, "device": device, "reason": reason, "last_seen": seen, "ts": now})
+        if state == "offline":
+            await self._alert(OfflineAlert(device=device, reason=reason, last_seen=seen, ts=now))
+        elif state == "fault":
+            await self._alert(FaultAlert(device=device, reason=reason, last_seen=seen, ts=now))
 
-    async def _alert(self, device: str, alert: dict[str, Any]) -> None:
-        await self.runtime.bus.publish_sealed(self.runtime.topics.alerts(device), alert, kind="alert")
-        self.alerts.labels(alert["kind"]).inc()
+    async def _alert(self, alert: Alert) -> None:
+        await self.runtime.bus.publish_sealed(self.runtime.topics.alerts(alert.device), alert, kind="alert")
+        self.alerts.labels(type(alert).__struct_config__.tag).inc()
 
     # -- loops ----------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -202,16 +198,13 @@ class Monitor:
         now = _now_ms()
         stale_after = self.settings.offline_after * 1000
         return {
-            "devices": {d: s for d, (s, _r) in self.device_state.items()},
+            "device_states": {d: s for d, (s, _r) in self.device_state.items()},
             "services": {
                 n: ("stale" if s["state"] == "online" and now - s["seen"] > stale_after else s["state"])
                 for n, s in self.services.items()
             },
             "models": len(list(self.detector.fitted)),
         }
-
-    async def close(self) -> None:
-        return None
 
 
 def run(settings: Settings) -> None:

@@ -8,15 +8,25 @@ one message into that window's aggregates, and a window can never be split betwe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iotpipe import SHUTDOWN_DRAIN, RateLimitedLog, Runtime, ServiceSettings, run_service
+from iotpipe import (
+    SHUTDOWN_DRAIN,
+    Component,
+    IotpipeError,
+    RateLimitedLog,
+    RawBatch,
+    Runtime,
+    Series,
+    ServiceSettings,
+    WindowSpan,
+    run_service,
+)
 from pydantic import Field
 
 from .config import load_devices
@@ -54,18 +64,17 @@ class _Window:
             self.t.setdefault(sensor, []).append(ts)
             self.v.setdefault(sensor, []).append(value)
 
-    def payload(self, device: str, size: int) -> dict[str, Any]:
-        return {
-            "device": device,
-            "window": {"start": self.start, "size": size},
-            "sensors": {s: {"unit": self.units[s], "t": self.t[s], "v": self.v[s]} for s in self.v},
-        }
+    def payload(self, device: str, size: int) -> RawBatch:
+        return RawBatch(
+            device=device,
+            window=WindowSpan(start=self.start, size=size),
+            sensors={s: Series(unit=self.units[s], t=self.t[s], v=self.v[s]) for s in self.v},
+        )
 
 
-class SensorReader:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings: Settings = runtime.settings  # type: ignore[assignment]
+class SensorReader(Component[Settings]):
+    def __init__(self, runtime: Runtime[Settings]) -> None:
+        super().__init__(runtime)
         self.devices = load_devices(self.settings.devices_file)
         s = self.settings
         policy = PollPolicy(
@@ -88,7 +97,7 @@ class SensorReader:
         self._status_changed = asyncio.Event()
         self._publishing: set[asyncio.Task[None]] = set()
 
-    def _sampler(self, device: str):  # type: ignore[no-untyped-def]
+    def _sampler(self, device: str) -> Callable[[int, Mapping[str, float]], None]:
         size = self.settings.window_ms
 
         def on_sample(ts: int, sample: Mapping[str, float]) -> None:
@@ -105,7 +114,7 @@ class SensorReader:
 
         return on_sample
 
-    def _stater(self, device: str):  # type: ignore[no-untyped-def]
+    def _stater(self, device: str) -> Callable[[str, str | None], None]:
         def on_state(state: str, reason: str | None) -> None:
             log.info("device %s is %s%s", device, state, f" ({reason})" if reason else "")
             self._status_changed.set()
@@ -134,11 +143,11 @@ class SensorReader:
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, topic: str, data: dict[str, Any], device: str, count: int) -> None:
+    async def _publish(self, topic: str, data: RawBatch, device: str, count: int) -> None:
         try:
             await self.runtime.bus.publish_sealed(topic, data, kind="raw")
-        except Exception:
-            log.exception("publishing window %s of %s failed; %d readings lost", data["window"]["start"], device, count)
+        except IotpipeError as exc:
+            log.error("publishing window %s of %s failed (%s); %d readings lost", data.window.start, device, exc, count)
             self.runtime.metrics.errors.labels("publish").inc()
             return
         self.readings.labels(device).inc(count)
@@ -161,8 +170,10 @@ class SensorReader:
             await self._status_changed.wait()
             self._status_changed.clear()
             if self.runtime.bus.connected.is_set():
-                with contextlib.suppress(Exception):
+                try:
                     await self.runtime.bus.publish_status("online", **self.health())
+                except IotpipeError as exc:  # the next heartbeat says it again
+                    log.debug("device status change not published: %s", exc)
 
     async def run(self) -> None:
         await self.runtime.bus.wait_connected(timeout=3600)

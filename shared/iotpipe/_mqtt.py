@@ -1,0 +1,326 @@
+"""One MQTT v5 connection, paho-mqtt 2.x driven by the asyncio event loop (as Home Assistant does).
+
+paho never runs a thread of its own here: its socket is registered with the loop (`add_reader`,
+`add_writer`), keepalive runs in a task, and every callback (deliveries, PUBACKs, connect and
+disconnect) runs on the loop thread. So a publish registers its PUBACK future before the loop can
+read that PUBACK, with no lock and no bookkeeping for acknowledgements that beat their publisher.
+Only the blocking part of connecting (DNS, TCP connect, TLS handshake) runs in a worker thread,
+whose socket callbacks hop back onto the loop.
+
+Kept from the threaded version: durable session (`clean_start=False`, session expiry, stable client
+id), `manual_ack`, ReceiveMaximum, a publish that resolves on PUBACK (raising BrokerRefused with
+the broker's reason code), Last Will + a birth message on every connect, re-subscribe on every
+connect, and reconnecting with capped, jittered backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import select
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ._errors import BrokerRefused, ConfigError, RetryableError
+from ._settings import MqttSettings
+
+log = logging.getLogger("iotpipe.bus")
+
+# Reconnect backoff: the first retry comes quickly (a broker restart takes about a second), later
+# ones spread out and are jittered so a fleet of services does not reconnect in lockstep.
+RECONNECT_MIN_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+# paho's keepalive bookkeeping (PINGREQ, detecting a silent broker) wants a call about once a second.
+MISC_INTERVAL = 1.0
+# Packets read per readiness callback before yielding to other tasks: large enough to amortise the
+# callback, small enough that a flood of deliveries cannot starve our own writes and handlers.
+MAX_READS_PER_CALLBACK = 256
+
+Delivery = Callable[[mqtt.MQTTMessage], None]
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """Verify the broker's certificate against our CA and its host name (TLS 1.2 at least)."""
+    if settings.ca_file is None:
+        raise ConfigError("IOTPIPE_MQTT__CA_FILE is required when IOTPIPE_MQTT__TLS is true")
+    context = ssl.create_default_context(cafile=str(settings.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class MqttConnection:
+    """A durable MQTT session on the running event loop. Create, `subscribe`, then `start()`."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        *,
+        username: str | None,
+        password: str | None,
+        will: tuple[str, bytes] | None = None,
+        birth: Callable[[], tuple[str, bytes]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()  # set once the broker acknowledged our subscriptions
+        self._birth = birth
+        self._filters: list[str] = []
+        self._pending: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._inflight = asyncio.Semaphore(settings.max_inflight)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._socket_closed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._was_connected = False
+        self._outage_logged = False
+        self._stopping = False
+        self._client = self._make_client(username, password, will)
+
+    def _make_client(self, username: str | None, password: str | None, will: tuple[str, bytes] | None) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        if username:
+            client.username_pw_set(username, password)
+        if self.settings.tls:
+            client.tls_set_context(tls_context(self.settings))
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.max_inflight_messages_set(self.settings.max_inflight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        return client
+
+    def subscribe(self, wire_filter: str, match: str, deliver: Delivery) -> None:
+        """Before `start()`: SUBSCRIBE to `wire_filter` (maybe `$share/...`) on every connect and
+        hand each message matching `match` to `deliver`, on the loop, unacknowledged."""
+        self._filters.append(wire_filter)
+        self._client.message_callback_add(match, lambda _c, _u, msg: deliver(msg))
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry
+        props.ReceiveMaximum = self.settings.receive_maximum
+        # Stores the parameters only; `_maintain` does the (blocking) connecting in a worker thread.
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive,
+            clean_start=False,
+            properties=props,
+        )
+        self._tasks = [
+            asyncio.create_task(self._maintain(), name=f"mqtt {self.client_id}"),
+            asyncio.create_task(self._misc(), name=f"mqtt keepalive {self.client_id}"),
+        ]
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        limit = timeout or self.settings.connect_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.connected.wait()
+        except TimeoutError as exc:
+            raise RetryableError(
+                f"no MQTT connection to {self.settings.host}:{self.settings.port} within {limit}s", dependency="broker"
+            ) from exc
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1; returns once the broker acknowledged it (after a reconnect if need be: paho keeps
+        and resends the unacknowledged publishes of a durable session)."""
+        assert self._loop is not None, "start() first"
+        async with self._inflight:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise RetryableError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}", dependency="broker")
+            # Registered before this task yields: the PUBACK is read on this same thread, later.
+            future: asyncio.Future[None] = self._loop.create_future()
+            self._pending[info.mid] = (future, topic)
+            try:
+                await future
+            finally:
+                self._pending.pop(info.mid, None)
+
+    def ack(self, message: mqtt.MQTTMessage) -> None:
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    async def stop(self, *, will: bool, timeout: float) -> None:
+        """DISCONNECT (asking the broker to publish our Will if `will`), then stop the tasks."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client.socket() is not None:
+            reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message") if will else None
+            self._socket_closed.clear()
+            self._client.disconnect(reasoncode=reason)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._socket_closed.wait()
+            except TimeoutError:
+                log.warning("broker did not take our DISCONNECT within %.0fs; closing", timeout)
+        self._close_socket()
+        for future, _topic in self._pending.values():
+            future.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would (the broker publishes our Will)."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        sock = self._client.socket()
+        self._close_socket()
+        if sock is not None:
+            sock.close()
+
+    # -- connection upkeep ----------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        delay = RECONNECT_MIN_DELAY
+        while True:
+            self._socket_closed.clear()
+            try:
+                await asyncio.to_thread(self._client.reconnect)
+            except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS verification...
+                self._log_outage("cannot reach broker %s:%s (%s); retrying", exc)
+            else:
+                await self._socket_closed.wait()
+                if self._was_connected and not self._outage_logged:
+                    delay = RECONNECT_MIN_DELAY  # a session that worked: retry promptly
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    def _log_outage(self, message: str, exc: BaseException) -> None:
+        """Once per outage, not on every retry."""
+        if not self._outage_logged:
+            self._outage_logged = True
+            log.error(message, self.settings.host, self.settings.port, exc)
+
+    async def _misc(self) -> None:
+        while True:
+            await asyncio.sleep(MISC_INTERVAL)
+            self._client.loop_misc()
+
+    # -- socket callbacks: paho calls these on the loop, or from the connecting worker thread -------
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch_socket, sock)
+
+    def _watch_socket(self, sock: Any) -> None:
+        assert self._loop is not None
+        if self._stopping:
+            self._client.disconnect()  # a connect that finished after stop() began
+        self._loop.add_reader(sock, self._on_readable, sock)
+
+    def _on_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._forget_socket, sock)
+
+    def _forget_socket(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._socket_closed.set()
+
+    def _close_socket(self) -> None:
+        sock = self._client.socket()
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _on_socket_register_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._add_writer, sock)
+
+    def _add_writer(self, sock: Any) -> None:
+        assert self._loop is not None
+        if self._client.socket() is sock:
+            self._loop.add_writer(sock, self._client.loop_write)
+
+    def _on_socket_unregister_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._remove_writer, sock)
+
+    def _remove_writer(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    def _on_readable(self, sock: Any) -> None:
+        # paho's loop_read reads about one packet per call: keep reading while bytes are waiting
+        # (a TLS socket can hold decrypted records the selector cannot see).
+        for _ in range(MAX_READS_PER_CALLBACK):
+            if self._client.loop_read() != mqtt.MQTT_ERR_SUCCESS or self._client.socket() is not sock:
+                return
+            if not _has_unread(sock):
+                return
+
+    # -- protocol callbacks (on the loop) -------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            # Bad credentials or a refused client id: the broker closes the socket and we retry.
+            self._log_outage("broker %s:%s refused the connection (%s)", reason)
+            return
+        self._outage_logged = False
+        self._was_connected = True
+        log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
+        if self._filters:
+            # Re-subscribe every time: the broker may have lost our session (expiry, restart).
+            client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._filters])
+        if self._birth is not None:
+            topic, payload = self._birth()
+            client.publish(topic, payload, qos=1, retain=True)  # its PUBACK resolves nothing: no one waits
+        self.connected.set()
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                log.error("broker refused a subscription: %s", reason)
+        self.subscribed.set()
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if self._was_connected and not self._stopping:
+            log.warning("disconnected from broker (%s); reconnecting", reason)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
+        entry = self._pending.get(mid)
+        if entry is None or entry[0].done():
+            return  # the birth message, or a publisher that gave up waiting
+        future, topic = entry
+        code = getattr(reason, "value", reason)
+        if code >= 0x80:  # e.g. 0x87 not authorised: the ACL refused our publish
+            future.set_exception(BrokerRefused(topic, code))
+        else:
+            future.set_result(None)
+
+
+def _has_unread(sock: Any) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False  # closed under us: the reader callback is being removed
+    return bool(readable)
