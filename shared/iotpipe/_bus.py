@@ -184,7 +184,7 @@ class Bus:
         topic_filter: str,
         handler: SealedHandler[M],
         *,
-        model: type[M],
+        model: Any,
         share_group: str | None = ...,
         batch: int = ...,
         linger: float = ...,
@@ -350,17 +350,18 @@ class Bus:
         return accepted
 
     def _open(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> Opened[Any] | PlainMessage[Any]:
+        payload = bytes(msg.payload)  # already bytes: no copy
         if not sub.sealed:
-            data = decode(msg.payload, sub.model) if sub.model is not None and msg.payload else None
-            return PlainMessage(msg.topic, msg.payload, bool(msg.retain), data)
+            data = decode(payload, sub.model) if sub.model is not None and payload else None
+            return PlainMessage(msg.topic, payload, bool(msg.retain), data)
         assert self.opener is not None
-        return self.opener.open(msg.topic, msg.payload, sub.model)
+        return self.opener.open(msg.topic, payload, sub.model)
 
     def _reject(self, msg: mqtt.MQTTMessage, reason: str, error: str, sender: dict[str, object] | None = None) -> None:
         """A message we give up on: counted, logged rate-limited, dead-lettered, acknowledged."""
         self.metrics.rejected.labels(reason).inc()
         self._rejects.warning(reason, "rejected message on %s (%s): %s", msg.topic, reason, error)
-        self.dead_letters.write(reason, error, msg.topic, msg.payload, **(sender or {}))
+        self.dead_letters.write(reason, error, msg.topic, bytes(msg.payload), **(sender or {}))
         self.connection.ack(msg)
 
     def _done(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> None:

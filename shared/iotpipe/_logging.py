@@ -15,11 +15,14 @@ import orjson
 class LoggingSettings(Protocol):
     """What logging needs to know (every ServiceSettings has it; so does the cloud-sink's)."""
 
-    service_name: str
-    instance: str
-    log_level: str
-    log_format: str
-
+    @property
+    def service_name(self) -> str: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_format(self) -> str: ...
     @property
     def log_file(self) -> Path | None: ...
 

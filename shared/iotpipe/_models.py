@@ -119,6 +119,10 @@ class AnomalyAlert(DevicePayload, frozen=True, tag_field="kind", tag="anomaly"):
     score: float
     ts: UnixMs
 
+    @property
+    def kind(self) -> AlertKind:
+        return "anomaly"
+
 
 class OfflineAlert(DevicePayload, frozen=True, tag_field="kind", tag="offline"):
     """No processed window from the device for `IOTPIPE_OFFLINE_AFTER` seconds."""
@@ -127,6 +131,10 @@ class OfflineAlert(DevicePayload, frozen=True, tag_field="kind", tag="offline"):
     last_seen: UnixMs | None
     ts: UnixMs
 
+    @property
+    def kind(self) -> AlertKind:
+        return "offline"
+
 
 class FaultAlert(DevicePayload, frozen=True, tag_field="kind", tag="fault"):
     """The sensor-reader reports the device failing (bus errors, timeouts, wrong chip id...)."""
@@ -134,6 +142,10 @@ class FaultAlert(DevicePayload, frozen=True, tag_field="kind", tag="fault"):
     reason: Reason | None
     last_seen: UnixMs | None
     ts: UnixMs
+
+    @property
+    def kind(self) -> AlertKind:
+        return "fault"
 
 
 Alert = AnomalyAlert | OfflineAlert | FaultAlert
@@ -163,10 +175,14 @@ class ServiceStatus(Struct, frozen=True):
     devices: dict[Id, ReaderDeviceHealth] | None = None  # the sensor-reader's devices
 
 
+DeviceState = Literal["online", "offline", "fault"]
+AlertKind = Literal["anomaly", "offline", "fault"]
+
+
 class DeviceStatus(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """`<base>/v1/status/device/<device>`, published by the monitor."""
 
-    state: Literal["online", "offline", "fault"]
+    state: DeviceState
     device: Id
     last_seen: UnixMs | None
     ts: UnixMs
@@ -186,7 +202,7 @@ class AlertRecord(Struct, forbid_unknown_fields=True, frozen=True, tag_field="ty
 
     id: str
     device: Id
-    kind: Literal["anomaly", "offline", "fault"]
+    kind: AlertKind
     ts: UnixMs
     sensor: Id | None = None
     start: UnixMs | None = None

@@ -118,7 +118,7 @@ class MqttConnection:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
         props.SessionExpiryInterval = self.settings.session_expiry
         props.ReceiveMaximum = self.settings.receive_maximum
         # Stores the parameters only; `_maintain` does the (blocking) connecting in a worker thread.
@@ -256,7 +256,8 @@ class MqttConnection:
 
     def _add_writer(self, sock: Any) -> None:
         assert self._loop is not None
-        if self._client.socket() is sock:
+        still_ours = self._client.socket() is sock  # not a socket paho has closed meanwhile
+        if still_ours:
             self._loop.add_writer(sock, self._client.loop_write)
 
     def _on_socket_unregister_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:

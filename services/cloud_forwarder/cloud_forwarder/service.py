@@ -76,7 +76,7 @@ def alert_record(message: Opened[Alert]) -> AlertRecord:
     fields = _fields(alert)
     return AlertRecord(
         id=f"{alert.device}/alert/{message.src}/{message.boot}/{message.seq}",
-        kind=type(alert).__struct_config__.tag,
+        kind=alert.kind,
         **fields,
     )
 

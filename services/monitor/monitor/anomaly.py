@@ -49,7 +49,8 @@ class AnomalyDetector:
         model = self._models.get(key)
         if model is None:
             return None
-        return model.decision_function(np.asarray(rows, dtype=np.float64))
+        scores: np.ndarray = model.decision_function(np.asarray(rows, dtype=np.float64))
+        return scores
 
     def snapshot(self) -> dict[Key, np.ndarray]:
         """Copies of the buffers worth fitting (taken on the event loop, fitted elsewhere)."""

@@ -22,6 +22,7 @@ from iotpipe import (
     Alert,
     AnomalyAlert,
     Component,
+    DeviceState,
     DeviceStatus,
     FaultAlert,
     OfflineAlert,
@@ -67,7 +68,7 @@ class Monitor(Component[Settings]):
             history=s.fit_history, min_samples=s.min_fit_samples, contamination=s.contamination
         )
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
-        self.device_state: dict[str, tuple[str, str | None]] = {}  # what we last published
+        self.device_state: dict[str, tuple[DeviceState, str | None]] = {}  # what we last published
         self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
         self.services: dict[str, dict[str, Any]] = {}  # "service/instance" -> last status
         self.alerts = runtime.metrics.counter("iotpipe_alerts", "Alerts published", ("kind",))
@@ -145,6 +146,8 @@ class Monitor(Component[Settings]):
     async def _set_device_state(self, device: str) -> None:
         now = _now_ms()
         seen = self.last_seen.get(device)
+        state: DeviceState
+        reason: str | None
         if device in self.reader_faults:
             state, reason = "fault", self.reader_faults[device]
         elif seen is not None and now - seen <= self.settings.offline_after * 1000:
@@ -170,7 +173,7 @@ class Monitor(Component[Settings]):
 
     async def _alert(self, alert: Alert) -> None:
         await self.runtime.bus.publish_sealed(self.runtime.topics.alerts(alert.device), alert, kind="alert")
-        self.alerts.labels(type(alert).__struct_config__.tag).inc()
+        self.alerts.labels(alert.kind).inc()
 
     # -- loops ----------------------------------------------------------------------------------
     async def _watch(self) -> None:
