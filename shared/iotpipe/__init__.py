@@ -44,7 +44,7 @@ from ._models import (
     encode_sorted,
     json_schemas,
 )
-from ._service import Component, Runtime, run_service, serve
+from ._service import Component, Runtime, main, run_service, serve
 from ._settings import (
     MqttSettings,
     RedisSettings,
@@ -111,6 +111,7 @@ __all__ = [
     "encode_sorted",
     "json_schemas",
     "load_settings_or_exit",
+    "main",
     "read_secret",
     "redis_password_file",
     "run_service",

@@ -19,7 +19,8 @@ from ._bus import Bus
 from ._envelope import KeyRing
 from ._errors import IotpipeError
 from ._health import Metrics, write_health
-from ._settings import ServiceSettings
+from ._logging import configure_logging
+from ._settings import ServiceSettings, load_settings_or_exit
 from ._topics import Topics
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,14 @@ def _write_health(
         write_health(path, doc)
     except OSError as exc:
         log.warning("cannot write health file %s: %s", path, exc)
+
+
+def main(settings_type: type[S], factory: ComponentFactory[S]) -> None:
+    """A service's whole `__main__`: settings from the environment (a bad value exits 2 with one
+    line naming it), logging configured once, then `run_service`."""
+    settings = load_settings_or_exit(settings_type)
+    configure_logging(settings)
+    run_service(settings, factory)
 
 
 def run_service(settings: S, factory: ComponentFactory[S]) -> None:

@@ -33,7 +33,6 @@ from iotpipe import (
     encode_sorted,
     read_secret,
     redis_password_file,
-    run_service,
 )
 from pydantic import Field, field_validator
 
@@ -126,7 +125,3 @@ class CacheWriter(Component[Settings]):
 
     async def close(self) -> None:
         await self.redis.aclose()
-
-
-def run(settings: Settings) -> None:
-    run_service(settings, CacheWriter)

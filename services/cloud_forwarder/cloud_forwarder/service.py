@@ -35,7 +35,6 @@ from iotpipe import (
     WindowRecord,
     encode,
     read_secret,
-    run_service,
 )
 from pydantic import Field
 
@@ -154,7 +153,3 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP-date: fall back to our own backoff
-
-
-def run(settings: Settings) -> None:
-    run_service(settings, CloudForwarder)

@@ -1,7 +1,7 @@
-from iotpipe import configure_logging, load_settings_or_exit
+"""monitor: `python -m monitor`."""
 
-from .service import Settings, run
+from iotpipe import main
 
-settings = load_settings_or_exit(Settings)
-configure_logging(settings)
-run(settings)
+from .service import Monitor, Settings
+
+main(Settings, Monitor)

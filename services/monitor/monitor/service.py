@@ -35,7 +35,6 @@ from iotpipe import (
     ServiceStatus,
     Window,
     encode,
-    run_service,
 )
 from pydantic import Field
 
@@ -208,7 +207,3 @@ class Monitor(Component[Settings]):
             },
             "models": len(list(self.detector.fitted)),
         }
-
-
-def run(settings: Settings) -> None:
-    run_service(settings, Monitor)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from iotpipe import Component, Opened, Processed, RawBatch, Runtime, ServiceSettings, Window, run_service
+from iotpipe import Component, Opened, Processed, RawBatch, Runtime, ServiceSettings, Window
 from pydantic import Field, field_validator
 
 from .windows import aggregate
@@ -76,7 +76,3 @@ class Preprocessor(Component[Settings]):
         # Returning acknowledges the raw batches: only after every processed message is at the broker.
         await asyncio.gather(*(bus.publish_sealed(topics.processed(p.device), p, kind="processed") for p in processed))
         self.windows.inc(sum(len(p.windows) for p in processed))
-
-
-def run(settings: Settings) -> None:
-    run_service(settings, Preprocessor)

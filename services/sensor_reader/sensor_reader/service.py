@@ -25,7 +25,6 @@ from iotpipe import (
     Series,
     ServiceSettings,
     WindowSpan,
-    run_service,
 )
 from pydantic import Field
 
@@ -199,7 +198,3 @@ class SensorReader(Component[Settings]):
             # The last windows: drained briefly; whatever the broker has not acknowledged by then is
             # counted as a publish error (the reader is the source, it has no upstream to redeliver).
             await asyncio.wait(self._publishing, timeout=SHUTDOWN_DRAIN)
-
-
-def run(settings: Settings) -> None:
-    run_service(settings, SensorReader)
