@@ -124,24 +124,22 @@ class AnomalyAlert(DevicePayload, frozen=True, tag_field="kind", tag="anomaly"):
         return "anomaly"
 
 
-class OfflineAlert(DevicePayload, frozen=True, tag_field="kind", tag="offline"):
-    """No processed window from the device for `IOTPIPE_OFFLINE_AFTER` seconds."""
-
+class _DeviceStateAlert(DevicePayload, frozen=True):
     reason: Reason | None
     last_seen: UnixMs | None
     ts: UnixMs
+
+
+class OfflineAlert(_DeviceStateAlert, frozen=True, tag_field="kind", tag="offline"):
+    """No processed window from the device for `IOTPIPE_OFFLINE_AFTER` seconds."""
 
     @property
     def kind(self) -> AlertKind:
         return "offline"
 
 
-class FaultAlert(DevicePayload, frozen=True, tag_field="kind", tag="fault"):
+class FaultAlert(_DeviceStateAlert, frozen=True, tag_field="kind", tag="fault"):
     """The sensor-reader reports the device failing (bus errors, timeouts, wrong chip id...)."""
-
-    reason: Reason | None
-    last_seen: UnixMs | None
-    ts: UnixMs
 
     @property
     def kind(self) -> AlertKind:
