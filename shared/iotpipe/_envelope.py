@@ -244,7 +244,8 @@ class Opener:
         envelope = loads_strict(payload)
         if not isinstance(envelope, dict) or envelope.keys() != _ENVELOPE_KEYS:
             raise MalformedEnvelope("not a v1 envelope (expected exactly v, alg, kid, ct)")
-        if envelope["v"] != ENVELOPE_VERSION or envelope["alg"] != ALGORITHM:
+        # `type(...) is int`: in Python `True == 1` and `1.0 == 1`, and the contract says the integer 1.
+        if type(envelope["v"]) is not int or envelope["v"] != ENVELOPE_VERSION or envelope["alg"] != ALGORITHM:
             raise MalformedEnvelope(f"unsupported envelope v={envelope['v']!r:.20} alg={envelope['alg']!r:.20}")
         token = envelope["ct"]
         if not isinstance(token, str) or not isinstance(envelope["kid"], str):
