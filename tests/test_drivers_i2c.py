@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 
 import pytest
@@ -40,6 +41,16 @@ def wire(bme: FakeBME280, sht: FakeSHT31) -> Iterator[FakeI2CBus]:
     wire = FakeI2CBus({0x76: bme, 0x44: sht}, number=1)
     yield wire
     wire.faults.release()
+
+
+class ManualClock:
+    """Monotonic seconds for a fake chip that move only when the test sets them."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.start = self.now = start
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def bme280(wire: FakeI2CBus, **params: object) -> BME280Driver:
@@ -186,10 +197,63 @@ def test_no_soft_reset_when_disabled(wire: FakeI2CBus, bme: FakeBME280) -> None:
     assert bme.resets == 0
 
 
-def test_conversion_still_running_is_waited_for(bme: FakeBME280, bme_driver: BME280Driver) -> None:
-    bme.busy_status_reads = 3
+@pytest.mark.parametrize(("oversampling", "max_ms"), [(1, 9.3), (16, 112.8)])
+def test_fake_bme280_converts_for_the_datasheet_maximum(oversampling: int, max_ms: float) -> None:
+    # Datasheet 9.1: t_measure,max = 1.25 + 2.3 * osrs_t + (2.3 * osrs_p + 0.575) + (2.3 * osrs_h + 0.575) ms.
+    clock = ManualClock()
+    bus = FakeI2CBus({0x76: FakeBME280(clock=clock)}).smbus(1)
+    code = {1: 0b001, 16: 0b101}[oversampling]
+    bus.write_byte_data(0x76, 0xF2, code)
+    bus.write_byte_data(0x76, 0xF4, code << 5 | code << 2 | 0b01)  # forced mode
+    reset_values = [0x80, 0x00, 0x00, 0x80, 0x00, 0x00, 0x80, 0x00]
+
+    clock.now = clock.start + max_ms / 1000 - 0.0001
+    assert bus.read_byte_data(0x76, 0xF3) & 0x08  # measuring
+    assert bus.read_i2c_block_data(0x76, 0xF7, 8) == reset_values  # the results are not there yet
+    assert bus.read_byte_data(0x76, 0xF4) & 0b11 == 0b01
+
+    clock.now = clock.start + max_ms / 1000 + 0.000001
+    assert bus.read_byte_data(0x76, 0xF3) & 0x08 == 0
+    adc_p, adc_t, adc_h = FakeBME280.EXAMPLE_ADC_P, FakeBME280.EXAMPLE_ADC_T, FakeBME280.EXAMPLE_ADC_H
+    expected = (adc_p << 4).to_bytes(3, "big") + (adc_t << 4).to_bytes(3, "big") + adc_h.to_bytes(2, "big")
+    assert bytes(bus.read_i2c_block_data(0x76, 0xF7, 8)) == expected
+    assert bus.read_byte_data(0x76, 0xF4) & 0b11 == 0b00  # back to sleep
+
+
+@pytest.mark.parametrize("oversampling", [1, 16])
+def test_forced_read_waits_until_the_conversion_is_done(wire: FakeI2CBus, bme: FakeBME280, oversampling: int) -> None:
+    # Read too early, the data registers still hold the previous conversion (or, the first time,
+    # the reset values). At x16 the conversion takes up to 112.8 ms: only the driver's wait for the
+    # datasheet maximum covers it; its measuring-bit poll afterwards is a safety net of ~10 ms.
+    driver = bme280(
+        wire,
+        oversampling_temperature=oversampling,
+        oversampling_pressure=oversampling,
+        oversampling_humidity=oversampling,
+    )
+    driver.open()
+    try:
+        bme.adc_t = 480_000
+        first = driver.read()["temperature"]
+        bme.adc_t = 600_000
+        second = driver.read()["temperature"]
+    finally:
+        driver.close()
+    assert first == pytest.approx(ref_temperature_centi(ref_t_fine(480_000)) / 100, abs=0.01)
+    assert second == pytest.approx(ref_temperature_centi(ref_t_fine(600_000)) / 100, abs=0.01)
+    assert bme.early_data_reads == 0
+
+
+def test_a_conversion_running_late_is_waited_for(bme: FakeBME280, bme_driver: BME280Driver) -> None:
+    # A chip slower than its datasheet: the driver polls the measuring bit rather than trusting the
+    # timing alone, and gives up with a BusError if the bit never clears.
     assert bme_driver.read()["pressure"] == pytest.approx(1006.53, abs=0.01)
-    bme.busy_status_reads = 1000
+    bme.conversion_overrun_s = 0.003
+    bme.adc_p = 520_000
+    expected_hpa = ref_pressure_q24_8(520_000, ref_t_fine(FakeBME280.EXAMPLE_ADC_T)) / 256 / 100
+    assert bme_driver.read()["pressure"] == pytest.approx(expected_hpa, abs=0.01)
+    assert bme.early_data_reads == 0
+    bme.conversion_overrun_s = 1.0
     with pytest.raises(BusError, match="did not finish the conversion"):
         bme_driver.read()
 
@@ -296,6 +360,34 @@ def test_repeatability_selects_the_command(wire: FakeI2CBus, sht: FakeSHT31, rep
     finally:
         driver.close()
     assert sht.commands[-1] == command
+
+
+@pytest.mark.parametrize(("command", "max_s"), [(0x2400, 0.015), (0x240B, 0.006), (0x2416, 0.004)])
+def test_fake_sht31_nacks_a_read_until_the_measurement_is_done(command: int, max_s: float) -> None:
+    # Single shot without clock stretching: the chip NACKs the read header while it measures
+    # (datasheet table 4: at most 15, 6 and 4 ms for high, medium and low repeatability).
+    clock = ManualClock()
+    chip = FakeSHT31(temperature=21.5, humidity=40.0, clock=clock)
+    chip.write(command.to_bytes(2, "big"))
+    clock.now = clock.start + max_s - 0.0001
+    with pytest.raises(OSError) as nack:
+        chip.read(6)
+    assert nack.value.errno == errno.EREMOTEIO
+    clock.now = clock.start + max_s
+    raw_t, raw_rh = FakeSHT31.raw_temperature(21.5), FakeSHT31.raw_humidity(40.0)
+    assert chip.read(6) == FakeSHT31.word(raw_t) + FakeSHT31.word(raw_rh)
+
+
+@pytest.mark.parametrize("repeatability", ["high", "medium", "low"])
+def test_sht31_reads_the_measurement_only_once_it_is_done(wire: FakeI2CBus, sht: FakeSHT31, repeatability: str) -> None:
+    driver = sht31(wire, repeatability=repeatability)
+    driver.open()
+    try:
+        sample = driver.read()  # a read NACKed for being early would be a BusError
+    finally:
+        driver.close()
+    assert sample == {"temperature": pytest.approx(21.5, abs=0.01), "humidity": pytest.approx(40.0, abs=0.01)}
+    assert sht.early_reads == 0
 
 
 def test_conversion_formulas() -> None:

@@ -4,6 +4,10 @@
 `FakeSMBus` is one open handle on it, with the smbus2 methods the drivers use. Chips only see raw
 writes and reads, so SMBus register access and i2c_rdwr messages are emulated the way the
 kernel puts them on the wire (a register read is a write of the register address, then a read).
+
+Conversions take as long as the datasheets allow at most, on a clock the test may replace
+(`clock=`, monotonic seconds): a driver that reads before the chip is done gets what the chip
+gives then -- a NACK from the SHT31, the measuring bit and the previous data from the BME280.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import ctypes
 import errno
 import os
 import struct
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 from .faults import FaultInjector, ProtocolViolationError
@@ -96,9 +102,19 @@ class FakeSMBus:
 # --------------------------------------------------------------------------------------------
 
 
+def _bme280_max_conversion_s(osrs_t: int, osrs_p: int, osrs_h: int) -> float:
+    """BME280 datasheet section 9.1, t_measure,max; a skipped measurement (osrs 0) takes no time."""
+    factor = {0: 0, 1: 1, 2: 2, 3: 4, 4: 8}
+    t, p, h = (factor.get(osrs, 16) for osrs in (osrs_t, osrs_p, osrs_h))
+    ms = 1.25 + 2.3 * t + (2.3 * p + 0.575 if p else 0.0) + (2.3 * h + 0.575 if h else 0.0)
+    return ms / 1000.0
+
+
 class FakeBME280:
-    """Register map of a BME280. Forced mode converts on the ctrl_meas write, normal mode on every
-    burst read; the ADC values are whatever the test sets."""
+    """Register map of a BME280. Forced mode starts a conversion on the ctrl_meas write; it runs for
+    the datasheet's maximum conversion time, during which status bit 3 (measuring) is set and the
+    data registers keep the previous conversion (after a reset: 0x80000, 0x80000, 0x8000). Normal
+    mode converts on every burst read. The ADC values are whatever the test sets."""
 
     # Bosch's worked example (BMP280 datasheet section 3.12, same formulas in the BME280) plus
     # humidity trimming values read from a real BME280.
@@ -112,7 +128,17 @@ class FakeBME280:
     EXAMPLE_ADC_P = 415148  # -> 100653.27 Pa
     EXAMPLE_ADC_H = 28000
 
-    def __init__(self, *, chip_id: int = 0x60, trimming: dict[str, int] | None = None) -> None:
+    STATUS_MEASURING = 0x08
+
+    def __init__(
+        self,
+        *,
+        chip_id: int = 0x60,
+        trimming: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._conversion: tuple[float, bytes] | None = None  # (done at, data registers it yields)
         self.regs = bytearray(256)
         self.regs[0xD0] = chip_id
         self.trimming = dict(trimming or self.EXAMPLE_TRIMMING)
@@ -124,7 +150,8 @@ class FakeBME280:
         self.pointer = 0
         self.conversions = 0
         self.resets = 0
-        self.busy_status_reads = 0  # status reads that still report "measuring" after a trigger
+        self.conversion_overrun_s = 0.0  # a chip slower than its datasheet: converts this much longer
+        self.early_data_reads = 0  # reads of the data registers while a conversion was running
 
     def _load_trimming(self) -> None:
         t = self.trimming
@@ -139,6 +166,7 @@ class FakeBME280:
         )
 
     def _power_on(self) -> None:
+        self._conversion = None
         for reg in (0xF2, 0xF3, 0xF4, 0xF5):
             self.regs[reg] = 0
         self.regs[0xF7:0xFF] = bytes([0x80, 0x00, 0x00, 0x80, 0x00, 0x00, 0x80, 0x00])
@@ -149,6 +177,7 @@ class FakeBME280:
         return self.regs[0xF4] & 0b11
 
     def write(self, data: bytes) -> None:
+        self._finish_conversion()
         if not data:
             return
         self.pointer = data[0]
@@ -167,34 +196,51 @@ class FakeBME280:
             self.regs[reg] = value
             self._osrs_h = self.regs[0xF2]
             if self.mode in (0b01, 0b10):  # forced: one conversion, then back to sleep
-                self._convert()
-                self.regs[0xF4] &= ~0b11 & 0xFF
+                self._start_conversion()
         elif reg == 0xF5:
             self.regs[reg] = value
         # everything else is read-only and the chip ignores the write
 
-    def _convert(self) -> None:
+    def _osrs(self) -> tuple[int, int, int]:
+        return self.regs[0xF4] >> 5, (self.regs[0xF4] >> 2) & 0b111, self._osrs_h & 0b111
+
+    def _conversion_result(self) -> bytes:
+        """Data registers 0xF7..0xFE as a conversion at the current settings fills them."""
+        osrs_t, osrs_p, osrs_h = self._osrs()
+        adc_t = self.adc_t if osrs_t else 0x80000
+        adc_p = self.adc_p if osrs_p else 0x80000
+        adc_h = self.adc_h if osrs_h else 0x8000
+        return (adc_p << 4).to_bytes(3, "big") + (adc_t << 4).to_bytes(3, "big") + adc_h.to_bytes(2, "big")
+
+    def _start_conversion(self) -> None:
         self.conversions += 1
-        skipped_t = (self.regs[0xF4] >> 5) == 0
-        skipped_p = ((self.regs[0xF4] >> 2) & 0b111) == 0
-        adc_t = 0x80000 if skipped_t else self.adc_t
-        adc_p = 0x80000 if skipped_p else self.adc_p
-        adc_h = 0x8000 if self._osrs_h == 0 else self.adc_h
-        self.regs[0xF7:0xFA] = (adc_p << 4).to_bytes(3, "big")
-        self.regs[0xFA:0xFD] = (adc_t << 4).to_bytes(3, "big")
-        self.regs[0xFD:0xFF] = adc_h.to_bytes(2, "big")
+        # The ADC samples now; the results reach the data registers when the conversion ends.
+        done_at = self._clock() + _bme280_max_conversion_s(*self._osrs()) + self.conversion_overrun_s
+        self._conversion = (done_at, self._conversion_result())
+
+    def _finish_conversion(self) -> None:
+        if self._conversion is None:
+            return
+        done_at, result = self._conversion
+        if self._clock() < done_at:
+            return
+        self._conversion = None
+        self.regs[0xF7:0xFF] = result
+        self.regs[0xF4] &= ~0b11 & 0xFF  # a forced conversion ends in sleep mode
 
     def read(self, length: int) -> bytes:
+        self._finish_conversion()
         if self.pointer == 0xF7 and self.mode == 0b11:
-            self._convert()  # normal mode: the newest conversion is always there
-        out = bytearray()
-        for _ in range(length):
-            value = self.regs[self.pointer]
-            if self.pointer == 0xF3 and self.busy_status_reads > 0:
-                self.busy_status_reads -= 1
-                value |= 0x08
-            out.append(value)
-            self.pointer = (self.pointer + 1) & 0xFF
+            self.conversions += 1
+            self.regs[0xF7:0xFF] = self._conversion_result()  # normal mode: the newest is always there
+        registers = [(self.pointer + i) & 0xFF for i in range(length)]
+        out = bytearray(self.regs[reg] for reg in registers)
+        if self._conversion is not None:
+            if 0xF3 in registers:
+                out[registers.index(0xF3)] |= self.STATUS_MEASURING
+            if any(0xF7 <= reg <= 0xFE for reg in registers):
+                self.early_data_reads += 1
+        self.pointer = (self.pointer + length) & 0xFF
         return bytes(out)
 
 
@@ -212,13 +258,20 @@ def crc8(data: bytes) -> int:
 class FakeSHT31:
     """SHT3x command set: 16-bit commands in, 2-byte words each followed by its CRC out.
 
-    Reads with nothing to send are NACKed, like the chip in no-clock-stretching mode."""
+    Reads with nothing to send, or sent before a measurement is done, are NACKed, like the chip in
+    single-shot mode without clock stretching."""
 
     MEASURE: ClassVar[dict[int, str]] = {0x2400: "high", 0x240B: "medium", 0x2416: "low"}
+    # The longest a single-shot measurement takes: datasheet table 4 maxima, which Sensirion's
+    # reference driver and Linux's sht3x hwmon driver also wait.
+    MEASUREMENT_S: ClassVar[dict[str, float]] = {"high": 0.015, "medium": 0.006, "low": 0.004}
     SOFT_RESET = 0x30A2
     READ_STATUS = 0xF32D
 
-    def __init__(self, temperature: float = 21.5, humidity: float = 40.0) -> None:
+    def __init__(
+        self, temperature: float = 21.5, humidity: float = 40.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
         self.temperature = temperature
         self.humidity = humidity
         self.status = 0x8010  # after power-up: alert pending, reset detected
@@ -226,6 +279,8 @@ class FakeSHT31:
         self.measurements = 0
         self._corrupt: deque[str] = deque()  # word to corrupt in each of the next measurements
         self._pending: bytes | None = None
+        self._ready_at = 0.0  # when the pending data can be read
+        self.early_reads = 0  # reads NACKed because the measurement was still running
 
     def corrupt_next(self, times: int = 1, word: str = "temperature") -> None:
         """Flip a data bit of `word` in the next `times` measurements, leaving the CRC as sent."""
@@ -249,6 +304,7 @@ class FakeSHT31:
             raise ProtocolViolationError(f"SHT3x commands are 16 bits, got {data.hex()}")
         command = int.from_bytes(data, "big")
         self.commands.append(command)
+        self._ready_at = self._clock()
         if command in self.MEASURE:
             self.measurements += 1
             t = self.word(self.raw_temperature(self.temperature))
@@ -260,6 +316,7 @@ class FakeSHT31:
                 else:
                     h = bytes([h[0] ^ 0x01, h[1], h[2]])
             self._pending = t + h
+            self._ready_at += self.MEASUREMENT_S[self.MEASURE[command]]
         elif command == self.SOFT_RESET:
             self._pending = None
             self.status = 0x8010
@@ -271,5 +328,8 @@ class FakeSHT31:
     def read(self, length: int) -> bytes:
         if self._pending is None:
             raise _nack("SHT3x has no data ready")
+        if self._clock() < self._ready_at:
+            self.early_reads += 1  # the data stays pending: a later read gets it
+            raise _nack("SHT3x is still measuring")
         data, self._pending = self._pending[:length], None
         return data

@@ -5,6 +5,9 @@ timeout. A failed read is retried a few times with jittered backoff inside the s
 `reopen_after` consecutive failed polls the bus handle is closed and reopened; after `fault_after`
 the device is reported `fault` with the reason, and polling backs off exponentially (capped) until
 a read succeeds again. Checksum and implausible-value errors are counted and the sample dropped.
+
+All scheduling and timeouts go through a `Clock`: the event loop's monotonic clock unless a test
+hands in one it drives itself.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import backoff
 
 from .drivers import BusError, DeviceIdentityError, Driver, DriverError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SampleSink = Callable[[int, Mapping[str, float]], None]
 StateSink = Callable[[str, str | None], None]
@@ -34,22 +39,50 @@ class ReadTimeoutError(BusError):
     kind = "timeout"
 
 
+class Clock(Protocol):
+    """Where the poller's schedule and read timeouts get their time."""
+
+    def now(self) -> float:
+        """Monotonic seconds."""
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        """Like asyncio.timeout: TimeoutError out of the `async with` body once `seconds` have passed."""
+
+
+class LoopClock:
+    """The running event loop's monotonic clock."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        # asyncio.timeout, never asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that lands as the read completes, so this poller (polling every few ms) sometimes
+        # ignored shutdown and the process hung on SIGTERM (reproduced about 1 in 12 stops).
+        return asyncio.timeout(seconds)
+
+
 class DeviceThread:
     """One daemon worker thread per device. A stdlib ThreadPoolExecutor's threads are joined at
     interpreter exit, so a driver wedged forever in a bus call would keep the process from ever
     exiting on SIGTERM; a daemon thread does not."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future[object]] | None] = (
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
         self._closed = False
         threading.Thread(target=self._work, name=name, daemon=True).start()
 
-    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future[object]:
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         if self._closed:
             raise RuntimeError("device thread is shut down")
-        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((fn, future))
         return future
 
@@ -103,6 +136,7 @@ class DevicePoller:
         on_state: StateSink,
         policy: PollPolicy | None = None,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        clock: Clock | None = None,
     ) -> None:
         self.driver = driver
         self.interval = interval
@@ -113,12 +147,15 @@ class DevicePoller:
         self._on_sample = on_sample
         self._on_state = on_state
         self._wall_clock_ms = wall_clock_ms
+        self._clock = clock or LoopClock()
         self._failures = 0  # consecutive failed polls
         self._opened = False
-        self._pending: concurrent.futures.Future[object] | None = None
+        self._pending: concurrent.futures.Future[Any] | None = None
         # One thread per device: a bus that hangs stalls its own device, never the others.
         self._executor = DeviceThread(f"dev-{driver.device_id}")
         # Built once, not per poll: transient bus errors are retried within the poll, with jitter.
+        # The retry delay is backoff's own asyncio.sleep, not the clock's: a few milliseconds inside
+        # one poll, which never move the schedule.
         self._read_with_retries = backoff.on_exception(
             backoff.expo,
             BusError,
@@ -133,8 +170,7 @@ class DevicePoller:
     async def run(self) -> None:
         """Poll until cancelled. Ticks are `start + k * interval` on the monotonic clock, so sleeps
         never accumulate drift; ticks missed while a poll overran are skipped, not bunched up."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = self._clock.now()
         tick = 0
         try:
             while True:
@@ -147,12 +183,12 @@ class DevicePoller:
                 else:
                     step = 1
                 tick += step
-                now = loop.time()
+                now = self._clock.now()
                 behind = int((now - start) / self.interval) - tick
                 if behind >= 0:  # overran: jump to the next future tick
                     self.stats.skipped_ticks += behind + 1
                     tick += behind + 1
-                await asyncio.sleep(start + tick * self.interval - now)
+                await self._clock.sleep(start + tick * self.interval - now)
         finally:
             await self._close()
             self._executor.shutdown()
@@ -180,27 +216,25 @@ class DevicePoller:
         return True
 
     async def _read(self) -> Mapping[str, float]:
-        return await self._call(self.driver.read)  # type: ignore[return-value]
+        return await self._call(self.driver.read)
 
     def _count_retry(self, details: Any) -> None:
         exc = details.get("exception")
         if isinstance(exc, DriverError):
             self.stats.errors[exc.kind] += 1
 
-    async def _call(self, fn: Callable[[], object]) -> object:
+    async def _call(self, fn: Callable[[], T]) -> T:
         if self._pending is not None and not self._pending.done():
             # The previous call is still stuck in the driver: do not queue behind it.
             raise ReadTimeoutError("previous bus call still blocked")
         try:
-            self._pending = self._executor.submit(fn)
+            pending: concurrent.futures.Future[T] = self._executor.submit(fn)
+            self._pending = pending
         except RuntimeError as exc:  # executor shut down: we are stopping
             raise BusError("poller stopped") from exc
         try:
-            # asyncio.timeout, never asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation
-            # that lands as the read completes, so this poller (polling every few ms) sometimes
-            # ignored shutdown and the process hung on SIGTERM (reproduced about 1 in 12 stops).
-            async with asyncio.timeout(self.policy.read_timeout):
-                return await asyncio.wrap_future(self._pending)
+            async with self._clock.timeout(self.policy.read_timeout):
+                return await asyncio.wrap_future(pending)
         except TimeoutError as exc:
             raise ReadTimeoutError(f"no answer within {self.policy.read_timeout}s") from exc
         except DriverError:
@@ -230,7 +264,7 @@ class DevicePoller:
         self._opened = False
         try:
             # close() on the loop's default pool: the device thread may be the one that is stuck.
-            async with asyncio.timeout(self.policy.read_timeout):
+            async with self._clock.timeout(self.policy.read_timeout):
                 await asyncio.to_thread(self.driver.close)
         except Exception as exc:  # a failing close must not stop the reopen
             log.warning("device %s close failed: %s", self.driver.device_id, exc)
