@@ -44,6 +44,7 @@ from ._models import (
     encode_sorted,
     json_schemas,
 )
+from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
 from ._settings import (
     MqttSettings,
@@ -82,6 +83,7 @@ __all__ = [
     "OfflineAlert",
     "Opened",
     "Opener",
+    "Outage",
     "PermanentError",
     "PlainMessage",
     "Processed",

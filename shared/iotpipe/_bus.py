@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +39,7 @@ from ._health import Metrics
 from ._logging import RateLimitedLog
 from ._models import decode
 from ._mqtt import MqttConnection
+from ._retry import Outage
 from ._settings import MqttSettings, read_secret
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ SHUTDOWN_DRAIN = 2.0
 # nobody classified, few enough that a poison message costs milliseconds.
 BUG_RETRIES = 2
 BUG_RETRY_DELAY = 0.05
-# Retrying a dependency: the first retry comes fast, later ones spread out up to the subscription's cap.
-RETRY_FIRST_DELAY = 0.5
+# Cap on the backoff while a handler's dependency is down (a subscription may set its own).
 DEFAULT_RETRY_MAX_DELAY = 30.0
 # Dead-letter file: rotated once it reaches this size (one old generation kept), so a flood of bad
 # messages cannot fill the disk; every message is counted whether or not its line survives.
@@ -126,10 +125,8 @@ class _Subscription:
     sealed: bool
     batch: int
     linger: float
-    retry_max_delay: float
+    outage: Outage
     queue: asyncio.Queue[mqtt.MQTTMessage] = field(default_factory=asyncio.Queue)
-    waiting_on: str | None = None  # the dependency a held batch waits for
-    waiting_since: float = 0.0
 
 
 class Bus:
@@ -228,7 +225,8 @@ class Bus:
         if sealed and model is None:
             model = Any  # any strict JSON value: for tools and tests; services always name a model
         wire = f"$share/{share_group}/{topic_filter}" if share_group else topic_filter
-        sub = _Subscription(wire, topic_filter, handler, model, sealed, batch, linger, retry_max_delay)
+        outage = Outage(retry_max_delay, log, on_retry=self.metrics.errors.labels("retry").inc)
+        sub = _Subscription(wire, topic_filter, handler, model, sealed, batch, linger, outage)
         self._subs.append(sub)
         self.connection.subscribe(wire, topic_filter, sub.queue.put_nowait)
 
@@ -243,7 +241,7 @@ class Bus:
 
     def waiting_on(self) -> set[str]:
         """Dependencies some subscription is holding a batch for right now (e.g. {"redis"})."""
-        return {sub.waiting_on for sub in self._subs if sub.waiting_on}
+        return {sub.outage.waiting_on for sub in self._subs if sub.outage.waiting_on}
 
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN) -> None:
         """Clean shutdown: say `offline` ourselves (the Will only fires on an unclean loss)."""
@@ -397,38 +395,13 @@ class Bus:
 
     async def _call(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> Exception | None:
         """Call the handler, holding the batch through RetryableErrors; the error it ended with."""
-        attempt = 0
-        while True:
-            try:
-                await sub.handler([item for _msg, item in items])
-            except asyncio.CancelledError:
-                raise  # unacknowledged: redelivered to our next session
-            except RetryableError as exc:
-                self._waiting(sub, exc, len(items))
-                cap = sub.retry_max_delay
-                delay = random.uniform(0, min(cap, RETRY_FIRST_DELAY * 2**attempt))
-                if exc.retry_after is not None:
-                    delay = min(max(delay, exc.retry_after), cap)  # the dependency's own pacing
-                attempt += 1
-                await asyncio.sleep(delay)
-                continue
-            except Exception as exc:
-                self._recovered(sub)
-                return exc
-            self._recovered(sub)
-            return None
-
-    def _waiting(self, sub: _Subscription, exc: RetryableError, count: int) -> None:
-        self.metrics.errors.labels("retry").inc()
-        if sub.waiting_on is None:
-            sub.waiting_on = exc.dependency or "dependency"
-            sub.waiting_since = time.monotonic()
-            log.error("%s unavailable (%s); holding %d message(s) and retrying", sub.waiting_on, exc, count)
-
-    def _recovered(self, sub: _Subscription) -> None:
-        if sub.waiting_on is not None:
-            log.info("%s is back after %.0fs", sub.waiting_on, time.monotonic() - sub.waiting_since)
-            sub.waiting_on = None
+        try:
+            await sub.outage.run(lambda: sub.handler([item for _msg, item in items]), f"{len(items)} message(s)")
+        except asyncio.CancelledError:
+            raise  # unacknowledged: redelivered to our next session
+        except Exception as exc:
+            return exc
+        return None
 
 
 def _summary(exc: BaseException) -> str:
