@@ -11,9 +11,10 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from iotpipe.devstack import Ports, render_broker_config, render_redis_config
 
@@ -104,6 +105,8 @@ class Stack:
                 "IOTPIPE_MQTT__PORT": str(self.ports.mqtt),
                 "IOTPIPE_REDIS__HOST": "127.0.0.1",
                 "IOTPIPE_REDIS__PORT": str(self.ports.redis),
+                # Never the repo's var/: what services keep across restarts stays with the test run.
+                "IOTPIPE_STATE_DIR": str(Path(self.broker.cwd) / "state"),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -159,6 +162,8 @@ def service_env(
         "IOTPIPE_INSTANCE": instance,
         "IOTPIPE_HEALTH_DIR": str(workdir / "health"),
         "IOTPIPE_DEAD_LETTER_FILE": str(workdir / "dead.jsonl"),
+        "IOTPIPE_STATE_DIR": str(workdir / "state"),
+        "IOTPIPE_OUTBOX_FILE": str(workdir / f"outbox-{instance}.sqlite3"),
     }
     if sink_port is not None:
         env |= {"IOTPIPE_CLOUD_URL": f"http://127.0.0.1:{sink_port}/ingest", "IOTPIPE_SINK_PORT": str(sink_port)}
@@ -213,3 +218,25 @@ def bus_for(
         username=user,
         password_file=mqtt_password_file(stack.secrets_dir, user),
     )
+
+
+async def wait_online(stack: Stack, topic: str, timeout: float = 30) -> None:
+    """A service's retained status says online: it is published after its SUBSCRIBE on the same
+    connection, so the broker has its subscription (and durable session) by then."""
+    import asyncio
+
+    import orjson
+
+    online = asyncio.Event()
+
+    async def on_status(messages: Sequence[Any]) -> None:
+        if any(m.payload and orjson.loads(m.payload)["state"] == "online" for m in messages):
+            online.set()
+
+    watcher = bus_for(stack, "reader")
+    watcher.subscribe(topic, on_status, sealed=False)
+    await watcher.start()
+    try:
+        await asyncio.wait_for(online.wait(), timeout)
+    finally:
+        await watcher.stop()

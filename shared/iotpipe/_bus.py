@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 
 from ._envelope import KeyRing, Opened, Opener, Sealer
 from ._errors import ConfigError, DuplicateMessage, PermanentError, RetryableError, SchemaError
-from ._health import Metrics
+from ._health import Metrics, write_atomically
 from ._logging import RateLimitedLog
 from ._models import decode
 from ._mqtt import MqttConnection
@@ -60,6 +60,8 @@ DEFAULT_RETRY_MAX_DELAY = 30.0
 # Dead-letter file: rotated once it reaches this size (one old generation kept), so a flood of bad
 # messages cannot fill the disk; every message is counted whether or not its line survives.
 DEAD_LETTER_MAX_BYTES = 64 << 20
+# How often the replay window is saved (when it changed): what a crash can forget of it.
+REPLAY_STATE_INTERVAL = 5.0
 DEAD_LETTER_MAX_PAYLOAD = 64 << 10
 
 T = TypeVar("T")
@@ -148,6 +150,7 @@ class Bus:
         username: str | None = None,
         password_file: Path | None = None,
         dead_letter_file: Path | None = None,
+        replay_state_file: Path | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -156,7 +159,10 @@ class Bus:
         self.metrics = metrics or Metrics()
         self.sealer = Sealer(keyring, src) if keyring else None
         self.opener = Opener(keyring, ttl=message_ttl, max_bytes=max_payload_bytes) if keyring else None
+        self.max_payload_bytes = max_payload_bytes
         self.dead_letters = DeadLetters(dead_letter_file, self.metrics)
+        self.replay_state_file = replay_state_file
+        self._saved_changes = 0
         self._subs: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._rejects = RateLimitedLog(log)
@@ -232,8 +238,11 @@ class Bus:
 
     async def start(self) -> None:
         """Connect (retrying in the background until the broker answers) and start the consumers."""
+        self._load_replay_window()
         for sub in self._subs:
             self._tasks.append(asyncio.create_task(self._consume(sub), name=f"consume {sub.match}"))
+        if self.opener is not None and self.replay_state_file is not None and self._subs:
+            self._tasks.append(asyncio.create_task(self._keep_replay_window(), name="replay window"))
         await self.connection.start()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -248,6 +257,7 @@ class Bus:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._save_replay_window()
         said_offline = not self.status_topic
         if self.status_topic and self.connected.is_set():
             try:
@@ -265,6 +275,37 @@ class Bus:
         # A normal DISCONNECT discards the Will; if our own `offline` did not make it, ask for the Will.
         await self.connection.stop(will=not said_offline, timeout=drain_timeout)
 
+    # -- the replay window, across restarts ---------------------------------------------------
+    def _load_replay_window(self) -> None:
+        path = self.replay_state_file
+        if self.opener is None or path is None or not path.exists():
+            return
+        try:
+            self.opener.guard.load(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.warning("replay window in %s unreadable (%s); starting with an empty one", path, exc)
+            return
+        self._saved_changes = self.opener.guard.changes
+        log.info("replay window restored from %s", path)
+
+    def _save_replay_window(self) -> None:
+        """Persist which (src, boot, seq) were handled, so a message captured and re-published after
+        a restart is still dropped. Only handled messages are in it, so a save at any moment is safe:
+        a crash loses at most the last interval's records, whose redelivery sinks absorb."""
+        path = self.replay_state_file
+        if self.opener is None or path is None or self.opener.guard.changes == self._saved_changes:
+            return
+        self._saved_changes = self.opener.guard.changes
+        try:
+            write_atomically(path, self.opener.guard.dump())
+        except OSError as exc:
+            log.error("cannot save the replay window to %s: %s", path, exc)
+
+    async def _keep_replay_window(self) -> None:
+        while True:
+            await asyncio.sleep(REPLAY_STATE_INTERVAL)
+            self._save_replay_window()
+
     # -- publishing -----------------------------------------------------------------------------
     async def publish_sealed(self, topic: str, data: Any, *, kind: str = "sealed") -> None:
         """Seal `data` (a model of iotpipe._models) for `topic` and publish it."""
@@ -273,7 +314,11 @@ class Bus:
         await self.publish(topic, self.sealer.seal(topic, data), kind=kind)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, kind: str = "plain") -> None:
-        """QoS 1, returning once the broker acknowledged it; BrokerRefused if the broker said no."""
+        """QoS 1, returning once the broker acknowledged it; BrokerRefused if the broker said no.
+        A payload over the size every receiver accepts is refused here, as a PermanentError: sent,
+        it would be refused by each receiver, or make the broker drop our connection over and over."""
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLarge(f"{len(payload)} bytes for {topic} exceeds the {self.max_payload_bytes}-byte limit")
         await self.connection.publish(topic, payload, retain=retain)
         self.metrics.published.labels(kind).inc()
 
@@ -402,6 +447,10 @@ class Bus:
         except Exception as exc:
             return exc
         return None
+
+
+class PayloadTooLarge(PermanentError):
+    reason = "too_large"
 
 
 def _summary(exc: BaseException) -> str:

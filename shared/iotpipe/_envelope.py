@@ -173,13 +173,37 @@ class Sealer:
         )
 
 
+# Sequence numbers remembered per sender: as many as a publisher replays after a broker restart
+# (iotpipe._mqtt.REPLAY_MAX_MESSAGES), so every replayed copy is recognised as a duplicate.
+REPLAY_WINDOW = 16_384
+
+
 class ReplayGuard:
     """Per-(src, boot) sliding window of seen sequence numbers (as IPsec does), bounded in senders."""
 
-    def __init__(self, window: int = 4096, max_senders: int = 4096) -> None:
+    def __init__(self, window: int = REPLAY_WINDOW, max_senders: int = 4096) -> None:
         self.window = window
         self.max_senders = max_senders
         self._state: collections.OrderedDict[tuple[str, str], list[int]] = collections.OrderedDict()
+        self.changes = 0  # records since creation: whoever persists the window saves when this moves
+
+    def dump(self) -> bytes:
+        """The whole window as JSON, so duplicates stay dropped across a restart (`load`)."""
+        return orjson.dumps([[src, boot, high, format(mask, "x")] for (src, boot), (high, mask) in self._state.items()])
+
+    def load(self, data: bytes) -> None:
+        """Restore what `dump` wrote; raises ValueError if it is not that."""
+        try:
+            rows = orjson.loads(data)
+            state = collections.OrderedDict(
+                ((str(src), str(boot)), [int(high), int(mask, 16) & ((1 << self.window) - 1)])
+                for src, boot, high, mask in rows
+            )
+        except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a replay window: {exc}") from exc
+        while len(state) > self.max_senders:
+            state.popitem(last=False)
+        self._state = state
 
     def check(self, src: str, boot: str, seq: int) -> None:
         """Raise if (src, boot, seq) was already recorded or is older than the window."""
@@ -198,6 +222,7 @@ class ReplayGuard:
     def record(self, src: str, boot: str, seq: int) -> None:
         """Remember a message once its effect is done, so a redelivery of a message whose handling
         failed is processed again rather than dropped as a duplicate."""
+        self.changes += 1
         key = (src, boot)
         state = self._state.get(key)
         if state is None:
@@ -219,7 +244,11 @@ class Opener:
     """Verifies sealed messages: envelope shape, key, topic binding, replay window."""
 
     def __init__(
-        self, keyring: KeyRing, ttl: int | None = 7 * 24 * 3600, max_bytes: int = 1 << 20, replay_window: int = 4096
+        self,
+        keyring: KeyRing,
+        ttl: int | None = 7 * 24 * 3600,
+        max_bytes: int = 1 << 20,
+        replay_window: int = REPLAY_WINDOW,
     ) -> None:
         self.keyring = keyring
         self.ttl = ttl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -43,11 +44,23 @@ class Metrics:
 
 def write_health(path: Path, doc: dict[str, Any]) -> None:
     """Atomically replace the health file, so a reader never sees half a document."""
+    write_atomically(path, orjson.dumps(doc))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader, or a crash, sees the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".health-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(orjson.dumps(doc))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def check_health(path: Path, max_age: float) -> tuple[bool, str]:

@@ -16,11 +16,13 @@ connect, and reconnecting with capped, jittered backoff.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import select
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +47,15 @@ MISC_INTERVAL = 1.0
 # Packets read per readiness callback before yielding to other tasks: large enough to amortise the
 # callback, small enough that a flood of deliveries cannot starve our own writes and handlers.
 MAX_READS_PER_CALLBACK = 256
+
+# What the broker acknowledged is kept this long and republished after every reconnect. The broker
+# snapshots its store every few seconds (mosquitto.conf: autosave_interval 5) and acknowledges
+# before saving, so a broker killed in between loses up to that much of what it acknowledged; the
+# copies close that gap. Receivers drop them by (src, boot, seq) (iotpipe._envelope.ReplayGuard,
+# whose window is as long as REPLAY_MAX_MESSAGES), and every sink is idempotent.
+REPLAY_SECONDS = 15.0
+REPLAY_MAX_MESSAGES = 16_384
+REPLAY_MAX_BYTES = 64 << 20
 
 Delivery = Callable[[mqtt.MQTTMessage], None]
 
@@ -77,7 +88,9 @@ class MqttConnection:
         self.subscribed = asyncio.Event()  # set once the broker acknowledged our subscriptions
         self._birth = birth
         self._filters: list[str] = []
-        self._pending: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[None], str, bytes, bool]] = {}
+        self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()
+        self._recent_bytes = 0
         self._inflight = asyncio.Semaphore(settings.max_inflight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -154,7 +167,7 @@ class MqttConnection:
                 raise RetryableError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}", dependency="broker")
             # Registered before this task yields: the PUBACK is read on this same thread, later.
             future: asyncio.Future[None] = self._loop.create_future()
-            self._pending[info.mid] = (future, topic)
+            self._pending[info.mid] = (future, topic, payload, retain)
             try:
                 await future
             finally:
@@ -180,7 +193,7 @@ class MqttConnection:
             except TimeoutError:
                 log.warning("broker did not take our DISCONNECT within %.0fs; closing", timeout)
         self._close_socket()
-        for future, _topic in self._pending.values():
+        for future, *_ in self._pending.values():
             future.cancel()
 
     def abort(self) -> None:
@@ -291,6 +304,7 @@ class MqttConnection:
         if self._birth is not None:
             topic, payload = self._birth()
             client.publish(topic, payload, qos=1, retain=True)  # its PUBACK resolves nothing: no one waits
+        self._replay(client)
         self.connected.set()
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
@@ -308,13 +322,42 @@ class MqttConnection:
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
         entry = self._pending.get(mid)
         if entry is None or entry[0].done():
-            return  # the birth message, or a publisher that gave up waiting
-        future, topic = entry
+            return  # the birth message, a replayed copy, or a publisher that gave up waiting
+        future, topic, payload, retain = entry
         code = getattr(reason, "value", reason)
         if code >= 0x80:  # e.g. 0x87 not authorised: the ACL refused our publish
             future.set_exception(BrokerRefused(topic, code))
-        else:
-            future.set_result(None)
+            return
+        future.set_result(None)
+        if not retain:  # retained status is republished by every birth and heartbeat anyway
+            self._remember(topic, payload)
+
+    def _remember(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        self._recent.append((now, topic, payload))
+        self._recent_bytes += len(payload)
+        self._forget_old(now)
+
+    def _forget_old(self, now: float) -> None:
+        recent = self._recent
+        while recent and (
+            now - recent[0][0] > REPLAY_SECONDS
+            or len(recent) > REPLAY_MAX_MESSAGES
+            or self._recent_bytes > REPLAY_MAX_BYTES
+        ):
+            self._recent_bytes -= len(recent.popleft()[2])
+
+    def _replay(self, client: mqtt.Client) -> None:
+        """Republish what the broker acknowledged lately: it may have lost it if it restarted."""
+        self._forget_old(time.monotonic())
+        for _ts, topic, payload in self._recent:
+            client.publish(topic, payload, qos=1)  # no one awaits these: paho resends them until acknowledged
+        if self._recent:
+            log.info(
+                "republished the %d message(s) the broker acknowledged in the last %.0fs",
+                len(self._recent),
+                REPLAY_SECONDS,
+            )
 
 
 def _has_unread(sock: Any) -> bool:

@@ -52,6 +52,7 @@ class Runtime(Generic[S]):
             password_file=settings.mqtt_password_path,
             status_extra={"service": self.name, "instance": settings.instance},
             dead_letter_file=settings.dead_letter_path,
+            replay_state_file=settings.replay_state_file,
         )
 
 

@@ -96,6 +96,7 @@ class ServiceSettings(BaseSettings):
     health_dir: Path = Field(Path(tempfile.gettempdir()) / "iotpipe", description="health files go here")
     status_interval: float = Field(10.0, gt=0, description="s between status/health updates")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port")
+    state_dir: Path = Field(Path("var/state"), description="what must survive a restart (the replay window)")
     dead_letter_file: Path | None = Field(
         None, description="messages given up on, as JSON lines; default var/dead-letter/<service>-<instance>.jsonl"
     )
@@ -126,6 +127,10 @@ class ServiceSettings(BaseSettings):
     @property
     def dead_letter_path(self) -> Path:
         return self.dead_letter_file or Path("var/dead-letter") / f"{self.service_name}-{self.instance}.jsonl"
+
+    @property
+    def replay_state_file(self) -> Path:
+        return self.state_dir / f"{self.service_name}-{self.instance}.replay.json"
 
     @property
     def health_file(self) -> Path:

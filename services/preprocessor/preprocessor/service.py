@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from iotpipe import Component, Opened, Processed, RawBatch, Runtime, ServiceSettings, Window
+from iotpipe import Component, Opened, Processed, RawBatch, Runtime, ServiceSettings, Window, encode
 from pydantic import Field, field_validator
 
 from .windows import aggregate
@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 # Aggregates go out rounded: 53.477 rather than 53.477000000000004 in Redis and at the cloud, and
 # far finer than any sensor this pipeline reads resolves.
 AGGREGATE_DECIMALS = 6
+# Sealing grows a payload by a third (base64 of the Fernet token) plus the envelope: a plaintext
+# within this share of the receivers' limit always fits once sealed.
+SEALED_PAYLOAD_RATIO = 0.7
+# A window encodes to about 180 bytes; ids and units at their longest stay under this.
+WINDOW_BYTES_BOUND = 400
 
 
 class Settings(ServiceSettings):
@@ -35,6 +40,20 @@ class Settings(ServiceSettings):
         if value % 2 == 0:
             raise ValueError("must be odd")
         return value
+
+
+def fitting(processed: Processed, max_bytes: int) -> list[Processed]:
+    """`processed` split into messages whose sealed form fits `max_bytes` (what every receiver
+    accepts): one raw batch of thousands of sensors must not become one message no one can take."""
+    if len(processed.windows) * WINDOW_BYTES_BOUND <= max_bytes * SEALED_PAYLOAD_RATIO:
+        return [processed]  # the common case, decided without encoding
+    if len(processed.windows) == 1 or len(encode(processed)) <= max_bytes * SEALED_PAYLOAD_RATIO:
+        return [processed]
+    half = len(processed.windows) // 2
+    return [
+        *fitting(Processed(device=processed.device, windows=processed.windows[:half]), max_bytes),
+        *fitting(Processed(device=processed.device, windows=processed.windows[half:]), max_bytes),
+    ]
 
 
 def process(batches: Sequence[RawBatch], kernel: int) -> list[Processed]:
@@ -71,7 +90,10 @@ class Preprocessor(Component[Settings]):
         )
 
     async def handle(self, messages: Sequence[Opened[RawBatch]]) -> None:
-        processed = process([m.data for m in messages], self.settings.median_kernel)
+        limit = self.settings.max_payload_bytes
+        processed = [
+            part for p in process([m.data for m in messages], self.settings.median_kernel) for part in fitting(p, limit)
+        ]
         bus, topics = self.runtime.bus, self.runtime.topics
         # Returning acknowledges the raw batches: only after every processed message is at the broker.
         await asyncio.gather(*(bus.publish_sealed(topics.processed(p.device), p, kind="processed") for p in processed))
