@@ -240,3 +240,31 @@ async def wait_online(stack: Stack, topic: str, timeout: float = 30) -> None:
         await asyncio.wait_for(online.wait(), timeout)
     finally:
         await watcher.stop()
+
+
+def unseal(keyring, payload: bytes) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The inner document of a sealed envelope (docs/contract.md: topic, src, boot, seq, ts, data),
+    opened with the test's key ring, independently of the services' own receiving code."""
+    import orjson
+
+    envelope = orjson.loads(payload)
+    assert set(envelope) == {"v", "alg", "kid", "ct"}, envelope
+    inner: dict[str, Any] = orjson.loads(keyring.decrypt(envelope["ct"].encode("ascii"), ttl=None))
+    return inner
+
+
+def health_doc(workdir: Path, service: str, instance: str) -> dict[str, Any]:
+    """The service's health file (the same snapshot as its retained status: state, ts, counters...),
+    or {} before its first heartbeat."""
+    import orjson
+
+    path = workdir / "health" / f"{service}-{instance}.json"
+    try:
+        return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
+
+
+def service_counters(workdir: Path, service: str, instance: str) -> dict[str, float]:
+    """The service's counters as of its latest heartbeat (`"counters"` of its status)."""
+    return health_doc(workdir, service, instance).get("counters", {})  # type: ignore[no-any-return]

@@ -1,7 +1,8 @@
 """The whole pipeline as real subprocesses against the real broker and Redis.
 
 Every reading the reader published is accounted for, window by window, in Redis and at the
-cloud-sink; the wire carries only sealed envelopes and status JSON; statuses flip offline on a clean
+cloud-sink, with the aggregates the contract defines for those readings (computed independently in
+tests/window_reference.py); the wire carries only sealed envelopes and status JSON; statuses flip offline on a clean
 stop and on kill -9 (Last Will); the monitor reports devices offline once they fall silent.
 """
 
@@ -20,8 +21,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opener, PlainMessage
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal
 from test_broker import raw_connect
+from window_reference import mismatches
 
 SERVICES = ("cloud_sink", "sensor_reader", "preprocessor", "cache_writer", "cloud_forwarder", "monitor")
 STATUS_NAMES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
@@ -77,9 +79,12 @@ class Wire:
     """A third-party view of the broker: the read-only user subscribed to <base>/v1/#."""
 
     def __init__(self, keyring: KeyRing) -> None:
+        self.keyring = keyring
         self.opener = Opener(keyring)
         self.messages: list[PlainMessage] = []
         self.readings: dict[tuple[str, str, int], int] = {}  # (device, sensor, window start) -> n
+        # (device, sensor, window start) -> (unit, end, the values the reader published)
+        self.raw_values: dict[tuple[str, str, int], tuple[str, int, list[float]]] = {}
         self.status: dict[str, dict[str, object]] = {}
         self.processed: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.processed_by: set[str] = set()
@@ -95,6 +100,10 @@ class Wire:
                 start = opened.data["window"]["start"]
                 for sensor, body in opened.data["sensors"].items():
                     self.readings[(opened.data["device"], sensor, start)] = len(body["v"])
+                raw = unseal(self.keyring, m.payload)["data"]  # the readings, as sealed by the reader
+                end = raw["window"]["start"] + raw["window"]["size"]
+                for sensor, body in raw["sensors"].items():
+                    self.raw_values[(raw["device"], sensor, raw["window"]["start"])] = (body["unit"], end, body["v"])
             elif kind == "processed":
                 opened = self.opener.open(m.topic, m.payload)
                 self.opener.commit(opened)
@@ -249,6 +258,30 @@ async def test_every_reading_is_accounted_for(
                 f"not at the sink: {sorted(missing_sink.items())[:10]}"
             ) from None
         assert sum((await in_redis()).values()) == total
+
+        # Values, not only counts: every window in Redis and at the cloud-sink carries the contract's
+        # aggregates of the readings the reader published for it, exactly (window_reference.mismatches:
+        # rounded to 6 decimals; only a true value on a rounding tie may come out either way).
+        def wrong_aggregates(windows: list[tuple[str, dict[str, object]]]) -> list[str]:
+            problems = []
+            for device, w in windows:
+                unit, end, values = wire.raw_values[(device, str(w["sensor"]), int(w["start"]))]  # type: ignore[call-overload]
+                found = mismatches(w, values)
+                if (w["unit"], w["end"]) != (unit, end):
+                    found.append(f"unit/end {w['unit']}/{w['end']}, want {unit}/{end}")
+                problems += [f"{device}/{w['sensor']}/{w['start']}: {p}" for p in found]
+            return problems
+
+        stored = [
+            (device, orjson.loads(member))
+            for device, sensor in {(d, s) for d, s, _ in published}
+            for member in await redis.zrange(f"{base}:series:{device}:{sensor}", 0, -1)
+        ]
+        uploaded = [(str(r["device"]), r) for r in await sink_records(sink) if r["type"] == "window"]
+        assert len(stored) == len(published) and len(uploaded) >= len(published)
+        for where, windows in (("Redis", stored), ("the cloud-sink", uploaded)):
+            wrong = wrong_aggregates(windows)
+            assert not wrong, f"{len(wrong)} aggregates in {where} differ from the contract's: {wrong[:5]}"
         # Two preprocessors shared the raw stream, and every window was processed exactly once.
         assert set(wire.processed) == set(published) and set(wire.processed.values()) == {1}
         assert wire.processed_by == {"preprocessor/e2e", "preprocessor/e2e-2"}

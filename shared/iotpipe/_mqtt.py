@@ -48,14 +48,19 @@ MISC_INTERVAL = 1.0
 # callback, small enough that a flood of deliveries cannot starve our own writes and handlers.
 MAX_READS_PER_CALLBACK = 256
 
-# What the broker acknowledged is kept this long and republished after every reconnect. The broker
-# snapshots its store every few seconds (mosquitto.conf: autosave_interval 5) and acknowledges
-# before saving, so a broker killed in between loses up to that much of what it acknowledged; the
-# copies close that gap. Receivers drop them by (src, boot, seq) (iotpipe._envelope.ReplayGuard,
-# whose window is as long as REPLAY_MAX_MESSAGES), and every sink is idempotent.
+# What the broker acknowledged is kept this long (while connected) and republished after every
+# reconnect. The broker snapshots its store every few seconds (mosquitto.conf: autosave_interval 5)
+# and acknowledges before saving, so a broker killed in between loses up to that much of what it
+# acknowledged; the copies close that gap. Receivers drop them by (src, boot, seq)
+# (iotpipe._envelope.ReplayGuard, whose window is as long as REPLAY_MAX_MESSAGES), and every sink
+# is idempotent.
 REPLAY_SECONDS = 15.0
 REPLAY_MAX_MESSAGES = 16_384
 REPLAY_MAX_BYTES = 64 << 20
+# ...and republished once more this long after the reconnect, with what was published since: a
+# restarted mosquitto does not restore shared subscriptions ($share/...), so until each member of a
+# group has reconnected and subscribed again, what reaches the broker for that group goes nowhere.
+REPLAY_SETTLE = 8.0
 
 Delivery = Callable[[mqtt.MQTTMessage], None]
 
@@ -91,6 +96,8 @@ class MqttConnection:
         self._pending: dict[int, tuple[asyncio.Future[None], str, bytes, bool]] = {}
         self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()
         self._recent_bytes = 0
+        self._unsettled: list[tuple[float, str, bytes]] = []  # replayed at reconnect, to replay once more
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._inflight = asyncio.Semaphore(settings.max_inflight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -180,6 +187,8 @@ class MqttConnection:
     async def stop(self, *, will: bool, timeout: float) -> None:
         """DISCONNECT (asking the broker to publish our Will if `will`), then stop the tasks."""
         self._stopping = True
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -339,6 +348,8 @@ class MqttConnection:
         self._forget_old(now)
 
     def _forget_old(self, now: float) -> None:
+        """Only called as new acknowledgements arrive, i.e. while connected: an outage, however long,
+        never ages out what the broker may have lost just before it."""
         recent = self._recent
         while recent and (
             now - recent[0][0] > REPLAY_SECONDS
@@ -348,16 +359,31 @@ class MqttConnection:
             self._recent_bytes -= len(recent.popleft()[2])
 
     def _replay(self, client: mqtt.Client) -> None:
-        """Republish what the broker acknowledged lately: it may have lost it if it restarted."""
-        self._forget_old(time.monotonic())
-        for _ts, topic, payload in self._recent:
+        """Republish what the broker acknowledged lately (it may have lost it if it restarted), now
+        and once more REPLAY_SETTLE s later together with what was published meanwhile."""
+        if not self._recent and not self._unsettled:
+            return
+        replay = {id(entry): entry for entry in self._unsettled}
+        replay.update((id(entry), entry) for entry in self._recent)
+        self._unsettled = sorted(replay.values(), key=lambda entry: entry[0])
+        self._republish(client, self._unsettled)
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+        assert self._loop is not None
+        self._settle_timer = self._loop.call_later(REPLAY_SETTLE, self._replay_settled, time.monotonic())
+
+    def _replay_settled(self, reconnected_at: float) -> None:
+        self._settle_timer = None
+        if not self.connected.is_set():
+            return  # the next reconnect replays all of it
+        since = [entry for entry in self._recent if entry[0] >= reconnected_at]
+        self._republish(self._client, [*self._unsettled, *since])
+        self._unsettled = []
+
+    def _republish(self, client: mqtt.Client, entries: list[tuple[float, str, bytes]]) -> None:
+        for _ts, topic, payload in entries:
             client.publish(topic, payload, qos=1)  # no one awaits these: paho resends them until acknowledged
-        if self._recent:
-            log.info(
-                "republished the %d message(s) the broker acknowledged in the last %.0fs",
-                len(self._recent),
-                REPLAY_SECONDS,
-            )
+        log.info("republished %d message(s) the broker acknowledged lately", len(entries))
 
 
 def _has_unread(sock: Any) -> bool:
