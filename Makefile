@@ -9,7 +9,7 @@ UV ?= uv
 OS_PACKAGES := mosquitto mosquitto-clients redis-server
 TEST_OS_PACKAGES := docker-compose
 
-.PHONY: help deps test-deps venv secrets run test bench logs lint clean
+.PHONY: help deps test-deps venv secrets run test bench bench-bus logs lint clean
 
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
@@ -17,8 +17,9 @@ help:
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
 	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
 	@echo "make bench          readings/s through the pipeline on this machine (prints figures)"
+	@echo "make bench-bus      messages/s and CPU per message of one process's MQTT bus (publish, consume)"
 	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
-	@echo "make lint           ruff"
+	@echo "make lint           ruff (lint and format) and mypy (strict on shared/, services checked)"
 
 # $(1): packages, $(2): binaries that prove they are there
 define ensure_os_packages
@@ -59,12 +60,17 @@ test: test-deps venv
 bench: venv
 	$(UV) run --frozen python tests/bench/pipeline.py $(ARGS)
 
+bench-bus: venv
+	$(UV) run --frozen python tests/bench/bus.py $(ARGS)
+
 logs:
 	@test -n "$(s)" || { echo "usage: make logs s=<service>" >&2; exit 2; }
 	tail -n 50 -F var/log/$(s).log
 
 lint: venv
 	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
