@@ -133,8 +133,10 @@ async def test_bad_input_is_counted_and_never_blocks_the_next_message(
             replayed,
             b'{"v":1,"alg":"fernet","kid":"k1","ct":"' + b"x" * 2_000_000 + b'"}',
         ]
-        for payload in bad_payloads:
-            await producer.publish(topics.raw("d1"), payload)
+        for payload in bad_payloads:  # as a hostile client would send them: past our own size check
+            await producer.connection.publish(topics.raw("d1"), payload)
+        with pytest.raises(PermanentError, match="exceeds"):  # our own bus refuses to send an oversize one
+            await producer.publish(topics.raw("d1"), bad_payloads[-1])
         duplicate = producer.sealer.seal(topics.raw("d1"), {"dup": True})  # type: ignore[union-attr]
         await producer.publish(topics.raw("d1"), duplicate)
         await producer.publish(topics.raw("d1"), duplicate)

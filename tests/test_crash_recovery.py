@@ -325,7 +325,7 @@ END = {**window(0), "sensor": "end"}  # a new window on a sensor of its own, pub
 async def test_forwarder_killed_during_cloud_outage_loses_nothing(
     stack: Stack, keyring: KeyRing, base: str, tmp_path: Path
 ) -> None:
-    """The forwarder holds batches unacknowledged while the cloud is down; kill -9 it then, bring the
+    """The forwarder's outbox holds the records while the cloud is down; kill -9 it then, bring the
     cloud back and restart it: the broker redelivers, and every record arrives.
 
     Cloud: at least once. A record may legitimately arrive twice across a kill -9 (a batch the cloud

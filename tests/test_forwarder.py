@@ -1,9 +1,11 @@
-"""cloud-forwarder against a cloud that fails the ways real ones do, and the cloud-sink's de-duplication."""
+"""cloud-forwarder (its outbox and uploader) against a cloud that fails the ways real ones do, the outbox
+on its own, and the cloud-sink's de-duplication. Crashes and outages with real processes: test_outbox.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,10 +13,31 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import ClientSession, web
-from cloud_forwarder.service import CloudForwarder, Settings, alert_record, batch_id, window_records
+from cloud_forwarder.outbox import Outbox, OutboxFull, Row
+from cloud_forwarder.service import (
+    CloudForwarder,
+    Settings,
+    alert_record,
+    batch_body,
+    batch_id,
+    outbox_rows,
+    window_records,
+)
 from cloud_sink.app import Settings as SinkSettings
 from cloud_sink.app import make_app
-from iotpipe import KeyRing, OfflineAlert, Opened, Processed, Runtime, Topics, WindowRecord, decode, encode
+from iotpipe import (
+    CloudBatch,
+    KeyRing,
+    OfflineAlert,
+    Opened,
+    Processed,
+    RetryableError,
+    Runtime,
+    Topics,
+    WindowRecord,
+    decode,
+    encode,
+)
 from servers import Stack, bus_for, free_port
 
 
@@ -27,18 +50,37 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
 
 
 class FlakyCloud:
-    """Answers with the scripted statuses first, then accepts."""
+    """Answers with the scripted statuses first, then 400 for any batch holding a `refused` record id,
+    else accepts. Every body must be a valid CloudBatch whose batch_id is its Idempotency-Key."""
 
-    def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
+    def __init__(self, script: list[tuple[int, dict[str, str]]], refused: frozenset[str] = frozenset()) -> None:
         self.script = list(script)
+        self.refused = refused
         self.requests: list[tuple[dict[str, str], dict[str, object]]] = []
+        self.statuses: list[int] = []
 
     async def ingest(self, request: web.Request) -> web.Response:
-        self.requests.append((dict(request.headers), orjson.loads(await request.read())))
+        raw = await request.read()
+        batch = decode(raw, CloudBatch)
+        assert batch.batch_id == request.headers["Idempotency-Key"] == batch_id(batch.records)
+        self.requests.append((dict(request.headers), orjson.loads(raw)))
         if self.script:
             status, headers = self.script.pop(0)
-            return web.Response(status=status, headers=headers, text="scripted")
-        return web.json_response({"status": "accepted"})
+        elif self.refused & {r.id for r in batch.records}:
+            status, headers = 400, {}
+        else:
+            status, headers = 200, {}
+        self.statuses.append(status)
+        return web.Response(status=status, headers=headers, text="scripted" if status != 200 else "accepted")
+
+    def accepted(self) -> list[str]:
+        """Record ids of every request answered 2xx, in order."""
+        return [
+            r["id"]  # type: ignore[index]
+            for (_h, body), status in zip(self.requests, self.statuses, strict=True)
+            if status == 200
+            for r in body["records"]  # type: ignore[attr-defined]
+        ]
 
 
 class Harness:
@@ -60,15 +102,19 @@ class Harness:
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
-    async def start(self, monkeypatch: pytest.MonkeyPatch) -> CloudForwarder:
+    async def start(self, monkeypatch: pytest.MonkeyPatch, **extra: str) -> CloudForwarder:
         env = self.stack.env(
-            IOTPIPE_BASE_TOPIC=self.base,
-            IOTPIPE_CLOUD_URL=self.url,
-            IOTPIPE_RETRY_MAX_DELAY="0.05",
-            IOTPIPE_REQUEST_TIMEOUT="2",
-            IOTPIPE_BATCH_LINGER="0.2",
-            IOTPIPE_CLOUD_TOKEN_FILE=str(self.stack.secrets_dir / "cloud_token"),
-            IOTPIPE_DEAD_LETTER_FILE=str(self.tmp_path / "dead.jsonl"),
+            **{
+                "IOTPIPE_BASE_TOPIC": self.base,
+                "IOTPIPE_CLOUD_URL": self.url,
+                "IOTPIPE_RETRY_MAX_DELAY": "0.05",
+                "IOTPIPE_REQUEST_TIMEOUT": "2",
+                "IOTPIPE_BATCH_LINGER": "0.2",
+                "IOTPIPE_CLOUD_TOKEN_FILE": str(self.stack.secrets_dir / "cloud_token"),
+                "IOTPIPE_DEAD_LETTER_FILE": str(self.tmp_path / "dead.jsonl"),
+                "IOTPIPE_OUTBOX_FILE": str(self.tmp_path / "outbox.sqlite3"),
+                **extra,
+            }
         )
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -76,6 +122,7 @@ class Harness:
             Runtime(Settings.load(instance=f"t{uuid.uuid4().hex[:6]}"), keyring=self.keyring)
         )
         await self.forwarder.runtime.bus.start()
+        self.uploader = asyncio.create_task(self.forwarder.run())
         await self.publisher.start()
         await self.publisher.wait_connected()
         async with asyncio.timeout(10):
@@ -88,8 +135,12 @@ class Harness:
 
     async def close(self) -> None:
         await self.publisher.stop()
-        await self.forwarder.runtime.bus.stop()
+        if not hasattr(self, "forwarder"):
+            return
+        self.uploader.cancel()
+        await asyncio.gather(self.uploader, return_exceptions=True)
         await self.forwarder.close()
+        await self.forwarder.runtime.bus.stop()
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -134,15 +185,17 @@ def accepted_ids(cloud: FlakyCloud) -> list[str]:
     return [r["id"] for _h, body in cloud.requests[len(cloud.requests) - 1 :] for r in body["records"]]  # type: ignore[index, union-attr]
 
 
+def uploaded(forwarder: CloudForwarder) -> float | None:
+    return forwarder.runtime.metrics.snapshot().get("iotpipe_records_uploaded")
+
+
 async def test_retries_5xx_and_429_with_one_idempotency_key(harness, stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     cloud = FlakyCloud([(500, {}), (503, {}), (429, {"Retry-After": "0"})])
     h = harness(cloud)
     await h.serve_cloud()
     forwarder = await h.start(monkeypatch)
     await h.publish("d1", [0, 1000, 2000])
-    await until(
-        lambda: len(cloud.requests) == 4 and forwarder.runtime.metrics.snapshot().get("iotpipe_records_uploaded") == 3
-    )
+    await until(lambda: len(cloud.requests) == 4 and uploaded(forwarder) == 3)
     keys = {headers["Idempotency-Key"] for headers, _body in cloud.requests}
     assert keys == {
         batch_id([WindowRecord(id=f"d1/temp/{s}", device="d1", **window_fields(s)) for s in (0, 1000, 2000)])
@@ -152,43 +205,69 @@ async def test_retries_5xx_and_429_with_one_idempotency_key(harness, stack: Stac
     assert accepted_ids(cloud) == ["d1/temp/0", "d1/temp/1000", "d1/temp/2000"]
     counts = forwarder.runtime.metrics.snapshot()
     assert counts["iotpipe_records_uploaded"] == 3 and counts["iotpipe_batches{outcome=retried}"] == 3
+    await until(lambda: forwarder.outbox.records == 0)  # deleted once accepted
+
+
+async def test_retry_after_is_honoured(harness, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Our own backoff is capped at 0.05 s here; the cloud asks for 0.6 s: the retry waits that long."""
+    cloud = FlakyCloud([(503, {"Retry-After": "0.6"})])
+    h = harness(cloud)
+    await h.serve_cloud()
+    forwarder = await h.start(monkeypatch, IOTPIPE_RETRY_MAX_DELAY="5")
+    await h.publish("d1", [0])
+    await until(lambda: len(cloud.requests) == 1)
+    first = asyncio.get_running_loop().time()
+    await until(lambda: len(cloud.requests) == 2)
+    assert asyncio.get_running_loop().time() - first >= 0.55
+    await until(lambda: uploaded(forwarder) == 1)
 
 
 async def test_a_long_outage_keeps_the_batch_and_says_so_once(harness, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     """Forty failures in a row: nothing is dropped, it goes on retrying, and the log says once that
     the cloud is down and once that it is back (not once per retry)."""
-    caplog.set_level(logging.INFO, logger="iotpipe._bus")
+    caplog.set_level(logging.INFO, logger="cloud_forwarder.service")
     cloud = FlakyCloud([(502, {})] * 40)
     h = harness(cloud)
     await h.serve_cloud()
     forwarder = await h.start(monkeypatch)
     await h.publish("d1", [0, 1000])
-    await until(lambda: forwarder.runtime.metrics.snapshot().get("iotpipe_records_uploaded") == 2, timeout=30)
+    await until(lambda: uploaded(forwarder) == 2, timeout=30)
     assert len(cloud.requests) == 41
+    assert len({headers["Idempotency-Key"] for headers, _body in cloud.requests}) == 1  # the same records each time
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cloud unavailable" in m for m in messages) == 1
     assert sum("cloud is back" in m for m in messages) == 1
 
 
-async def test_4xx_is_dead_lettered_not_retried(harness, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The cloud refuses one message's records: that message alone is dead-lettered (sealed, with
-    its topic, reason and sender), and the next one still reaches the cloud."""
-    cloud = FlakyCloud([(400, {})])
+async def test_4xx_dead_letters_only_the_refused_record(harness, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The cloud refuses one record of a batch: the batch is split until that record is alone, the
+    others are uploaded once each, and the refused one alone is dead-lettered (its record JSON, with
+    the topic, reason and sender of its message), counted, and not retried."""
+    cloud = FlakyCloud([], refused=frozenset({"d1/temp/2000"}))
     h = harness(cloud)
     await h.serve_cloud()
-    forwarder = await h.start(monkeypatch)
-    await h.publish("d1", [0, 1000])
-    await until(lambda: (tmp_path / "dead.jsonl").exists())
-    await h.publish("d2", [5000])
-    await until(lambda: forwarder.runtime.metrics.snapshot().get("iotpipe_records_uploaded") == 1)
-    assert len(cloud.requests) == 2
+    forwarder = await h.start(monkeypatch, IOTPIPE_BATCH_LINGER="0.5")
+    await h.publish("d1", [0, 1000, 2000, 3000])
+    await h.publish("d2", [5000, 6000])
+    await until(lambda: (tmp_path / "dead.jsonl").exists() and uploaded(forwarder) == 5)
     (line,) = (tmp_path / "dead.jsonl").read_bytes().splitlines()
     dead = orjson.loads(line)
     assert dead["reason"] == "cloud_rejected" and "HTTP 400" in dead["error"]
     assert dead["topic"].endswith("/processed/d1") and dead["src"].startswith("preprocessor/") and dead["seq"] == 1
-    assert orjson.loads(dead["payload"])["alg"] == "fernet"  # still sealed at rest
+    assert dead["id"] == "d1/temp/2000"
+    record = decode(dead["payload"].encode(), WindowRecord)
+    assert record == WindowRecord(id="d1/temp/2000", device="d1", **window_fields(2000))
     assert forwarder.runtime.metrics.snapshot()["iotpipe_dead_lettered{reason=cloud_rejected}"] == 1
-    assert accepted_ids(cloud) == ["d2/temp/5000"]
+    assert sorted(cloud.accepted()) == ["d1/temp/0", "d1/temp/1000", "d1/temp/3000", "d2/temp/5000", "d2/temp/6000"]
+    alone = [body for (_h, body), status in zip(cloud.requests, cloud.statuses, strict=True) if status == 400]
+    assert sum(body["records"] == [orjson.loads(record_json(record))] for body in alone) == 1  # type: ignore[index]
+    assert len(cloud.requests) <= 1 + 2 * 3  # bisecting 6 records: a few requests, not one per record
+    # Not retried, and the next records still go through.
+    await h.publish("d3", [7000])
+    await until(lambda: uploaded(forwarder) == 6)
+    assert cloud.accepted()[-1] == "d3/temp/7000"
+    assert sum(1 for _h, body in cloud.requests if "d1/temp/2000" in str(body)) == len(alone)
+    assert forwarder.outbox.records == 0
 
 
 async def test_unreachable_cloud_is_retried(harness, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -196,11 +275,46 @@ async def test_unreachable_cloud_is_retried(harness, monkeypatch) -> None:  # ty
     h = harness(cloud)
     forwarder = await h.start(monkeypatch)
     await h.publish("d1", [0])
-    await until(lambda: forwarder.health() == {"cloud": "down"})
+    await until(lambda: forwarder.health()["cloud"] == "down")
+    # The message was acknowledged as soon as its record was in the outbox.
+    assert forwarder.health()["outbox"]["records"] == 1
+    assert forwarder.runtime.metrics.snapshot()["iotpipe_received{kind=sealed}"] == 1
     await h.serve_cloud()  # the cloud comes up after refused connections
-    await until(lambda: forwarder.runtime.metrics.snapshot().get("iotpipe_records_uploaded") == 1)
-    assert forwarder.health() == {"cloud": "up"}
+    await until(lambda: uploaded(forwarder) == 1)
+    assert forwarder.health()["cloud"] == "up" and forwarder.health()["outbox"]["records"] == 0
     assert len(cloud.requests) == 1 and accepted_ids(cloud) == ["d1/temp/0"]
+
+
+async def test_after_an_outage_the_first_post_takes_what_arrived_meanwhile(harness, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each retry takes the oldest records afresh (up to IOTPIPE_BATCH_MAX): what arrived during the
+    outage goes in the first POST after it, not one stale batch at a time."""
+    cloud = FlakyCloud([])
+    h = harness(cloud)
+    forwarder = await h.start(monkeypatch)
+    await h.publish("d1", [0])
+    await until(lambda: forwarder.health()["cloud"] == "down")
+    await h.publish("d1", [1000, 2000])
+    await until(lambda: forwarder.outbox.records == 3)
+    await h.serve_cloud()
+    await until(lambda: uploaded(forwarder) == 3)
+    posted = [[r["id"] for r in body["records"]] for _h, body in cloud.requests]  # type: ignore[attr-defined]
+    assert posted == [["d1/temp/0", "d1/temp/1000", "d1/temp/2000"]]
+
+
+async def test_401_is_retried_not_dead_lettered(harness, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A refused token refuses us, not a record: held and retried until it is fixed, never bisected
+    into dead letters."""
+    cloud = FlakyCloud([(401, {})] * 3)
+    h = harness(cloud)
+    await h.serve_cloud()
+    forwarder = await h.start(monkeypatch)
+    await h.publish("d1", [0, 1000])
+    await until(lambda: uploaded(forwarder) == 2)
+    assert len(cloud.requests) == 4 and not (tmp_path / "dead.jsonl").exists()
+
+
+def record_json(record: WindowRecord) -> bytes:
+    return encode(record)
 
 
 def window_fields(start: int) -> dict[str, object]:
@@ -222,13 +336,76 @@ def test_alert_and_window_records() -> None:
     record = alert_record(alert)
     wire = orjson.loads(encode(record))
     assert wire["type"] == "alert" and wire["kind"] == "offline" and wire["id"] == "d1/alert/monitor/x/boot/9"
+    rows = outbox_rows(windows, window_records(windows))
+    body = batch_body(batch_id(rows), rows)
+    batch = decode(body, CloudBatch)  # the body built from stored JSON is a valid CloudBatch
+    assert batch.batch_id == batch_id(window_records(windows)) and batch.records == window_records(windows)
+    assert (rows[0].topic, rows[0].src, rows[0].boot, rows[0].seq) == ("b/v1/processed/d1", "p/x", "boot", 7)
 
 
-def records(n: int) -> list[dict[str, object]]:
-    return [{"type": "window", "id": f"d1/temp/{i}", "device": "d1", "sensor": "temp", "start": i} for i in range(n)]
+# --- the outbox on its own ------------------------------------------------------------------------
 
 
-async def test_sink_deduplicates_by_idempotency_key(tmp_path: Path) -> None:
+def row(i: int, size: int = 200) -> Row:
+    return Row(id=f"d1/temp/{i}", body=b'{"id":"d1/temp/%d","pad":"%s"}' % (i, b"x" * size), topic="b/v1/processed/d1")
+
+
+async def test_outbox_keeps_order_ignores_redelivered_ids_and_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, 1 << 30)
+    assert await outbox.add([row(i) for i in range(5)]) == 5
+    assert await outbox.add([row(3), row(4), row(5)]) == 1  # a redelivered message: its records are here
+    assert [r.id for r in await outbox.head(10)] == [f"d1/temp/{i}" for i in range(6)]
+    await outbox.delete(await outbox.head(2))
+    await outbox.close()
+    with pytest.raises(RetryableError):  # a handler still running during shutdown holds its batch
+        await outbox.add([row(9)])
+    again = Outbox(path, 1 << 30)
+    try:
+        assert again.records == 4 and again.usage.bytes > 0
+        assert [r.id for r in await again.head(10)] == [f"d1/temp/{i}" for i in range(2, 6)]
+        assert await again.add([row(0)]) == 1  # uploaded and deleted before: a new record (the cloud de-duplicates)
+        assert [r.id for r in await again.head(10)][-1] == "d1/temp/0"
+    finally:
+        await again.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_outbox_refuses_a_batch_past_its_budget_unless_empty(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite3", 1 << 16)
+    try:
+        assert await outbox.add([row(i, 20_000) for i in range(10)]) == 10  # empty: accepted, however big
+        with pytest.raises(OutboxFull) as refused:
+            await outbox.add([row(100)])
+        assert refused.value.dependency == "outbox" and isinstance(refused.value, RetryableError)
+        assert outbox.records == 10
+        await outbox.delete(await outbox.head(10))
+        assert outbox.records == 0
+        added = 0
+        with pytest.raises(OutboxFull):
+            for i in range(1000):
+                added += await outbox.add([row(200 + i)])
+        assert 0 < outbox.usage.bytes <= 1 << 16 and outbox.records == added
+        # Full, it takes nothing, however small, until uploads free a tenth of the budget.
+        await outbox.delete(await outbox.head(1))
+        with pytest.raises(OutboxFull):
+            await outbox.add([row(5000, 0)])
+        while outbox.usage.bytes > (1 << 16) - outbox.resume_margin - 1024:
+            await outbox.delete(await outbox.head(1))
+        assert await outbox.add([row(5000, 0)]) == 1 and not outbox.full
+    finally:
+        await outbox.close()
+
+
+def records(n: int, first: int = 0) -> list[dict[str, object]]:
+    return [
+        {"type": "window", "id": f"d1/temp/{i}", "device": "d1", "sensor": "temp", "start": i}
+        for i in range(first, first + n)
+    ]
+
+
+async def test_sink_deduplicates_by_idempotency_key_and_record_id(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
     runner, url = await serve(make_app(SinkSettings(token_file=token_file, store_file=tmp_path / "r.jsonl")))
@@ -243,9 +420,19 @@ async def test_sink_deduplicates_by_idempotency_key(tmp_path: Path) -> None:
                 assert r.status == 401
             async with http.post(f"{url}/ingest", json=body, headers=auth) as r:
                 assert r.status == 400
+            bad = {"batch_id": "b3", "records": [{"type": "window"}]}
+            async with http.post(f"{url}/ingest", json=bad, headers={**auth, "Idempotency-Key": "k3"}) as r:
+                assert r.status == 400  # a record without an id
+            # Another batch (a retry that was split differently) overlapping by one record id.
+            overlap = {"batch_id": "b4", "records": records(2, first=1)}
+            async with http.post(f"{url}/ingest", json=overlap, headers={**auth, "Idempotency-Key": "k4"}) as r:
+                assert await r.json() == {"status": "accepted", "batch_id": "b4", "records": 1, "duplicates": 1}
             async with http.get(f"{url}/stats") as r:
                 stats = await r.json()
+            async with http.get(f"{url}/records") as r:
+                ids = [rec["id"] for rec in await r.json()]
     finally:
         await runner.cleanup()
-    assert stats == {"batches": 1, "duplicate_batches": 1, "records": 2, "unique_records": 2}
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    assert stats == {"batches": 2, "duplicate_batches": 1, "records": 3, "duplicate_records": 3, "unique_records": 3}
+    assert ids == ["d1/temp/0", "d1/temp/1", "d1/temp/2"]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3

@@ -22,7 +22,7 @@ from ._health import check_health
 from ._models import Alert, Processed, RawBatch, json_schemas, to_builtins
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
-from .devstack import Ports, ensure_secrets, prepare_local_stack
+from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
 
 # The models of the sealed topics, by the topic level after `<base>/v1/`.
 SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "alerts": Alert}
@@ -187,7 +187,8 @@ def health(service: str, instance: str | None, max_age: float) -> None:
 @main.command()
 @click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=Path("."))
 def stack(root: Path) -> None:
-    """Run broker, Redis, cloud-sink and the five services as local processes (honcho), until Ctrl-C."""
+    """Run broker, Redis, cloud-sink and the five services (the Procfile) as local processes under
+    supervisord, which restarts any that dies; every line prefixed by its process. Ctrl-C stops."""
     root = root.resolve()
     missing = [b for b in ("mosquitto", "redis-server") if shutil.which(b) is None]
     if missing:
@@ -195,6 +196,10 @@ def stack(root: Path) -> None:
             f"{' and '.join(missing)} not found: run `make run` (installs them) or "
             "install the mosquitto and redis-server OS packages"
         )
+    try:
+        programs = read_procfile(root / "Procfile")
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
     ports = Ports(
         mqtt=int(os.environ.get("IOTPIPE_STACK_MQTT_PORT", 18830)),
         mqtt_tls=int(os.environ.get("IOTPIPE_STACK_MQTT_TLS_PORT", 18883)),
@@ -202,16 +207,19 @@ def stack(root: Path) -> None:
         sink=int(os.environ.get("IOTPIPE_STACK_SINK_PORT", 18080)),
     )
     var = root / "var"
+    if stack_running(var):  # before anything of its is rewritten (configs, supervisorctl's password)
+        raise click.ClickException(
+            f"a local stack started from {root} is running already: stop it first (Ctrl-C in its terminal, "
+            f"or `uv run supervisorctl -c {var / 'supervisor/supervisord.conf'} shutdown`)"
+        )
     env = prepare_local_stack(root, var, ports)
     click.echo(
         f"local stack: MQTT {ports.mqtt} (TLS {ports.mqtt_tls}), Redis {ports.redis}, "
-        f"cloud-sink {ports.sink}; logs in {var / 'log'}/"
+        f"cloud-sink {ports.sink}; logs in {var / 'log'}/; "
+        f"`uv run supervisorctl -c {var / 'supervisor/supervisord.conf'} status` shows the processes"
     )
-    honcho = shutil.which("honcho")
-    if honcho is None:
-        raise click.ClickException("honcho not found: run through `make run` (uv sync installs it)")
-    os.chdir(root)
-    os.execve(honcho, [honcho, "-f", "Procfile", "-e", str(var / "stack.env"), "start"], {**os.environ, **env})
+    code = supervise(programs, root, var, {**os.environ, **env})
+    sys.exit(128 - code if code < 0 else code)  # killed by a signal: the shell's 128 + signal
 
 
 if __name__ == "__main__":

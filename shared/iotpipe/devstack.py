@@ -8,6 +8,12 @@ certificate for the TLS listener, and the cloud bearer token. Nothing here is ev
 `render_broker_config` / `render_redis_config` turn the committed mosquitto/mosquitto.conf and
 redis/redis.conf (the compose configuration) into local ones: loopback ports and local paths
 substituted, every other line as shipped. The tests use the same functions.
+
+`supervise` runs the local stack (`iotpipe stack`, `make run`) under supervisord, one program per
+Procfile line (`render_supervisor_config`): a program that dies is restarted while the others keep
+running, one that keeps dying right after its start backs off (1, 2, 3... s) and is then given up
+on, loudly. supervisord keeps each program's output in var/supervisor/<name>.log; `supervise`
+follows those files and prints every line prefixed by its program's name, as honcho did.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ import getpass
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -186,7 +201,7 @@ def render_broker_config(
         line = line.replace("/mosquitto/config/acl", str((source.parent / "acl").resolve()))
         line = line.replace("/mosquitto/data/", f"{data_dir.resolve()}/")
         if line == "log_dest stdout":
-            line = "log_dest stderr"  # unbuffered when piped (honcho, tests): lines arrive as they happen
+            line = "log_dest stderr"  # unbuffered when piped (supervisord, tests): lines arrive as they happen
         out.append(line)
     # As root, mosquitto would switch to the `mosquitto` user, who cannot write our data dir.
     out.append(f"user {getpass.getuser()}")
@@ -225,10 +240,12 @@ def stack_environment(root: Path, var: Path, secrets_dir: Path, ports: Ports) ->
         "IOTPIPE_SINK_PORT": str(ports.sink),
         "IOTPIPE_SINK_TOKEN_FILE": str((secrets_dir / "cloud_token").resolve()),
         "IOTPIPE_SINK_STORE_FILE": str((var / "cloud-sink" / "records.jsonl").resolve()),
+        "IOTPIPE_SINK_DB_FILE": str((var / "cloud-sink" / "sink.sqlite3").resolve()),
         "IOTPIPE_DEVICES_FILE": str((root / "services/sensor_reader/examples/simulated.toml").resolve()),
         "IOTPIPE_LOG_DIR": str((var / "log").resolve()),
         "IOTPIPE_HEALTH_DIR": str((var / "health").resolve()),
-        "IOTPIPE_DEAD_LETTER_FILE": str((var / "cloud-forwarder" / "dead-letter.jsonl").resolve()),
+        # Each service's own dead letters and state under var/, whatever directory it runs in.
+        "IOTPIPE_STATE_DIR": str((var / "state").resolve()),
         "IOTPIPE_INSTANCE": "local",
         "IOTPIPE_BROKER_CONFIG": str((var / "mosquitto.conf").resolve()),
         "IOTPIPE_REDIS_CONFIG": str((var / "redis.conf").resolve()),
@@ -250,3 +267,299 @@ def prepare_local_stack(root: Path, var: Path, ports: Ports) -> dict[str, str]:
     env = stack_environment(root, var, secrets_dir, ports)
     (var / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     return env
+
+
+# --- the local stack under supervisord --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Program:
+    """One Procfile line: a name and the shell command that runs it (compose runs the same)."""
+
+    name: str
+    command: str
+
+
+_PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def read_procfile(path: Path) -> list[Program]:
+    programs: list[Program] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, command = (part.strip() for part in line.partition(":"))
+        if not sep or not command or not _PROGRAM_NAME.fullmatch(name):
+            raise ValueError(f"{path}:{number}: expected `name: command`, got {line!r}")
+        if any(p.name == name for p in programs):
+            raise ValueError(f"{path}:{number}: {name} is defined twice")
+        programs.append(Program(name, command))
+    if not programs:
+        raise ValueError(f"{path}: no processes")
+    return programs
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How supervisord treats each program of the local stack.
+
+    A program that exits (or is killed) after `start_secs` of running is restarted at once. One that
+    dies sooner counts as a failed start: supervisord waits 1 s, 2 s, 3 s... before each new try and
+    after `start_retries` failed starts in a row gives up on it (FATAL, logged as `gave up:`); the
+    rest of the stack keeps running. Stopping sends SIGTERM to the program's process group and
+    SIGKILL after `stop_wait_secs`."""
+
+    start_secs: int = 5
+    start_retries: int = 5
+    stop_wait_secs: int = 5  # a service's drain takes at most ~2 s (iotpipe._bus.SHUTDOWN_DRAIN)
+    log_max_bytes: int = 10 * 1024 * 1024
+
+
+def supervisor_socket(var: Path) -> Path:
+    """supervisorctl's socket; a unix socket path must fit in 107 bytes, so a deep checkout gets
+    one under /tmp named after it."""
+    sock = (var / "supervisor" / "supervisord.sock").resolve()
+    if len(os.fsencode(sock)) < 100:
+        return sock
+    tag = hashlib.sha256(os.fsencode(var.resolve())).hexdigest()[:16]
+    return Path("/tmp") / f"iotpipe-{os.getuid()}-{tag}.sock"
+
+
+def stack_running(var: Path) -> bool:
+    """Whether a supervisord of a stack started from this `var` answers on its socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(str(supervisor_socket(var)))
+        except OSError:
+            return False
+        return True
+
+
+def program_log(var: Path, name: str) -> Path:
+    """What a program wrote to stdout and stderr, as supervisord captured it (and the terminal shows)."""
+    return (var / "supervisor" / f"{name}.log").resolve()
+
+
+def _ini(value: str) -> str:
+    """A value for supervisord's config file: `%` is its interpolation character, and `;` or `#`
+    after whitespace starts a comment there (which cannot be escaped)."""
+    if "\n" in value or re.search(r"\s[;#]", value):
+        raise ValueError(f"supervisord cannot be given {value!r}: a newline, or ` ;` / ` #` (a comment there)")
+    return value.replace("%", "%%")
+
+
+def render_supervisor_config(
+    programs: Sequence[Program], root: Path, var: Path, supervision: Supervision = Supervision()
+) -> str:
+    """supervisord's config for the local stack: one [program] per Procfile line, run as the
+    Procfile runs it (`sh -c`, `exec`ed so the program itself is the supervised process), in `root`,
+    with supervisord's environment (what `iotpipe stack` gives it). Programs start in Procfile order
+    and stop in reverse, each stopped before the next is asked to: the broker, listed first, is
+    still there when the services say `offline` on their way out.
+
+    supervisorctl's socket is the user's only (0700) and has a password as well, which only keeps
+    supervisord from logging a CRIT line about running without one at every start."""
+    sock = supervisor_socket(var)
+    password = secrets.token_urlsafe(18)
+    log_dir = (var / "log").resolve()
+    run_dir = (var / "supervisor").resolve()
+    s = supervision
+    lines = [
+        "; Generated by `iotpipe stack` from the Procfile on every start: edit the Procfile, not this.",
+        "[supervisord]",
+        "nodaemon=true",
+        "silent=true",  # `iotpipe stack` prints supervisord's log with the programs' output
+        f"user={os.getuid()}",  # who runs it already: no CRIT line about running as root
+        f"logfile={_ini(str(log_dir / 'supervisord.log'))}",
+        f"logfile_maxbytes={s.log_max_bytes}",
+        "logfile_backups=1",
+        f"pidfile={_ini(str(run_dir / 'supervisord.pid'))}",
+        f"childlogdir={_ini(str(run_dir))}",
+        "",
+        "[unix_http_server]",
+        f"file={_ini(str(sock))}",
+        "chmod=0700",
+        "username=iotpipe",
+        f"password={password}",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{_ini(str(sock))}",
+        "username=iotpipe",
+        f"password={password}",
+    ]
+    for position, program in enumerate(programs, 1):
+        lines += [
+            "",
+            f"[program:{program.name}]",
+            f"command=/bin/sh -c {_ini(shlex.quote('exec ' + program.command))}",
+            f"directory={_ini(str(root.resolve()))}",
+            f"priority={10 * position}",
+            "autostart=true",
+            "autorestart=true",
+            f"startsecs={s.start_secs}",
+            f"startretries={s.start_retries}",
+            "stopsignal=TERM",
+            f"stopwaitsecs={s.stop_wait_secs}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={_ini(str(program_log(var, program.name)))}",
+            f"stdout_logfile_maxbytes={s.log_max_bytes}",
+            "stdout_logfile_backups=1",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class _Follower:
+    """`tail -F` of one file: complete lines appended since it was created, across rotations."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: BinaryIO | None = None
+        self.partial = b""
+        try:
+            self.offset = path.stat().st_size  # only what this run writes
+        except FileNotFoundError:
+            self.offset = 0
+
+    def _read(self) -> bytes:
+        data = b""
+        while True:
+            if self.file is None:
+                try:
+                    self.file = self.path.open("rb")
+                except FileNotFoundError:
+                    return data
+                self.file.seek(self.offset)
+            data += self.file.read()
+            try:
+                rotated = os.stat(self.path).st_ino != os.fstat(self.file.fileno()).st_ino
+            except FileNotFoundError:
+                rotated = True
+            if not rotated:
+                return data
+            # supervisord closes a log before renaming it: what is left of the old file is final.
+            data += self.file.read()
+            self.file.close()
+            self.file, self.offset = None, 0
+
+    def read(self) -> list[bytes]:
+        lines = (self.partial + self._read()).split(b"\n")
+        self.partial = lines.pop()
+        return lines
+
+    def close(self) -> list[bytes]:
+        rest = self.read()
+        if self.partial:
+            rest.append(self.partial)
+            self.partial = b""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        return rest
+
+
+_COLORS = (36, 33, 32, 35, 34, 96, 93, 92, 95, 94)
+_GAVE_UP = re.compile(rb"gave up: (\S+) entered FATAL")
+
+
+def _set_parent_death_signal() -> None:
+    """In the child, before exec: if `iotpipe stack` dies (even by SIGKILL), supervisord gets
+    SIGTERM and stops the stack instead of leaving it running unattended (Linux only)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def supervise(
+    programs: Sequence[Program],
+    root: Path,
+    var: Path,
+    env: dict[str, str],
+    supervision: Supervision = Supervision(),
+    out: BinaryIO | None = None,
+    poll: float = 0.1,
+) -> int:
+    """Run `programs` under supervisord until SIGINT/SIGTERM/SIGHUP (or supervisord's own end),
+    printing each line the programs and supervisord write as `HH:MM:SS name | line`. Returns
+    supervisord's exit status (0 after a requested stop)."""
+    out = out if out is not None else sys.stdout.buffer
+    (var / "supervisor").mkdir(parents=True, exist_ok=True)
+    (var / "log").mkdir(parents=True, exist_ok=True)
+    conf = var / "supervisor" / "supervisord.conf"
+    _write(conf, render_supervisor_config(programs, root, var, supervision), 0o600)
+    names = ["supervisord", *(p.name for p in programs)]
+    # supervisord's lines last: what a program said before it died, then supervisord's word on it.
+    followers = {p.name: _Follower(program_log(var, p.name)) for p in programs}
+    followers["supervisord"] = _Follower((var / "log" / "supervisord.log").resolve())
+    width = max(map(len, names))
+    color = out.isatty() and os.environ.get("NO_COLOR") is None
+    prefixes = {}
+    for i, name in enumerate(names):
+        label = name.ljust(width).encode()
+        prefixes[name] = b"\x1b[%dm%s |\x1b[0m " % (_COLORS[i % len(_COLORS)], label) if color else label + b" | "
+
+    proc: subprocess.Popen[bytes] | None = None
+    stopping = False
+    reader_gone = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # not SIGHUP, which would make supervisord reload
+
+    def emit(name: str, lines: list[bytes]) -> None:
+        nonlocal reader_gone
+        if not lines or reader_gone:
+            return
+        stamp = time.strftime("%H:%M:%S ").encode()
+        chunk = bytearray()
+        for line in lines:
+            chunk += stamp + prefixes[name] + line.rstrip(b"\r") + b"\n"
+            if name == "supervisord" and (gave_up := _GAVE_UP.search(line)):
+                program = gave_up.group(1).decode(errors="replace")
+                hint = (
+                    f"{program} kept dying right after starting and will not be restarted: see "
+                    f"{program_log(var, program)}, fix it, then `uv run supervisorctl -c {conf} start {program}`"
+                )
+                chunk += stamp + prefixes[name] + hint.encode() + b"\n"
+        try:
+            out.write(bytes(chunk))
+            out.flush()
+        except BrokenPipeError:  # the reader went away (`make run | head`): stop the stack
+            reader_gone = True
+            stop(signal.SIGPIPE, None)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "--nodaemon", "--configuration", str(conf)],
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_set_parent_death_signal,  # this process runs no threads
+        )
+        if stopping:  # Ctrl-C while it was being started
+            proc.send_signal(signal.SIGTERM)
+        while True:
+            exited = proc.poll() is not None
+            for name, follower in followers.items():
+                emit(name, follower.close() if exited else follower.read())
+            if exited:
+                break
+            time.sleep(poll)
+    finally:
+        if proc is not None and proc.poll() is None:  # an exception here: never leave supervisord behind
+            proc.terminate()
+            proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = proc.returncode
+    return 0 if stopping and code in (0, -signal.SIGTERM) else code

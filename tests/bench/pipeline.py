@@ -64,6 +64,7 @@ async def run(args: argparse.Namespace) -> None:
                 IOTPIPE_BATCH_MAX="1000",
                 IOTPIPE_BATCH_LINGER="0.05",
                 IOTPIPE_DEAD_LETTER_FILE=str(tmp / "dead.jsonl"),
+                IOTPIPE_OUTBOX_FILE=str(tmp / "outbox.sqlite3"),
             )
             procs = {s: subprocess.Popen([sys.executable, "-m", s], env=env, cwd=ROOT) for s in SERVICES}
             producer = bus_for(stack, "sensor-reader", keyring=keyring, max_inflight=1000)

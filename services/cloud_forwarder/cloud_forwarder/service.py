@@ -1,18 +1,30 @@
-"""cloud-forwarder: processed windows and alerts, batched and POSTed to the cloud without loss.
+"""cloud-forwarder: processed windows and alerts, through a durable outbox, POSTed to the cloud without loss.
 
-Nothing is acknowledged to the broker until the cloud accepted the batch (2xx), so the broker's
-durable session is the spool: a dead forwarder or a cloud outage loses nothing, and ReceiveMaximum
-bounds what we hold in memory. Each batch carries an `Idempotency-Key` derived from the identities
-of its records, so a retried POST is recognisable as the same batch.
+Two halves joined by the outbox (cloud_forwarder.outbox, SQLite):
+- the bus handlers turn each batch of MQTT messages into records, store them in the outbox in one
+  transaction and return, so the bus acknowledges the messages: the broker's queue for us stays
+  small however long the cloud is away, because the outbox holds the backlog. When the outbox is
+  at its disk budget the handler raises OutboxFull (a RetryableError, dependency "outbox"): the bus
+  holds the batch unacknowledged and retries it, the broker queues the rest (bounded by
+  ReceiveMaximum in flight), and nothing is dropped. The forwarder logs it once, counts it
+  (`iotpipe_outbox_full`) and says `"full": true` in its health until a batch fits again;
+- the uploader (`run()`) POSTs the oldest records, up to `IOTPIPE_BATCH_MAX` per request, and
+  deletes them on 2xx. Each request carries an `Idempotency-Key` derived from its record ids, so a
+  retried POST is recognisable as the same batch; the cloud de-duplicates by record id anyway.
 
-Errors map onto the bus's error tree (iotpipe._bus): connection errors, timeouts, 5xx, 408, 425 and
-429 are CloudUnavailable (retryable: the bus holds the batch and retries with jittered backoff,
-honouring Retry-After, for as long as it takes); any other 4xx is CloudRejected (permanent: the bus
-retries the batch's messages one by one and dead-letters only those the cloud still refuses).
+Errors: connection errors, timeouts, 5xx, 401, 403, 408, 425 and 429 are CloudUnavailable,
+retried by `iotpipe.Outage` (the bus's mechanism: capped jittered backoff, Retry-After honoured,
+said once when waiting starts and once when it ends), each retry with the oldest records (the same
+ones, under the same key, unless the batch was not yet full and more arrived); any other 4xx is
+CloudRejected: the batch is bisected until the records the cloud refuses are alone, the rest are
+uploaded, and each refused record is dead-lettered (`cloud_rejected`, its JSON as the payload) and
+deleted. 401/403 are retried rather than bisected: they refuse us, not a record, and bisecting
+them would dead-letter the whole backlog.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -23,10 +35,10 @@ import aiohttp
 from iotpipe import (
     Alert,
     AlertRecord,
-    CloudBatch,
     CloudRecord,
     Component,
     Opened,
+    Outage,
     PermanentError,
     Processed,
     RetryableError,
@@ -36,11 +48,17 @@ from iotpipe import (
     encode,
     read_secret,
 )
-from pydantic import Field
+from pydantic import Field, field_validator
+
+from .outbox import Outbox, OutboxFull, Row, Synchronous
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({408, 425, 429})
+# Retried, not refused: the cloud is busy or overloaded (408, 425, 429, 5xx), or refuses *us* (401,
+# 403: a token to fix, after which everything held goes through).
+RETRYABLE_STATUS = frozenset({401, 403, 408, 425, 429})
+# An uploader step that failed in a way nobody foresaw waits this long before trying again.
+UPLOADER_BUG_DELAY = 1.0
 
 
 class Settings(ServiceSettings):
@@ -48,10 +66,24 @@ class Settings(ServiceSettings):
 
     cloud_url: str = "http://localhost:8080/ingest"
     cloud_token_file: Path | None = Field(None, description="bearer token, read from this file")
-    batch_max: int = Field(200, ge=1, le=10_000, description="messages per POST at most")
-    batch_linger: float = Field(1.0, ge=0, description="s to wait for a batch to fill")
+    batch_max: int = Field(200, ge=1, le=10_000, description="records per POST at most")
+    batch_linger: float = Field(1.0, ge=0, description="s to wait for a POST to fill")
     request_timeout: float = Field(10.0, gt=0)
     retry_max_delay: float = Field(30.0, gt=0, description="cap on the delay between upload retries")
+    outbox_file: Path | None = Field(
+        None, description="the durable outbox (SQLite); default <state_dir>/cloud-forwarder-<instance>.outbox.sqlite3"
+    )
+    outbox_max_bytes: int = Field(1 << 30, ge=1 << 15, description="disk budget of the outbox")
+    outbox_synchronous: Synchronous = Field("FULL", description="SQLite synchronous level of the outbox")
+
+    @field_validator("outbox_synchronous", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox_file or self.state_dir / f"{self.service_name}-{self.instance}.outbox.sqlite3"
 
 
 class CloudRejected(PermanentError):
@@ -84,9 +116,18 @@ def _fields(value: Any) -> dict[str, Any]:
     return {f: getattr(value, f) for f in value.__struct_fields__}
 
 
-def batch_id(records: Sequence[CloudRecord]) -> str:
+def batch_id(records: Sequence[CloudRecord | Row]) -> str:
     digest = hashlib.sha256("\n".join(sorted(r.id for r in records)).encode()).hexdigest()
     return digest[:32]
+
+
+def batch_body(key: str, rows: Sequence[Row]) -> bytes:
+    """A CloudBatch's JSON from the records' stored JSON, without decoding them again."""
+    return b'{"batch_id":"' + key.encode() + b'","records":[' + b",".join(r.body for r in rows) + b"]}"
+
+
+def outbox_rows(message: Opened[Any], records: Sequence[CloudRecord]) -> list[Row]:
+    return [Row(r.id, encode(r), message.topic, message.src, message.boot, message.seq) for r in records]
 
 
 class CloudForwarder(Component[Settings]):
@@ -94,33 +135,148 @@ class CloudForwarder(Component[Settings]):
         super().__init__(runtime)
         s = self.settings
         self.token = read_secret(s.cloud_token_file, "cloud token") if s.cloud_token_file else None
+        self.outbox = Outbox(s.outbox_path, s.outbox_max_bytes, s.outbox_synchronous)
+        if self.outbox.records:
+            log.info(
+                "outbox %s holds %d record(s) from before: uploading them first", s.outbox_path, self.outbox.records
+            )
         # Built here, not in run(): deliveries can start as soon as the bus connects.
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.request_timeout))
-        self.uploaded = runtime.metrics.counter("iotpipe_records_uploaded", "Records accepted by the cloud")
-        self.batches = runtime.metrics.counter("iotpipe_batches", "Upload batches by outcome", ("outcome",))
-        options: dict[str, Any] = {"batch": s.batch_max, "linger": s.batch_linger, "retry_max_delay": s.retry_max_delay}
-        runtime.bus.subscribe(runtime.topics.all("processed"), self.upload_windows, model=Processed, **options)
-        runtime.bus.subscribe(runtime.topics.all("alerts"), self.upload_alerts, model=Alert, **options)
+        metrics = runtime.metrics
+        self.uploaded = metrics.counter("iotpipe_records_uploaded", "Records accepted by the cloud")
+        self.batches = metrics.counter("iotpipe_batches", "Upload requests by outcome", ("outcome",))
+        self.stored = metrics.counter(
+            "iotpipe_outbox_records", "Records offered to the outbox, by outcome", ("outcome",)
+        )
+        self.full_count = metrics.counter(
+            "iotpipe_outbox_full", "Times the outbox reached its disk budget and acknowledging stopped"
+        )
+        self.full = False
+        self._full_since = 0.0
+        self.cloud = Outage(s.retry_max_delay, log, on_retry=metrics.errors.labels("retry").inc)
+        self._added = asyncio.Event()
+        # A batch is one outbox transaction: as many messages as the broker may have in flight to us.
+        options: dict[str, Any] = {"batch": s.mqtt.receive_maximum, "retry_max_delay": s.retry_max_delay}
+        runtime.bus.subscribe(runtime.topics.all("processed"), self.store_windows, model=Processed, **options)
+        runtime.bus.subscribe(runtime.topics.all("alerts"), self.store_alerts, model=Alert, **options)
 
-    async def upload_windows(self, messages: Sequence[Opened[Processed]]) -> None:
-        await self.upload([r for m in messages for r in window_records(m)])
+    # -- MQTT -> outbox ---------------------------------------------------------------------------
+    async def store_windows(self, messages: Sequence[Opened[Processed]]) -> None:
+        await self.store([row for m in messages for row in outbox_rows(m, window_records(m))])
 
-    async def upload_alerts(self, messages: Sequence[Opened[Alert]]) -> None:
-        await self.upload([alert_record(m) for m in messages])
+    async def store_alerts(self, messages: Sequence[Opened[Alert]]) -> None:
+        await self.store([row for m in messages for row in outbox_rows(m, [alert_record(m)])])
 
-    async def upload(self, records: list[CloudRecord]) -> None:
-        key = batch_id(records)
-        body = encode(CloudBatch(batch_id=key, records=records))
+    async def store(self, rows: list[Row]) -> None:
+        """Durable in the outbox when this returns (the bus then acknowledges the messages)."""
         try:
-            await self._post(body, key)
+            added = await self.outbox.add(rows)
+        except OutboxFull as exc:
+            if not self.full:
+                self.full = True
+                self._full_since = asyncio.get_running_loop().time()
+                self.full_count.inc()
+                log.error("%s: no longer acknowledging MQTT messages until uploads make room", exc)
+            raise
+        if self.full:
+            self.full = False
+            waited = asyncio.get_running_loop().time() - self._full_since
+            log.info("outbox has room again after %.0fs: acknowledging MQTT messages", waited)
+        self.stored.labels("added").inc(added)
+        if len(rows) > added:
+            self.stored.labels("duplicate").inc(len(rows) - added)
+        self._added.set()
+
+    # -- outbox -> cloud --------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Upload the outbox, oldest first, for as long as the service runs."""
+        while True:
+            try:
+                await self._batch_ready()
+                await self._deliver_oldest()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug, or the outbox failing outside an upload: never stop uploading
+                self.runtime.metrics.errors.labels("uploader").inc()
+                log.exception("uploader step failed; trying again in %.0fs", UPLOADER_BUG_DELAY)
+                await asyncio.sleep(UPLOADER_BUG_DELAY)
+
+    async def _batch_ready(self) -> None:
+        """Once there are `batch_max` records, or `batch_linger` after the first one."""
+        s = self.settings
+        while not self.outbox.records:
+            self._added.clear()
+            if not self.outbox.records:
+                await self._added.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.batch_linger
+        while self.outbox.records < s.batch_max and (remaining := deadline - loop.time()) > 0:
+            self._added.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._added.wait()
+            except TimeoutError:
+                break
+
+    async def _deliver_oldest(self) -> None:
+        """Upload the oldest `batch_max` records, retrying while the cloud is unavailable. Each retry
+        takes the oldest records afresh, so the first POST after an outage is a full one (with
+        nothing new in the outbox they are the same records, so the same Idempotency-Key)."""
+        batch: list[Row] = []
+
+        async def attempt() -> None:
+            batch[:] = await self.outbox.head(self.settings.batch_max)
+            if batch:
+                await self._upload(batch)
+
+        try:
+            await self.cloud.run(attempt, f"{self.outbox.records} record(s) in the outbox")
+        except CloudRejected as exc:
+            self.batches.labels("rejected").inc()
+            await self._split(list(batch), exc)
+
+    async def _deliver(self, rows: Sequence[Row]) -> None:
+        """Upload exactly `rows` (part of a refused batch), retrying while the cloud is unavailable."""
+        try:
+            await self.cloud.run(lambda: self._upload(rows), f"{len(rows)} record(s)")
+        except CloudRejected as exc:
+            self.batches.labels("rejected").inc()
+            await self._split(rows, exc)
+
+    async def _split(self, rows: Sequence[Row], exc: CloudRejected) -> None:
+        """The cloud refused `rows` (4xx): halve them until each refused record is alone, upload the
+        rest, and dead-letter (and delete) each record refused alone."""
+        if len(rows) > 1:
+            middle = len(rows) // 2
+            await self._deliver(rows[:middle])
+            await self._deliver(rows[middle:])
+            return
+        (row,) = rows
+        log.warning("cloud refused record %s (%s): dead-lettered", row.id, exc)
+        self.runtime.bus.dead_letters.write(
+            reason=CloudRejected.reason,
+            error=str(exc),
+            topic=row.topic,
+            payload=row.body,
+            id=row.id,
+            src=row.src,
+            boot=row.boot,
+            seq=row.seq,
+        )
+        await self.outbox.delete(rows)
+
+    async def _upload(self, rows: Sequence[Row]) -> None:
+        """One try: POST, then (2xx) delete. An outbox error after the 2xx is retried with the POST:
+        the cloud sees the same Idempotency-Key and the same record ids again, and keeps them once."""
+        key = batch_id(rows)
+        try:
+            await self._post(batch_body(key, rows), key)
         except CloudUnavailable:
             self.batches.labels("retried").inc()
             raise
-        except CloudRejected:
-            self.batches.labels("rejected").inc()
-            raise
+        await self.outbox.delete(rows)
         self.batches.labels("accepted").inc()
-        self.uploaded.inc(len(records))
+        self.uploaded.inc(len(rows))
 
     async def _post(self, body: bytes, key: str) -> None:
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}
@@ -139,10 +295,15 @@ class CloudForwarder(Component[Settings]):
             raise CloudUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def health(self) -> dict[str, Any]:
-        return {"cloud": "down" if "cloud" in self.runtime.bus.waiting_on() else "up"}
+        usage = self.outbox.usage
+        return {
+            "cloud": "down" if self.cloud.waiting_on == "cloud" else "up",
+            "outbox": {"records": usage.records, "bytes": usage.bytes, "full": self.full},
+        }
 
     async def close(self) -> None:
         await self.session.close()
+        await self.outbox.close()
 
 
 def _retry_after(value: str | None) -> float | None:

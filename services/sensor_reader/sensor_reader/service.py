@@ -3,6 +3,12 @@
 A window is published whole, in one message, once it has closed (its end plus a grace period has
 passed). That makes the preprocessor stateless: any instance of its shared subscription can turn
 one message into that window's aggregates, and a window can never be split between instances.
+
+A closed window is sealed at once and handed to the outbox (sensor_reader.spool), which publishes
+windows in the order they closed and keeps each one the broker has not acknowledged within one
+commit tick in the local spool until it has. Polling never waits for the broker: during an outage
+windows pile up in the spool (bounded by its byte budget, oldest dropped first) and are published
+when the broker is back, also after a restart.
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from iotpipe import (
     SHUTDOWN_DRAIN,
     Component,
+    ConfigError,
     IotpipeError,
-    RateLimitedLog,
     RawBatch,
     Runtime,
     Series,
@@ -30,6 +36,7 @@ from pydantic import Field
 
 from .config import load_devices
 from .poller import DevicePoller, PollPolicy
+from .spool import Outbox, SpoolFile, Window
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +52,24 @@ class Settings(ServiceSettings):
     reopen_after: int = Field(3, ge=1)
     fault_after: int = Field(5, ge=1)
     max_pending_windows: int = Field(
-        10_000,
+        1000,
         ge=1,
-        description="windows awaiting the broker's ack (e.g. during an outage) before new ones are dropped",
+        description="windows awaiting the broker kept in memory; with a spool the older ones wait on disk, "
+        "without one the oldest are dropped",
     )
+    spool_file: Path | None = Field(
+        None, description="default <state_dir>/sensor-reader-<instance>.spool.sqlite3 (state that must survive)"
+    )
+    spool_max_bytes: int = Field(
+        1 << 30, ge=0, description="disk budget of the spool (oldest windows dropped beyond it); 0: no spool"
+    )
+    spool_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="FULL also survives a power loss: one fsync per commit tick that wrote windows"
+    )
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_file or self.state_dir / f"{self.service_name}-{self.instance}.spool.sqlite3"
 
 
 @dataclass
@@ -84,9 +105,29 @@ class SensorReader(Component[Settings]):
         self._units: dict[str, Mapping[str, str]] = {}
         self.readings = runtime.metrics.counter("iotpipe_readings", "Readings published", ("device",))
         self.dropped = runtime.metrics.counter(
-            "iotpipe_readings_dropped", "Readings dropped because too many windows awaited the broker", ("device",)
+            "iotpipe_readings_dropped",
+            "Readings in windows never published (spool full, expired, refused by the broker...)",
+            ("device",),
         )
-        self._drops = RateLimitedLog(log)
+        self.windows_dropped = runtime.metrics.counter(
+            "iotpipe_windows_dropped", "Windows never published, by reason (docs/contract.md)", ("reason",)
+        )
+        if runtime.bus.sealer is None:
+            raise ConfigError("the sensor-reader needs a key ring to seal its windows")
+        self._sealer = runtime.bus.sealer
+        s = self.settings
+        self.outbox = Outbox(
+            SpoolFile(s.spool_path, s.spool_synchronous) if s.spool_max_bytes > 0 else None,
+            max_bytes=s.spool_max_bytes,
+            publish=self._publish,
+            connected=runtime.bus.connected,
+            max_in_memory=s.max_pending_windows,
+            max_in_flight=s.mqtt.max_inflight,
+            ttl_ms=s.message_ttl * 1000,
+            on_published=self._published,
+            on_dropped=self._dropped,
+            on_spool_error=runtime.metrics.errors.labels("spool").inc,
+        )
         self.late = runtime.metrics.counter("iotpipe_late_samples", "Samples for an already closed window")
         for device, driver in self.devices:
             self._units[device.id] = driver.sensors
@@ -94,7 +135,6 @@ class SensorReader(Component[Settings]):
                 driver, device.interval, self._sampler(device.id), self._stater(device.id), policy
             )
         self._status_changed = asyncio.Event()
-        self._publishing: set[asyncio.Task[None]] = set()
 
     def _sampler(self, device: str) -> Callable[[int, Mapping[str, float]], None]:
         size = self.settings.window_ms
@@ -121,35 +161,25 @@ class SensorReader(Component[Settings]):
         return on_state
 
     def _flush(self, device: str, window: _Window) -> None:
+        """A window closed: sealed now (so it is never at rest in plaintext) and handed to the outbox."""
         if not window.v:
             return
         count = sum(len(v) for v in window.v.values())
-        if len(self._publishing) >= self.settings.max_pending_windows:
-            # The broker has been unreachable for a long time: bound our memory, and say what is lost.
-            self.dropped.labels(device).inc(count)
-            self._drops.warning(
-                "pending",
-                "broker unreachable and %d windows pending: dropping window %s of %s (%d readings)",
-                len(self._publishing),
-                window.start,
-                device,
-                count,
-            )
-            return
         topic = self.runtime.topics.raw(device)
-        data = window.payload(device, self.settings.window_ms)
-        task = asyncio.get_running_loop().create_task(self._publish(topic, data, device, count))
-        self._publishing.add(task)
-        task.add_done_callback(self._publishing.discard)
+        payload = self._sealer.seal(topic, window.payload(device, self.settings.window_ms))
+        self.outbox.put(Window(device, window.start, count, topic, payload, time.time_ns() // 1_000_000))
 
-    async def _publish(self, topic: str, data: RawBatch, device: str, count: int) -> None:
-        try:
-            await self.runtime.bus.publish_sealed(topic, data, kind="raw")
-        except IotpipeError as exc:
-            log.error("publishing window %s of %s failed (%s); %d readings lost", data.window.start, device, exc, count)
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        await self.runtime.bus.publish(topic, payload, kind="raw")
+
+    def _published(self, window: Window) -> None:
+        self.readings.labels(window.device).inc(window.readings)
+
+    def _dropped(self, window: Window, reason: str) -> None:
+        self.dropped.labels(window.device).inc(window.readings)
+        self.windows_dropped.labels(reason).inc()
+        if reason == "publish_failed":
             self.runtime.metrics.errors.labels("publish").inc()
-            return
-        self.readings.labels(device).inc(count)
 
     async def _close_windows(self) -> None:
         """Close windows on time even when a device has stopped producing samples."""
@@ -175,26 +205,28 @@ class SensorReader(Component[Settings]):
                     log.debug("device status change not published: %s", exc)
 
     async def run(self) -> None:
-        await self.runtime.bus.wait_connected(timeout=3600)
+        # No waiting for the broker: readings are taken and spooled from the start.
+        await self.outbox.start()
         async with asyncio.TaskGroup() as group:
             for device, poller in self.pollers.items():
                 group.create_task(poller.run(), name=f"poll {device}")
             group.create_task(self._close_windows(), name="windows")
             group.create_task(self._push_status(), name="status")
+            group.create_task(self.outbox.watch(), name="outbox")
 
     def health(self) -> dict[str, Any]:
         return {
             "devices": {
                 device: {"state": p.state, "reason": p.reason, **p.stats.snapshot()}
                 for device, p in self.pollers.items()
-            }
+            },
+            "spool": self.outbox.stats(),
         }
 
     async def close(self) -> None:
+        # The open windows close now; the broker gets SHUTDOWN_DRAIN seconds to acknowledge what is
+        # in flight, and whatever it has not acknowledged by then stays in the spool for the next start.
         for device, window in list(self._open.items()):
             del self._open[device]
             self._flush(device, window)
-        if self._publishing:
-            # The last windows: drained briefly; whatever the broker has not acknowledged by then is
-            # counted as a publish error (the reader is the source, it has no upstream to redeliver).
-            await asyncio.wait(self._publishing, timeout=SHUTDOWN_DRAIN)
+        await self.outbox.close(SHUTDOWN_DRAIN)
