@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,3 +268,25 @@ def health_doc(workdir: Path, service: str, instance: str) -> dict[str, Any]:
 def service_counters(workdir: Path, service: str, instance: str) -> dict[str, float]:
     """The service's counters as of its latest heartbeat (`"counters"` of its status)."""
     return health_doc(workdir, service, instance).get("counters", {})  # type: ignore[no-any-return]
+
+
+# How often wait_until re-checks a condition that has no event of its own.
+POLL_INTERVAL = 0.1
+
+
+async def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Wait for `condition` (a callable, maybe async) to hold, or fail naming `what`: the suite's one
+    way to wait for something that has no event of its own (never a fixed sleep)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL)

@@ -13,8 +13,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Topics
-from servers import Stack, bus_for, service_counters, service_env, spawn, stop_all, wait_online
-from test_e2e import wait_until
+from servers import Stack, bus_for, service_counters, service_env, spawn, stop_all, wait_online, wait_until
 
 
 def window(i: int) -> dict[str, object]:

@@ -39,8 +39,7 @@ import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import Stack, bus_for, free_port, health_doc, run_servers, service_env, spawn, stop_all, unseal
-from test_e2e import wait_until
+from servers import Stack, bus_for, free_port, health_doc, run_servers, service_env, spawn, stop_all, unseal, wait_until
 
 WINDOWS = 400
 REPUBLISHED = 10  # windows published a second time after recovery: duplicates the counting must see

@@ -13,7 +13,7 @@ import collections
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -21,13 +21,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opener, PlainMessage
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_until
 from test_broker import raw_connect
 from window_reference import mismatches
 
 SERVICES = ("cloud_sink", "sensor_reader", "preprocessor", "cache_writer", "cloud_forwarder", "monitor")
 STATUS_NAMES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
-POLL_INTERVAL = 0.1  # how often wait_until re-checks a condition that has no event of its own
 
 DEVICES = """
 [[devices]]
@@ -59,20 +58,6 @@ interval = 0.05
 [devices.params]
 sensors = ["pressure"]
 """
-
-
-async def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(POLL_INTERVAL)
 
 
 class Wire:

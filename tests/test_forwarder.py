@@ -38,7 +38,7 @@ from iotpipe import (
     decode,
     encode,
 )
-from servers import Stack, bus_for, free_port
+from servers import Stack, bus_for, free_port, wait_until
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -161,9 +161,7 @@ def window_payload(start: int) -> dict[str, object]:
 
 
 async def until(condition: Callable[[], bool], timeout: float = 15) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
+    await wait_until(condition, timeout, "the state this test expects")
 
 
 @pytest.fixture

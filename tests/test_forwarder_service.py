@@ -15,8 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 from iotpipe import KeyRing, Topics
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_online
-from test_e2e import wait_until
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_online, wait_until
 
 Script = dict[str, list[tuple[int, dict[str, str]]]]
 

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from cache_writer.service import CacheWriter, Settings
 from iotpipe import BUG_RETRIES, Bus, KeyRing, Opened, PermanentError, RetryableError, Runtime, Topics
-from servers import Stack, bus_for
+from servers import Stack, bus_for, wait_until
 
 
 def window(start: int, mean: float = 1.0) -> dict[str, object]:
@@ -27,9 +27,7 @@ def window(start: int, mean: float = 1.0) -> dict[str, object]:
 
 
 async def until(condition: Callable[[], bool], timeout: float = 15) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
+    await wait_until(condition, timeout, "the state this test expects")
 
 
 def dead_letters(path: Path) -> list[dict[str, Any]]:

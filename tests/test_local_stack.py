@@ -21,10 +21,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe.devstack import Program, Supervision, read_procfile, redis_password_file, render_supervisor_config
-from servers import ROOT, free_port
+from servers import ROOT, free_port, wait_until
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
-from test_e2e import wait_until
 
 DEVICES = ("greenhouse-1", "greenhouse-2", "weather-station")
 LOGS = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "cloud-sink", "broker")

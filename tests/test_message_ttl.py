@@ -15,8 +15,7 @@ import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import Stack, bus_for, service_env, spawn, stop_all
-from test_e2e import wait_until
+from servers import Stack, bus_for, service_env, spawn, stop_all, wait_until
 
 DEVICE = "d1"
 

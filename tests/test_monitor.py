@@ -11,8 +11,7 @@ import orjson
 import pytest
 from iotpipe import KeyRing, Opened, PlainMessage, Processed, Runtime, Topics, decode
 from monitor.service import Monitor, Settings
-from servers import Stack, bus_for
-from test_e2e import wait_until
+from servers import Stack, bus_for, wait_until
 
 
 def processed(base: str, device: str, seq: int, mean: float, spread: float) -> Opened[Processed]:

@@ -13,8 +13,7 @@ from typing import Any
 import orjson
 from iotpipe import KeyRing, Opened, Processed, RawBatch, Topics, decode, encode
 from preprocessor.service import fitting, process
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online
-from test_e2e import wait_until
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online, wait_until
 
 MAX_BYTES = 1 << 20  # IOTPIPE_MAX_PAYLOAD_BYTES's default
 

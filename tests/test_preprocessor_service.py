@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 from iotpipe import KeyRing, PlainMessage, Topics
-from servers import Stack, bus_for, service_env, spawn, stop_all, unseal, wait_online
-from test_e2e import wait_until
+from servers import Stack, bus_for, service_env, spawn, stop_all, unseal, wait_online, wait_until
 from window_reference import FIELDS, expected, near_rounding_tie, unrounded
 
 START, SIZE = 1_795_533_424_000, 1000

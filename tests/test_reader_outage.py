@@ -27,8 +27,7 @@ import orjson
 import pytest
 from iotpipe import Bus, KeyRing, Opener, PlainMessage, RawBatch, serve
 from sensor_reader.service import SensorReader, Settings
-from servers import Stack, bus_for, service_env, spawn
-from test_e2e import wait_until
+from servers import Stack, bus_for, service_env, spawn, wait_until
 
 WINDOW_MS = 100
 GRACE_MS = 20

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from iotpipe import BrokerRefused, ConfigError
 from sensor_reader.spool import COMMIT_INTERVAL, ROW_OVERHEAD, Outbox, SpoolFile, Window
-from test_e2e import wait_until
+from servers import wait_until
 
 PAYLOAD = 400  # bytes of each fake sealed window
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from iotpipe import KeyRing, Opened, Processed, Topics
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online
-from test_e2e import wait_until
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online, wait_until
 
 RAW = {
     "device": "d1",

@@ -24,8 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from iotpipe import Bus, KeyRing, MqttSettings, Opened, PlainMessage, RetryableError, Topics, check_health
 from iotpipe.devstack import Ports, ensure_secrets, mqtt_password_file, render_broker_config
-from servers import ROOT, Server, Stack, bus_for, free_port, service_env, spawn, stop_all
-from test_e2e import wait_until
+from servers import ROOT, Server, Stack, bus_for, free_port, service_env, spawn, stop_all, wait_until
 
 HANDSHAKE_FAILED = "OpenSSL Error"  # what mosquitto logs when a client aborts the TLS handshake
 
