@@ -17,6 +17,10 @@ Delivery (docs/contract.md):
   anything else is a bug: the batch is retried `BUG_RETRIES` times, then each message alone, and a
   message that still fails is dead-lettered with the traceback's summary. One poison message never
   stops a subscription and never takes healthy messages with it.
+
+Shared subscriptions (`share_group`): the members of a group leave it cleanly on a stop while
+another member is live, and drain the session of a member gone for good (iotpipe._share), through
+the same handlers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ._models import decode
 from ._mqtt import MqttConnection
 from ._retry import Outage
 from ._settings import MqttSettings, read_secret
+from ._share import ADOPT_AFTER, LEAVE_TIMEOUT, ShareGroups
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,7 @@ class DeadLetters:
 class _Subscription:
     filter: str  # what we SUBSCRIBE to (may be $share/...)
     match: str  # the topic filter deliveries match
+    shared: bool  # a $share/... subscription
     handler: Callable[[Sequence[Any]], Awaitable[None]]
     model: Any
     sealed: bool
@@ -151,7 +157,11 @@ class Bus:
         password_file: Path | None = None,
         dead_letter_file: Path | None = None,
         replay_state_file: Path | None = None,
+        status_liveness: float | None = None,
     ) -> None:
+        """`status_liveness`: s after which another member's `online` status, not refreshed by a
+        heartbeat, is no longer believed (a member that died while the broker was down leaves an
+        `online` no Will replaces); None believes it until it changes."""
         self.settings = settings
         self.client_id = client_id
         self.status_topic = status_topic
@@ -166,15 +176,20 @@ class Bus:
         self._subs: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._rejects = RateLimitedLog(log)
-        user = settings.username or username
+        self.status_liveness = status_liveness
+        self.groups: ShareGroups | None = None  # at start(), given a shared subscription and a status topic
+        self._adopt_after = ADOPT_AFTER
+        self._left: bool | None = None  # whether we left our share groups (None: not tried yet)
+        self._adopted: dict[int, tuple[mqtt.MQTTMessage, MqttConnection]] = {}  # id(msg) -> the session it came in
+        self._user = settings.username or username
         password_path = settings.password_file or password_file
-        password = read_secret(password_path, "MQTT password") if user and password_path else None
+        self._password = read_secret(password_path, "MQTT password") if self._user and password_path else None
         self.connection = MqttConnection(
             settings,
             client_id,
-            username=user,
-            password=password,
-            will=(status_topic, self._status_payload("offline")) if status_topic else None,
+            username=self._user,
+            password=self._password,
+            will=(lambda: (status_topic, self._status_payload("offline"))) if status_topic else None,
             birth=(lambda: (status_topic, self._status_payload("online"))) if status_topic else None,
         )
         self.connected = self.connection.connected
@@ -189,6 +204,7 @@ class Bus:
         *,
         model: Any,
         share_group: str | None = ...,
+        adopt_after: float = ...,
         batch: int = ...,
         linger: float = ...,
         retry_max_delay: float = ...,
@@ -203,6 +219,7 @@ class Bus:
         model: type[M] | None = ...,
         sealed: bool,
         share_group: str | None = ...,
+        adopt_after: float = ...,
         batch: int = ...,
         linger: float = ...,
         retry_max_delay: float = ...,
@@ -216,6 +233,7 @@ class Bus:
         model: Any = None,
         sealed: bool = True,
         share_group: str | None = None,
+        adopt_after: float = ADOPT_AFTER,
         batch: int = DEFAULT_BATCH,
         linger: float = 0.0,
         retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY,
@@ -225,16 +243,23 @@ class Bus:
         `PlainMessage`s, their payload decoded as `model` if one is given. A batch takes what is
         already queued, up to `batch`; `linger` waits up to that many seconds for it to fill
         (worth it for HTTP uploads, pointless for Redis). `retry_max_delay` caps the backoff while
-        the handler reports a dependency down (RetryableError)."""
+        the handler reports a dependency down (RetryableError).
+
+        `share_group`: subscribe as a member of `$share/<share_group>/<topic_filter>`; with a status
+        topic, this member leaves the group cleanly when it stops while another member is live, and
+        drains (through `handler`) the session of a member whose status has said `offline` for
+        `adopt_after` s (iotpipe._share)."""
         if sealed and self.opener is None:
             raise ConfigError("a sealed subscription needs a key ring")
         if sealed and model is None:
             model = Any  # any strict JSON value: for tools and tests; services always name a model
         wire = f"$share/{share_group}/{topic_filter}" if share_group else topic_filter
         outage = Outage(retry_max_delay, log, on_retry=self.metrics.errors.labels("retry").inc)
-        sub = _Subscription(wire, topic_filter, handler, model, sealed, batch, linger, outage)
+        sub = _Subscription(wire, topic_filter, bool(share_group), handler, model, sealed, batch, linger, outage)
         self._subs.append(sub)
         self.connection.subscribe(wire, topic_filter, sub.queue.put_nowait)
+        if share_group:  # one grace for the process: the shortest asked for
+            self._adopt_after = adopt_after if len(self._shared()) == 1 else min(self._adopt_after, adopt_after)
 
     async def start(self) -> None:
         """Connect (retrying in the background until the broker answers) and start the consumers."""
@@ -243,6 +268,19 @@ class Bus:
             self._tasks.append(asyncio.create_task(self._consume(sub), name=f"consume {sub.match}"))
         if self.opener is not None and self.replay_state_file is not None and self._subs:
             self._tasks.append(asyncio.create_task(self._keep_replay_window(), name="replay window"))
+        if self._shared() and self.status_topic and self.groups is None:
+            self.groups = ShareGroups(
+                self.connection,
+                status_topic=self.status_topic,
+                shared=self._shared(),
+                adopt_after=self._adopt_after,
+                liveness=self.status_liveness,
+                publish_status=self.publish_status,
+                open_session=self._open_session,
+                drain_timeout=SHUTDOWN_DRAIN,
+            )
+            # Every member's retained status, ours included (the echo that tells leaving is announced).
+            self.connection.subscribe(self.groups.status_filter, self.groups.status_filter, self.groups.on_status)
         await self.connection.start()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -252,12 +290,32 @@ class Bus:
         """Dependencies some subscription is holding a batch for right now (e.g. {"redis"})."""
         return {sub.outage.waiting_on for sub in self._subs if sub.outage.waiting_on}
 
+    async def leave_groups(self, timeout: float = LEAVE_TIMEOUT) -> bool:
+        """The first step of a clean stop, while handlers still work: leave our share groups if
+        another member is live (what the broker had queued for us handled here), else keep our
+        session. Once; `stop()` does it if the service did not."""
+        if self._left is None:
+            self._left = await self.groups.leave(timeout) if self.groups is not None else False
+        return self._left
+
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN) -> None:
-        """Clean shutdown: say `offline` ourselves (the Will only fires on an unclean loss)."""
+        """Clean shutdown: say `offline` ourselves (the Will only fires on an unclean loss); having
+        left our share groups, clear our status and have the broker discard our session instead."""
+        left = await self.leave_groups()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._save_replay_window()
+        if left and self.status_topic and self.connection.connected.is_set():
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self.publish(self.status_topic, b"", retain=True, kind="status")
+            except (TimeoutError, RetryableError, PermanentError) as exc:
+                log.warning("could not clear our status (%s): keeping our session, saying offline", exc)
+            else:
+                # Nothing of ours is left at the broker: no status, no session, no Will.
+                await self.connection.stop(will=False, timeout=drain_timeout, session_expiry=0)
+                return
         said_offline = not self.status_topic
         if self.status_topic and self.connected.is_set():
             try:
@@ -327,15 +385,52 @@ class Bus:
             await self.publish(self.status_topic, self._status_payload(state, **extra), retain=True, kind="status")
 
     def _status_payload(self, state: str, **extra: Any) -> bytes:
+        shared = self._shared()
         return orjson.dumps(
             {
                 "state": state,
                 "client_id": self.client_id,
                 "ts": time.time_ns() // 1_000_000,
                 **self.status_extra,
+                **({"shared": shared} if shared else {}),
                 **extra,
             }
         )
+
+    def _shared(self) -> list[str]:
+        """Our shared subscriptions' filters, as subscribed (`$share/<group>/<filter>`)."""
+        return [sub.filter for sub in self._subs if sub.shared]
+
+    # -- another member's session, adopted (iotpipe._share) ------------------------------------
+    def _open_session(self, client_id: str, shared: frozenset[str]) -> MqttConnection:
+        """A connection resuming `client_id`'s session (not kept up, no Will, no birth) whose
+        messages under `shared` go to our subscriptions' handlers and are acknowledged on it."""
+        conn = MqttConnection(self.settings, client_id, username=self._user, password=self._password, reconnect=False)
+        for sub in self._subs:
+            if sub.filter in shared:
+                conn.deliver(sub.match, self._deliver_adopted(sub, conn))
+        return conn
+
+    def _deliver_adopted(self, sub: _Subscription, conn: MqttConnection) -> Callable[[mqtt.MQTTMessage], None]:
+        def deliver(msg: mqtt.MQTTMessage) -> None:
+            self._adopted[id(msg)] = (msg, conn)
+            sub.queue.put_nowait(msg)
+
+        return deliver
+
+    def _from_ended_adoption(self, msg: mqtt.MQTTMessage) -> bool:
+        """Came in an adopted session whose connection has ended (taken over, given up): not ours
+        to handle any more; the broker delivers it again to whoever resumes that session."""
+        adopted = self._adopted.get(id(msg))
+        if adopted is None or adopted[1].connected.is_set():
+            return False
+        del self._adopted[id(msg)]
+        return True
+
+    def _ack(self, msg: mqtt.MQTTMessage) -> None:
+        """On the connection the message came in (an adopted session's, or ours)."""
+        adopted = self._adopted.pop(id(msg), None) if self._adopted else None
+        (adopted[1] if adopted is not None else self.connection).ack(msg)
 
     # -- consuming ------------------------------------------------------------------------------
     async def _consume(self, sub: _Subscription) -> None:
@@ -369,6 +464,8 @@ class Bus:
         # within this same batch (a QoS 1 resend right behind the original) is caught here.
         in_batch: set[tuple[str, str, int]] = set()
         for msg in batch:
+            if self._adopted and self._from_ended_adoption(msg):
+                continue
             try:
                 item = self._open(sub, msg)
                 if isinstance(item, Opened):
@@ -378,7 +475,7 @@ class Bus:
                     in_batch.add(key)
             except DuplicateMessage:
                 self.metrics.rejected.labels(DuplicateMessage.reason).inc()  # QoS 1 redelivery: quiet
-                self.connection.ack(msg)
+                self._ack(msg)
                 continue
             except SchemaError as exc:
                 self._reject(msg, exc.reason, str(exc), exc.sender or {})
@@ -405,13 +502,13 @@ class Bus:
         self.metrics.rejected.labels(reason).inc()
         self._rejects.warning(reason, "rejected message on %s (%s): %s", msg.topic, reason, error)
         self.dead_letters.write(reason, error, msg.topic, bytes(msg.payload), **(sender or {}))
-        self.connection.ack(msg)
+        self._ack(msg)
 
     def _done(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> None:
         for msg, item in items:
             if isinstance(item, Opened) and self.opener is not None:
                 self.opener.commit(item)
-            self.connection.ack(msg)
+            self._ack(msg)
         self.metrics.received.labels("sealed" if sub.sealed else "plain").inc(len(items))
 
     async def _handle(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> None:

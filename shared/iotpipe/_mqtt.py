@@ -11,6 +11,16 @@ Kept from the threaded version: durable session (`clean_start=False`, session ex
 id), `manual_ack`, ReceiveMaximum, a publish that resolves on PUBACK (raising BrokerRefused with
 the broker's reason code), Last Will + a birth message on every connect, re-subscribe on every
 connect, and reconnecting with capped, jittered backoff.
+
+Handing a shared subscription's share back (`hand_over`, used by iotpipe._bus to leave a
+`$share/...` group and to drain the session of a member gone for good): mosquitto 2.0 keeps dealing
+a group's messages to members that are disconnected but keep a session, so a member that goes for
+good strands what was dealt to it. Measured on mosquitto 2.0.11: after UNSUBSCRIBE the broker deals
+nothing new to the session but still delivers what it had queued for it; a message published after
+the UNSUBSCRIBE to a topic only this session subscribes to arrives after every one of those (one
+client's messages are delivered in the order they were queued); DISCONNECT with
+SessionExpiryInterval=0 discards the session (a later clean_start=False connect gets
+session_present=False).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import random
 import select
 import ssl
@@ -84,14 +95,29 @@ class MqttConnection:
         *,
         username: str | None,
         password: str | None,
-        will: tuple[str, bytes] | None = None,
+        will: Callable[[], tuple[str, bytes]] | None = None,
         birth: Callable[[], tuple[str, bytes]] | None = None,
+        reconnect: bool = True,
     ) -> None:
+        """`will` and `birth` give (topic, payload) of the retained Last Will (taken at `start()`)
+        and of the birth message (at every connect). `reconnect=False`: one connection, not kept up
+        (`lost` is set when it ends), quiet about its ending: for adopting another member's session."""
         self.settings = settings
         self.client_id = client_id
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()  # set once the broker acknowledged our subscriptions
+        self.lost = asyncio.Event()  # reconnect=False: the one connection ended, or never came up
+        self.session_present: bool | None = None  # as the broker's last CONNACK said
         self._birth = birth
+        self._will = will
+        self._reconnect = reconnect
+        # Delivered (QoS > 0) and not yet acknowledged, by id(): a hand-over is done when none is left.
+        self._delivered: dict[int, mqtt.MQTTMessage] = {}
+        self.received = 0  # messages delivered to our callbacks
+        self.disconnect_reason: str | None = None  # why the last connection ended, as paho reported it
+        self._progress = 0  # deliveries and acknowledgements, for noticing a hand-over that stalls
+        self._changed = asyncio.Event()
+        self._connects = 0
         self._filters: list[str] = []
         self._pending: dict[int, tuple[asyncio.Future[None], str, bytes, bool]] = {}
         self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()
@@ -106,9 +132,9 @@ class MqttConnection:
         self._was_connected = False
         self._outage_logged = False
         self._stopping = False
-        self._client = self._make_client(username, password, will)
+        self._client = self._make_client(username, password)
 
-    def _make_client(self, username: str | None, password: str | None, will: tuple[str, bytes] | None) -> mqtt.Client:
+    def _make_client(self, username: str | None, password: str | None) -> mqtt.Client:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
@@ -116,10 +142,9 @@ class MqttConnection:
             client.username_pw_set(username, password)
         if self.settings.tls:
             client.tls_set_context(tls_context(self.settings))
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=True)
         client.max_inflight_messages_set(self.settings.max_inflight)
         client.on_connect = self._on_connect
+        client.on_message = self._on_unwanted
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
@@ -133,11 +158,29 @@ class MqttConnection:
         """Before `start()`: SUBSCRIBE to `wire_filter` (maybe `$share/...`) on every connect and
         hand each message matching `match` to `deliver`, on the loop, unacknowledged."""
         self._filters.append(wire_filter)
-        self._client.message_callback_add(match, lambda _c, _u, msg: deliver(msg))
+        self.deliver(match, deliver)
+
+    def deliver(self, match: str, deliver: Delivery) -> None:
+        """Hand each message matching `match` to `deliver` without subscribing to anything: what a
+        resumed session already holds (or a filter subscribed another way)."""
+        delivered = self._delivered
+
+        def on_message(_client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            if msg.qos > 0:
+                delivered[id(msg)] = msg
+            self.received += 1
+            self._progress += 1
+            self._changed.set()
+            deliver(msg)
+
+        self._client.message_callback_add(match, on_message)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        if self._will is not None:
+            topic, payload = self._will()
+            self._client.will_set(topic, payload, qos=1, retain=True)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
         props.SessionExpiryInterval = self.settings.session_expiry
         props.ReceiveMaximum = self.settings.receive_maximum
@@ -183,9 +226,58 @@ class MqttConnection:
     def ack(self, message: mqtt.MQTTMessage) -> None:
         if message.qos > 0:
             self._client.ack(message.mid, message.qos)
+            if self._delivered.pop(id(message), None) is not None:
+                self._progress += 1
+                self._changed.set()
 
-    async def stop(self, *, will: bool, timeout: float) -> None:
-        """DISCONNECT (asking the broker to publish our Will if `will`), then stop the tasks."""
+    async def hand_over(self, filters: list[str], marker_topic: str, *, stall: float) -> bool:
+        """Stop receiving `filters` (shared subscriptions) and wait until every message the broker
+        had already queued for this session under them has been delivered and acknowledged (by the
+        caller's handlers, through `ack`). True once that is so; False if the connection ended
+        first, or nothing was delivered or acknowledged for `stall` s (the caller bounds the whole).
+
+        The broker processes one connection's packets in order: the marker subscription is in
+        place before the filters go, and the marker (published to a topic only this session
+        subscribes to) is queued behind everything the session holds, so its arrival says the
+        broker has handed over all of it."""
+        self._filters = [f for f in self._filters if f not in filters]
+        connects = self._connects
+        nonce = os.urandom(8).hex().encode()
+        marker_seen = asyncio.Event()
+
+        def on_marker(client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            if bytes(msg.payload) == nonce:
+                marker_seen.set()
+                self._changed.set()
+
+        self._client.message_callback_add(marker_topic, on_marker)
+        try:
+            if not self.connected.is_set():
+                return False
+            self._client.subscribe([(marker_topic, SubscribeOptions(qos=1))])
+            self._client.unsubscribe(filters)
+            self._client.publish(marker_topic, nonce, qos=1)  # not remembered for replay: it is no data
+            while True:
+                if self._connects != connects or not self.connected.is_set():
+                    return False  # the session was taken over, or the broker went away
+                if marker_seen.is_set() and not self._delivered:
+                    return True
+                progress = self._progress
+                self._changed.clear()
+                try:
+                    async with asyncio.timeout(stall):
+                        await self._changed.wait()
+                except TimeoutError:
+                    if self._progress == progress:
+                        return False  # nothing delivered, nothing handled: a handler held up, or the broker
+        finally:
+            self._client.message_callback_remove(marker_topic)
+
+    async def stop(self, *, will: bool, timeout: float, session_expiry: int | None = None) -> None:
+        """DISCONNECT (asking the broker to publish our Will if `will`; with `session_expiry`, a
+        new SessionExpiryInterval: 0 has the broker discard the session), then stop the tasks."""
         self._stopping = True
         if self._settle_timer is not None:
             self._settle_timer.cancel()
@@ -194,8 +286,12 @@ class MqttConnection:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client.socket() is not None:
             reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message") if will else None
+            props = None
+            if session_expiry is not None:
+                props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = session_expiry
             self._socket_closed.clear()
-            self._client.disconnect(reasoncode=reason)
+            self._client.disconnect(reasoncode=reason, properties=props)
             try:
                 async with asyncio.timeout(timeout):
                     await self._socket_closed.wait()
@@ -228,12 +324,18 @@ class MqttConnection:
                 await self._socket_closed.wait()
                 if self._was_connected and not self._outage_logged:
                     delay = RECONNECT_MIN_DELAY  # a session that worked: retry promptly
+            if not self._reconnect:
+                self.lost.set()
+                self._changed.set()
+                return
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
 
     def _log_outage(self, message: str, exc: BaseException) -> None:
         """Once per outage, not on every retry."""
-        if not self._outage_logged:
+        if not self._reconnect:
+            log.debug(message, self.settings.host, self.settings.port, exc)  # the owner says what failed
+        elif not self._outage_logged:
             self._outage_logged = True
             log.error(message, self.settings.host, self.settings.port, exc)
 
@@ -306,7 +408,15 @@ class MqttConnection:
             return
         self._outage_logged = False
         self._was_connected = True
-        log.info("connected to %s:%s as %s", self.settings.host, self.settings.port, self.client_id)
+        self._connects += 1
+        self.session_present = bool(getattr(_flags, "session_present", False))
+        log.log(
+            logging.INFO if self._reconnect else logging.DEBUG,
+            "connected to %s:%s as %s",
+            self.settings.host,
+            self.settings.port,
+            self.client_id,
+        )
         if self._filters:
             # Re-subscribe every time: the broker may have lost our session (expiry, restart).
             client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._filters])
@@ -315,6 +425,12 @@ class MqttConnection:
             client.publish(topic, payload, qos=1, retain=True)  # its PUBACK resolves nothing: no one waits
         self._replay(client)
         self.connected.set()
+
+    def _on_unwanted(self, client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """A message no callback wants (what a resumed session held under a filter we do not
+        handle): acknowledged, so it cannot hold a slot of ReceiveMaximum for ever."""
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
         for reason in reasons:
@@ -325,7 +441,9 @@ class MqttConnection:
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.connected.clear()
         self.subscribed.clear()
-        if self._was_connected and not self._stopping:
+        self.disconnect_reason = str(reason)
+        self._changed.set()
+        if self._was_connected and not self._stopping and self._reconnect:
             log.warning("disconnected from broker (%s); reconnecting", reason)
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:

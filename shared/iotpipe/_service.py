@@ -3,7 +3,9 @@
 `run_service` owns the process lifecycle so each service only writes its own logic: it builds the
 key ring, metrics and bus, lets the component register subscriptions, connects, publishes retained
 `online` status with counters every `status_interval` (and the health file a container healthcheck
-reads), and on SIGINT/SIGTERM drains: component first, then `offline` status, then disconnect.
+reads), and on SIGINT/SIGTERM drains: share groups first (a member of a shared subscription hands
+its share to the live members, iotpipe._share), then the component, then `offline` status (or, having
+left its groups, no status and no session), then disconnect.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from ._topics import Topics
 
 log = logging.getLogger(__name__)
 
+# Another member's `online` status older than this many of its heartbeats is not believed: it died
+# without a Will (the broker was down then), so it cannot take over a leaving member's share.
+STATUS_LIVENESS = 3
 
 S = TypeVar("S", bound=ServiceSettings)
 
@@ -53,6 +58,7 @@ class Runtime(Generic[S]):
             status_extra={"service": self.name, "instance": settings.instance},
             dead_letter_file=settings.dead_letter_path,
             replay_state_file=settings.replay_state_file,
+            status_liveness=STATUS_LIVENESS * settings.status_interval,
         )
 
 
@@ -102,6 +108,7 @@ async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event |
         # First, so a healthcheck never reports a stopping service healthy, however long draining takes.
         _write_health(runtime, component, "offline")
         try:
+            await runtime.bus.leave_groups()  # while the component can still handle what is queued for us
             await component.close()
         finally:
             await runtime.bus.stop()

@@ -33,6 +33,9 @@ class Settings(ServiceSettings):
 
     median_kernel: int = Field(5, ge=1, le=101, description="median filter width (odd)")
     share_group: str = "preprocessor"
+    share_adopt_after: float = Field(
+        30.0, gt=0, description="s another member's session may say offline before a live member drains it"
+    )
 
     @field_validator("median_kernel")
     @classmethod
@@ -86,7 +89,11 @@ class Preprocessor(Component[Settings]):
         super().__init__(runtime)
         self.windows = runtime.metrics.counter("iotpipe_windows", "Windows computed")
         runtime.bus.subscribe(
-            runtime.topics.all("raw"), self.handle, model=RawBatch, share_group=self.settings.share_group
+            runtime.topics.all("raw"),
+            self.handle,
+            model=RawBatch,
+            share_group=self.settings.share_group,
+            adopt_after=self.settings.share_adopt_after,
         )
 
     async def handle(self, messages: Sequence[Opened[RawBatch]]) -> None:
