@@ -135,6 +135,10 @@ class _Subscription:
     linger: float
     outage: Outage
     queue: asyncio.Queue[mqtt.MQTTMessage] = field(default_factory=asyncio.Queue)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # clear while a batch is in the handler
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 class Bus:
@@ -180,6 +184,7 @@ class Bus:
         self.groups: ShareGroups | None = None  # at start(), given a shared subscription and a status topic
         self._adopt_after = ADOPT_AFTER
         self._left: bool | None = None  # whether we left our share groups (None: not tried yet)
+        self._closing = False  # set once stopping: consumers take no new batch
         self._adopted: dict[int, tuple[mqtt.MQTTMessage, MqttConnection]] = {}  # id(msg) -> the session it came in
         self._user = settings.username or username
         password_path = settings.password_file or password_file
@@ -298,13 +303,27 @@ class Bus:
             self._left = await self.groups.leave(timeout) if self.groups is not None else False
         return self._left
 
+    async def finish_consuming(self, timeout: float = SHUTDOWN_DRAIN) -> None:
+        """Take no new batch, let the batches already in a handler finish (bounded by `timeout`), and
+        stop the consumers: what a restart would otherwise handle twice is acknowledged now. Call
+        it while the component can still handle (before its `close()`); `stop()` does it too."""
+        self._closing = True
+        busy = [sub.idle.wait() for sub in self._subs if not sub.idle.is_set()]
+        if busy:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*busy)
+            except TimeoutError:
+                log.warning("a handler batch was still running after %.0fs: it will be redelivered", timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN) -> None:
         """Clean shutdown: say `offline` ourselves (the Will only fires on an unclean loss); having
         left our share groups, clear our status and have the broker discard our session instead."""
         left = await self.leave_groups()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.finish_consuming(drain_timeout)
         self._save_replay_window()
         if left and self.status_topic and self.connection.connected.is_set():
             try:
@@ -434,11 +453,15 @@ class Bus:
 
     # -- consuming ------------------------------------------------------------------------------
     async def _consume(self, sub: _Subscription) -> None:
-        while True:
+        while not self._closing:
             batch = await self._collect(sub)
             items = self._accept(sub, batch)
             if items:
-                await self._handle(sub, items)
+                sub.idle.clear()
+                try:
+                    await self._handle(sub, items)
+                finally:
+                    sub.idle.set()
 
     async def _collect(self, sub: _Subscription) -> list[mqtt.MQTTMessage]:
         batch = [await sub.queue.get()]

@@ -109,6 +109,7 @@ async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event |
         _write_health(runtime, component, "offline")
         try:
             await runtime.bus.leave_groups()  # while the component can still handle what is queued for us
+            await runtime.bus.finish_consuming()  # the batches in hand too, rather than again after a restart
             await component.close()
         finally:
             await runtime.bus.stop()
