@@ -9,11 +9,13 @@ UV ?= uv
 OS_PACKAGES := mosquitto mosquitto-clients redis-server
 TEST_OS_PACKAGES := docker-compose
 
-.PHONY: help deps test-deps venv secrets run test bench bench-bus logs lint clean
+.PHONY: help deps test-deps venv secrets run test test-faults bench bench-bus logs lint clean
 
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
 	@echo "make test           run the test suite (starts its own mosquitto and redis)"
+	@echo "make test-faults    the whole fault battery under load (about 40 min; F4_SECONDS=600 F5_SECONDS=120"
+	@echo "                    F6_SECONDS=30 F1_KILLS=5; ARGS=\"-k f4\" for one fault)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
 	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
 	@echo "make bench          readings/s through the pipeline on this machine (prints figures)"
@@ -56,6 +58,19 @@ run: venv
 
 test: test-deps venv
 	$(UV) run --frozen pytest
+
+# The fault battery (tests/faults/): every fault at about 20,000 readings/s, each window counted at
+# both sinks. Its fast part also runs in `make test`. Tables are printed and appended to var/faults-report.txt.
+F1_KILLS ?= 5
+F4_SECONDS ?= 600
+F5_SECONDS ?= 120
+F6_SECONDS ?= 30
+test-faults: test-deps venv
+	@mkdir -p var
+	IOTPIPE_FAULTS_FULL=1 IOTPIPE_FAULTS_F1_KILLS=$(F1_KILLS) IOTPIPE_FAULTS_F4_SECONDS=$(F4_SECONDS) \
+	  IOTPIPE_FAULTS_F5_SECONDS=$(F5_SECONDS) IOTPIPE_FAULTS_F6_SECONDS=$(F6_SECONDS) \
+	  IOTPIPE_FAULTS_REPORT=$(CURDIR)/var/faults-report.txt \
+	  $(UV) run --frozen pytest tests/faults -m "faults_fast or faults_full" -rA -s $(ARGS)
 
 bench: venv
 	$(UV) run --frozen python tests/bench/pipeline.py $(ARGS)
