@@ -629,7 +629,7 @@ class Pipeline:
     async def _sample(self) -> None:
         while True:
             self.rates.append((time.monotonic(), self.wire.readings))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # wait-ok: the rate sampler's period, not a wait
 
     def rate(self, seconds: float) -> float:
         """Readings/s reaching the broker over the last `seconds` (the wire's count of new windows)."""
