@@ -14,7 +14,7 @@ TEST_OS_PACKAGES := docker-compose
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
 	@echo "make test           run the test suite (starts its own mosquitto and redis)"
-	@echo "make test-faults    the whole fault battery under load (about 40 min; F4_SECONDS=600 F5_SECONDS=120"
+	@echo "make test-faults    the whole fault battery under load (about 30 min; F4_SECONDS=600 F5_SECONDS=120"
 	@echo "                    F6_SECONDS=30 F1_KILLS=5; ARGS=\"-k f4\" for one fault)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
 	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
