@@ -290,3 +290,19 @@ async def wait_until(condition: Callable[[], object], timeout: float, what: str)
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(POLL_INTERVAL)
+
+
+def window_payload(start: int, sensor: str = "temp") -> dict[str, object]:
+    """A processed window as the contract has it (1 s long, made-up aggregates) starting at `start`."""
+    return {
+        "sensor": sensor,
+        "unit": "degC",
+        "start": start,
+        "end": start + 1000,
+        "n": 5,
+        "mean": 1.5,
+        "median": 1.5,
+        "min": 1.0,
+        "max": 2.0,
+        "std": 0.25,
+    }

@@ -39,7 +39,19 @@ import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import Stack, bus_for, free_port, health_doc, run_servers, service_env, spawn, stop_all, unseal, wait_until
+from servers import (
+    Stack,
+    bus_for,
+    free_port,
+    health_doc,
+    run_servers,
+    service_env,
+    spawn,
+    stop_all,
+    unseal,
+    wait_online,
+    wait_until,
+)
 
 WINDOWS = 400
 REPUBLISHED = 10  # windows published a second time after recovery: duplicates the counting must see
@@ -58,24 +70,6 @@ def start_writer(stack: Stack, base: str, tmp_path: Path) -> subprocess.Popen[by
         stack, base, tmp_path, "crash", IOTPIPE_RETRY_MAX_DELAY="0.5", IOTPIPE_STATUS_INTERVAL=str(STATUS_INTERVAL)
     )
     return spawn("cache_writer", env, tmp_path, "cache-writer")
-
-
-async def wait_online(stack: Stack, topic: str) -> None:
-    """The service's retained status says online: it is published after its SUBSCRIBE on the same
-    connection, so the broker has its subscription (and durable session) by then."""
-    online = asyncio.Event()
-
-    async def on_status(messages: Sequence[PlainMessage]) -> None:
-        if any(m.payload and orjson.loads(m.payload)["state"] == "online" for m in messages):
-            online.set()
-
-    watcher = bus_for(stack, "reader")
-    watcher.subscribe(topic, on_status, sealed=False)
-    await watcher.start()
-    try:
-        await asyncio.wait_for(online.wait(), 30)
-    finally:
-        await watcher.stop()
 
 
 def window(i: int) -> dict[str, object]:

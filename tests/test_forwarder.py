@@ -38,7 +38,7 @@ from iotpipe import (
     decode,
     encode,
 )
-from servers import Stack, bus_for, free_port, wait_until
+from servers import Stack, bus_for, free_port, wait_until, window_payload
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -143,21 +143,6 @@ class Harness:
         await self.forwarder.runtime.bus.stop()
         if self.runner is not None:
             await self.runner.cleanup()
-
-
-def window_payload(start: int) -> dict[str, object]:
-    return {
-        "sensor": "temp",
-        "unit": "degC",
-        "start": start,
-        "end": start + 1000,
-        "n": 5,
-        "mean": 1.5,
-        "median": 1.5,
-        "min": 1.0,
-        "max": 2.0,
-        "std": 0.25,
-    }
 
 
 async def until(condition: Callable[[], bool], timeout: float = 15) -> None:

@@ -22,40 +22,9 @@ import orjson
 import pytest
 from aiohttp import web
 from iotpipe import KeyRing, PlainMessage, Topics
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all
+from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, wait_until, window_payload
 
 pytestmark = pytest.mark.e2e
-POLL = 0.05
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `condition` (sync or async) until it returns something truthy; that value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(POLL)
-
-
-def window(start: int) -> dict[str, object]:
-    return {
-        "sensor": "temp",
-        "unit": "degC",
-        "start": start,
-        "end": start + 1000,
-        "n": 5,
-        "mean": 1.5,
-        "median": 1.5,
-        "min": 1.0,
-        "max": 2.0,
-        "std": 0.25,
-    }
 
 
 def outbox_ids(path: Path) -> list[str]:
@@ -130,7 +99,7 @@ class Rig:
         if not durable:
             del env["IOTPIPE_SINK_DB_FILE"]
         self.sink = spawn("cloud_sink", env, self.tmp, "cloud-sink")
-        await wait_for(lambda: self.get("/healthz"), 20, "the cloud-sink to serve")
+        await wait_until(lambda: self.get("/healthz"), 20, "the cloud-sink to serve")
 
     def kill_sink(self) -> None:
         assert self.sink is not None
@@ -188,7 +157,7 @@ class Rig:
     # -- publishing ---------------------------------------------------------------------------------
     async def publish(self, device: str, starts: Sequence[int]) -> None:
         await self.producer.publish_sealed(
-            self.topics.processed(device), {"device": device, "windows": [window(s) for s in starts]}
+            self.topics.processed(device), {"device": device, "windows": [window_payload(s) for s in starts]}
         )
         self.published += [f"{device}/temp/{s}" for s in starts]
 
@@ -270,12 +239,12 @@ async def test_kill_9_between_the_clouds_2xx_and_the_delete(rig: MakeRig, outbox
     async with Gate(f"{r.sink_url}/ingest") as gate:
         await r.start_forwarder(IOTPIPE_CLOUD_URL=gate.url, IOTPIPE_BATCH_MAX="50", IOTPIPE_REQUEST_TIMEOUT="60")
         await r.publish_many("d1", messages=20, per_message=5)
-        await wait_for(lambda: _unique(r, 100), 30, "the first 100 records at the sink")
+        await wait_until(lambda: _unique(r, 100), 30, "the first 100 records at the sink")
 
         gate.closed = True
         await r.publish_many("d1", messages=40, per_message=5, first=100)
         # Every message acknowledged into the outbox, one POST accepted by the sink and held.
-        await wait_for(
+        await wait_until(
             lambda: gate.held and len(outbox_ids(r.outbox)) == 200 and r.counter("iotpipe_received{kind=sealed}") == 60,
             30,
             "200 records in the outbox and a POST held",
@@ -291,7 +260,7 @@ async def test_kill_9_between_the_clouds_2xx_and_the_delete(rig: MakeRig, outbox
 
         await r.start_forwarder(IOTPIPE_CLOUD_URL=gate.url, IOTPIPE_BATCH_MAX="50", IOTPIPE_REQUEST_TIMEOUT="60")
         await r.publish("marker", [0])  # uploaded after everything the outbox held before it
-        await wait_for(lambda: _at_sink(r, "marker/temp/0"), 30, "the marker at the sink")
+        await wait_until(lambda: _at_sink(r, "marker/temp/0"), 30, "the marker at the sink")
 
     ids = await r.sink_ids()
     stats = await r.stats()
@@ -326,14 +295,14 @@ async def test_kill_9_at_arbitrary_points_of_a_stream(rig: MakeRig) -> None:
     total_messages, per_message, ahead = 150, 4, 10
     kills = 0
     for i in range(total_messages):
-        await wait_for(lambda i=i: _at_least(r, (i - ahead) * per_message), 60, "the cloud to keep up")  # type: ignore[misc]
+        await wait_until(lambda i=i: _at_least(r, (i - ahead) * per_message), 60, "the cloud to keep up")  # type: ignore[misc]
         await r.publish_many("d1", messages=1, per_message=per_message, first=i * per_message)
         if i in (30, 75, 120):
             assert (await r.stats())["unique_records"] < len(r.published), "records still on their way"
             r.kill_forwarder()
             kills += 1
             await r.start_forwarder(wait=False, IOTPIPE_BATCH_MAX="20")
-    await wait_for(lambda: _unique(r, total_messages * per_message), 60, "every record at the sink")
+    await wait_until(lambda: _unique(r, total_messages * per_message), 60, "every record at the sink")
     ids = await r.sink_ids()
     assert kills == 3 and len(ids) == len(set(ids)) and sorted(ids) == sorted(r.published)
     assert not (r.tmp / "dead.jsonl").exists()
@@ -357,7 +326,7 @@ async def test_cloud_outage_the_outbox_holds_the_backlog_not_the_broker(rig: Mak
     spare = r.tmp / "spare-outbox.sqlite3"
     await r.start_forwarder()
     await r.publish_many("d1", messages=300, per_message=1)
-    await wait_for(
+    await wait_until(
         lambda: (
             r.counter("iotpipe_received{kind=sealed}") == 300
             and len(outbox_ids(r.outbox)) == 300
@@ -373,17 +342,17 @@ async def test_cloud_outage_the_outbox_holds_the_backlog_not_the_broker(rig: Mak
     await r.publish_many("d2", messages=5, per_message=1)  # queued by the broker: nobody to take them
     await r.start_forwarder(IOTPIPE_OUTBOX_FILE=str(spare))
     await r.publish("d2", [999_000])
-    await wait_for(lambda: "d2/temp/999000" in outbox_ids(spare), 30, "the marker in the spare outbox")
+    await wait_until(lambda: "d2/temp/999000" in outbox_ids(spare), 30, "the marker in the spare outbox")
     assert outbox_ids(spare) == [f"d2/temp/{i * 1000}" for i in range(5)] + ["d2/temp/999000"]
     r.stop_forwarder()
 
     await r.start_sink()
     await r.start_forwarder()
-    await wait_for(lambda: _unique(r, 300), 60, "the 300 records at the cloud")
-    await wait_for(lambda: not outbox_ids(r.outbox), 10, "the outbox emptied")
+    await wait_until(lambda: _unique(r, 300), 60, "the 300 records at the cloud")
+    await wait_until(lambda: not outbox_ids(r.outbox), 10, "the outbox emptied")
     r.stop_forwarder()
     await r.start_forwarder(IOTPIPE_OUTBOX_FILE=str(spare))
-    await wait_for(lambda: _unique(r, 306), 60, "the spare outbox's records at the cloud")
+    await wait_until(lambda: _unique(r, 306), 60, "the spare outbox's records at the cloud")
     ids = await r.sink_ids()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r.published)
     assert (await r.stats())["duplicate_records"] == 0
@@ -403,9 +372,9 @@ async def test_a_full_outbox_stops_acknowledging_says_so_once_and_loses_nothing(
     budget = 64 << 10
     await r.start_forwarder(IOTPIPE_OUTBOX_MAX_BYTES=str(budget), IOTPIPE_MQTT__RECEIVE_MAXIMUM="10")
     await r.publish_many("d1", messages=125, per_message=2)
-    await wait_for(lambda: ((r.health() or {}).get("outbox") or {}).get("full"), 60, "the outbox to say it is full")
+    await wait_until(lambda: ((r.health() or {}).get("outbox") or {}).get("full"), 60, "the outbox to say it is full")
     retries = r.counter("iotpipe_errors{kind=retry}")
-    await wait_for(lambda: r.counter("iotpipe_errors{kind=retry}") >= retries + 20, 60, "more retries")
+    await wait_until(lambda: r.counter("iotpipe_errors{kind=retry}") >= retries + 20, 60, "more retries")
     health = r.health() or {}
     acknowledged = health["counters"]["iotpipe_received{kind=sealed}"]
     assert acknowledged < 125, "a full outbox must stop acknowledging"
@@ -415,10 +384,10 @@ async def test_a_full_outbox_stops_acknowledging_says_so_once_and_loses_nothing(
     assert r.log().count("no longer acknowledging MQTT messages") == 1
 
     await r.start_sink()
-    await wait_for(lambda: _unique(r, 250), 90, "all 250 records at the cloud")
+    await wait_until(lambda: _unique(r, 250), 90, "all 250 records at the cloud")
     ids = await r.sink_ids()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r.published)
-    await wait_for(lambda: not (r.health() or {}).get("outbox", {}).get("full", True), 10, "full to clear")
+    await wait_until(lambda: not (r.health() or {}).get("outbox", {}).get("full", True), 10, "full to clear")
     assert r.counter("iotpipe_received{kind=sealed}") == 125
     assert r.counter("iotpipe_outbox_full") == 1
     assert r.log().count("outbox has room again") == 1
