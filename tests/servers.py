@@ -292,9 +292,20 @@ async def wait_until(condition: Callable[[], object], timeout: float, what: str)
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def window_payload(start: int, sensor: str = "temp") -> dict[str, object]:
+def processed_payload(device: str, windows: Iterable[dict[str, Any]]) -> dict[str, object]:
+    """A processed message (contract v2) holding `windows` of `device`."""
+    return {"windows": [{**w, "device": device} for w in windows]}
+
+
+def raw_payload(*windows: dict[str, Any]) -> dict[str, object]:
+    """A raw message (contract v2) holding these raw windows (each: device, window, sensors)."""
+    return {"windows": list(windows)}
+
+
+def window_payload(start: int, sensor: str = "temp", device: str = "d1") -> dict[str, object]:
     """A processed window as the contract has it (1 s long, made-up aggregates) starting at `start`."""
     return {
+        "device": device,
         "sensor": sensor,
         "unit": "degC",
         "start": start,

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from cache_writer.service import CacheWriter, Settings
 from iotpipe import KeyRing, Opened, Processed, Runtime, decode
-from servers import Stack
+from servers import Stack, processed_payload
 
 
 def window(sensor: str, start: int, mean: float) -> dict[str, object]:
@@ -30,8 +30,8 @@ def window(sensor: str, start: int, mean: float) -> dict[str, object]:
 
 
 def message(base: str, device: str, windows: list[dict[str, object]], seq: int = 1) -> Opened[Processed]:
-    topic = f"{base}/v1/processed/{device}"
-    data = decode(orjson.dumps({"device": device, "windows": windows}), Processed, topic)
+    topic = f"{base}/v2/processed/{device}"
+    data = decode(orjson.dumps(processed_payload(device, windows)), Processed, topic)
     return Opened(topic, "preprocessor/x", "boot", seq, 0, data)
 
 

@@ -13,11 +13,22 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Topics
-from servers import Stack, bus_for, service_counters, service_env, spawn, stop_all, wait_online, wait_until
+from servers import (
+    Stack,
+    bus_for,
+    processed_payload,
+    service_counters,
+    service_env,
+    spawn,
+    stop_all,
+    wait_online,
+    wait_until,
+)
 
 
 def window(i: int) -> dict[str, object]:
     return {
+        "device": "d1",
         "sensor": "temp",
         "unit": "degC",
         "start": i * 1000,
@@ -58,7 +69,7 @@ async def write_through_service(
         messages = [starts[i : i + per_message] for i in range(0, len(starts), per_message)]
         await asyncio.gather(
             *(
-                producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i) for i in m]})
+                producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [window(i) for i in m]))
                 for m in messages
             )
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 from iotpipe import KeyRing, Topics
 from sensor_reader.config import load_devices
-from servers import ROOT, Stack, bus_for
+from servers import ROOT, Stack, bus_for, processed_payload
 
 WINDOW = {
     "sensor": "t",
@@ -33,10 +33,10 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
     await producer.wait_connected()
     try:
         # Retained, so the subscriber gets it whenever it connects: no race with its start-up.
-        payload = producer.sealer.seal(topics.processed("d9"), {"device": "d9", "windows": [WINDOW]})  # type: ignore[union-attr]
+        payload = producer.sealer.seal(topics.processed("d9"), processed_payload("d9", [WINDOW]))  # type: ignore[union-attr]
         await producer.publish(topics.processed("d9"), payload, retain=True)
         result = subprocess.run(
-            [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v1/processed/#", "-n", "1"],
+            [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v2/processed/#", "-n", "1"],
             env=stack.env(),
             capture_output=True,
             text=True,
@@ -47,7 +47,7 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
         await producer.stop()
     assert result.returncode == 0, result.stderr
     line = orjson.loads(result.stdout.splitlines()[0])
-    assert line["topic"] == topics.processed("d9") and line["data"] == {"device": "d9", "windows": [WINDOW]}
+    assert line["topic"] == topics.processed("d9") and line["data"] == processed_payload("d9", [WINDOW])
     assert line["src"] == "preprocessor/test"
 
 
@@ -58,14 +58,14 @@ async def test_iotpipe_sub_exits_quietly_when_its_output_closes(stack: Stack, ke
     producer = bus_for(stack, "preprocessor", keyring=keyring)
     await producer.start()
     await producer.wait_connected()
-    command = f"set -o pipefail; {sys.executable} -m iotpipe.cli sub '{base}/v1/processed/#' | head -1"
+    command = f"set -o pipefail; {sys.executable} -m iotpipe.cli sub '{base}/v2/processed/#' | head -1"
     proc = await asyncio.create_subprocess_shell(
         command, env=stack.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, executable="/bin/bash"
     )
 
     async def keep_publishing() -> None:
         while True:
-            await producer.publish_sealed(topics.processed("d9"), {"device": "d9", "windows": [WINDOW]})
+            await producer.publish_sealed(topics.processed("d9"), processed_payload("d9", [WINDOW]))
             await asyncio.sleep(0.05)  # wait-ok: paced publishing, a load, not a wait
 
     feeder = asyncio.create_task(keep_publishing())
@@ -76,7 +76,7 @@ async def test_iotpipe_sub_exits_quietly_when_its_output_closes(stack: Stack, ke
         await asyncio.gather(feeder, return_exceptions=True)
         await producer.stop()
     assert proc.returncode == 0, stderr.decode()
-    assert len(stdout.splitlines()) == 1 and orjson.loads(stdout)["data"]["device"] == "d9"
+    assert len(stdout.splitlines()) == 1 and orjson.loads(stdout)["data"]["windows"][0]["device"] == "d9"
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
 
 

@@ -44,6 +44,7 @@ from servers import (
     bus_for,
     free_port,
     health_doc,
+    processed_payload,
     run_servers,
     service_env,
     spawn,
@@ -74,6 +75,7 @@ def start_writer(stack: Stack, base: str, tmp_path: Path) -> subprocess.Popen[by
 
 def window(i: int) -> dict[str, object]:
     return {
+        "device": "d1",
         "sensor": "temp",
         "unit": "degC",
         "start": i * 1000,
@@ -161,9 +163,7 @@ async def sink_tally(url: str, published: Mapping[str, Mapping[str, Any]]) -> tu
     windows = [r for r in records if r.get("type") == "window"]
     ids = collections.Counter(r["id"] for r in windows)
     as_published = {
-        r["id"]
-        for r in windows
-        if {k: v for k, v in r.items() if k not in ("type", "id", "device")} == published.get(r["id"])
+        r["id"] for r in windows if {k: v for k, v in r.items() if k not in ("type", "id")} == published.get(r["id"])
     }
     tally = Tally(
         "cloud-sink",
@@ -227,7 +227,7 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
                 "the broker to save the writer's session",
             )
         for i in range(WINDOWS):
-            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
+            await producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [window(i)]))
             if i == WINDOWS // 2:
                 if victim in ("cache-writer", "broker"):
                     writer.send_signal(signal.SIGKILL)  # from here on, the broker queues for its session
@@ -284,8 +284,8 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
         # messages in order, so END in Redis means everything before it was handled.
         await producer.wait_connected()
         for i in range(REPUBLISHED):
-            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
-        await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [END]})
+            await producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [window(i)]))
+        await producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [END]))
         await wait_until(lambda: latest_has(stack, base, "d1", "end"), 30, "the END window in Redis")
         counters = await settled_counters(tmp_path, "cache-writer", "crash", time.time(), STATUS_INTERVAL)
         # Written as new to this series, by every writer process together (END is in a series of its own).
@@ -353,7 +353,7 @@ async def test_forwarder_killed_during_cloud_outage_loses_nothing(
     try:
         await wait_online(stack, topics.service_status("cloud-forwarder", "crash"))
         for i in range(50):
-            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
+            await producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [window(i)]))
         health = tmp_path / "health" / "cloud-forwarder-crash.json"
         await wait_until(
             lambda: health.exists() and orjson.loads(health.read_bytes()).get("cloud") == "down",
@@ -433,13 +433,13 @@ async def test_control_broker_kill_without_publisher_replay_loses_windows(
         writer.send_signal(signal.SIGKILL)
         writer.wait(10)
         for i in range(WINDOWS):
-            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
+            await producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [window(i)]))
         stack.broker.kill()
         await asyncio.to_thread(stack.broker.start)
         writer = start_writer(stack, base, tmp_path)
         await producer.wait_connected(30)
         # A window published after the restart: once it is in Redis, everything that survived is too.
-        await producer.publish_sealed(topics.processed("marker"), {"device": "marker", "windows": [window(0)]})
+        await producer.publish_sealed(topics.processed("marker"), processed_payload("marker", [window(0)]))
         password = redis_password_file(stack.secrets_dir, "reader").read_text().strip()
         client = aioredis.Redis(port=stack.ports.redis, username="reader", password=password)
         try:
@@ -509,10 +509,10 @@ async def test_every_service_recovers_from_a_broker_restart(
     async def on_raw(messages: Sequence[PlainMessage]) -> None:
         for m in messages:
             inner = unseal(keyring, m.payload)
-            data = inner["data"]
-            sealed_at[data["window"]["start"]] = inner["ts"] / 1000
-            for sensor, body in data["sensors"].items():
-                raw[(sensor, data["window"]["start"])] = len(body["v"])
+            for data in inner["data"]["windows"]:
+                sealed_at[data["window"]["start"]] = inner["ts"] / 1000
+                for sensor, body in data["sensors"].items():
+                    raw[(sensor, data["window"]["start"])] = len(body["v"])
 
     async def on_processed(messages: Sequence[PlainMessage]) -> None:
         for m in messages:
@@ -520,8 +520,8 @@ async def test_every_service_recovers_from_a_broker_restart(
                 processed[(w["sensor"], w["start"])] = w
 
     wire = bus_for(stack, "reader", client_id=f"wire-{base}", session_expiry=600)
-    wire.subscribe(topics.raw("dev-a"), on_raw, sealed=False)
-    wire.subscribe(topics.processed("dev-a"), on_processed, sealed=False)
+    wire.subscribe(topics.raw("restart"), on_raw, sealed=False)  # the instance, "restart", publishes them
+    wire.subscribe(topics.all("processed"), on_processed, sealed=False)
     await wire.start()
     await wire.wait_connected()
     await asyncio.wait_for(wire.subscribed.wait(), 10)
@@ -660,15 +660,16 @@ async def test_preprocessor_killed_mid_stream_every_window_once(
     env = service_env(stack, base, tmp_path, "crash", IOTPIPE_STATUS_INTERVAL=str(STATUS_INTERVAL))
 
     def raw(start_ms: int, sensor: str = "temp") -> dict[str, object]:
-        return {
+        window = {
             "device": "d1",
             "window": {"start": start_ms, "size": 1000},
             "sensors": {sensor: {"unit": "degC", "t": [start_ms + k for k in range(7)], "v": [20.0] * 7}},
         }
+        return {"windows": [window]}
 
     def processed(start_ms: int) -> dict[str, object]:
         values = {"n": 7, "mean": 20.0, "median": 20.0, "min": 20.0, "max": 20.0, "std": 0.0}
-        return {"sensor": "temp", "unit": "degC", "start": start_ms, "end": start_ms + 1000, **values}
+        return {"device": "d1", "sensor": "temp", "unit": "degC", "start": start_ms, "end": start_ms + 1000, **values}
 
     def start(module: str) -> subprocess.Popen[bytes]:
         return spawn(module, env, tmp_path)

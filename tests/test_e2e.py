@@ -61,7 +61,7 @@ sensors = ["pressure"]
 
 
 class Wire:
-    """A third-party view of the broker: the read-only user subscribed to <base>/v1/#."""
+    """A third-party view of the broker: the read-only user subscribed to <base>/v2/#."""
 
     def __init__(self, keyring: KeyRing) -> None:
         self.keyring = keyring
@@ -82,19 +82,21 @@ class Wire:
             if kind == "raw":
                 opened = self.opener.open(m.topic, m.payload)
                 self.opener.commit(opened)
-                start = opened.data["window"]["start"]
-                for sensor, body in opened.data["sensors"].items():
-                    self.readings[(opened.data["device"], sensor, start)] = len(body["v"])
-                raw = unseal(self.keyring, m.payload)["data"]  # the readings, as sealed by the reader
-                end = raw["window"]["start"] + raw["window"]["size"]
-                for sensor, body in raw["sensors"].items():
-                    self.raw_values[(raw["device"], sensor, raw["window"]["start"])] = (body["unit"], end, body["v"])
+                for window in opened.data["windows"]:
+                    start = window["window"]["start"]
+                    for sensor, body in window["sensors"].items():
+                        self.readings[(window["device"], sensor, start)] = len(body["v"])
+                # The readings, as sealed by the reader.
+                for raw in unseal(self.keyring, m.payload)["data"]["windows"]:
+                    start, end = raw["window"]["start"], raw["window"]["start"] + raw["window"]["size"]
+                    for sensor, body in raw["sensors"].items():
+                        self.raw_values[(raw["device"], sensor, start)] = (body["unit"], end, body["v"])
             elif kind == "processed":
                 opened = self.opener.open(m.topic, m.payload)
                 self.opener.commit(opened)
                 self.processed_by.add(opened.src)
                 for w in opened.data["windows"]:
-                    self.processed[(opened.data["device"], w["sensor"], w["start"])] += 1
+                    self.processed[(w["device"], w["sensor"], w["start"])] += 1
             elif kind == "status" and m.payload:
                 self.status["/".join(m.topic.split("/")[3:])] = orjson.loads(m.payload)
         self.changed.set()
@@ -129,7 +131,7 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
     )
     wire = Wire(keyring)
     watcher = bus_for(stack, "reader")
-    watcher.subscribe(f"{base}/v1/#", wire.handle, sealed=False)
+    watcher.subscribe(f"{base}/v2/#", wire.handle, sealed=False)
     await watcher.start()
     await watcher.wait_connected()
     await asyncio.wait_for(watcher.subscribed.wait(), 10)

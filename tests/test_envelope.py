@@ -17,7 +17,7 @@ from iotpipe import (
     UndecryptableToken,
 )
 
-TOPIC = "iotpipe/v1/raw/dev-1"
+TOPIC = "iotpipe/v2/raw/dev-1"
 
 
 def ring(*kids: str) -> KeyRing:
@@ -56,7 +56,7 @@ def test_replay_onto_another_topic_is_rejected() -> None:
     keys = ring("k1")
     payload = Sealer(keys, "s/a").seal(TOPIC, 1)
     with pytest.raises(TopicMismatch):
-        Opener(keys).open("iotpipe/v1/raw/dev-2", payload)
+        Opener(keys).open("iotpipe/v2/raw/dev-2", payload)
 
 
 def test_duplicate_and_stale_sequence_numbers() -> None:

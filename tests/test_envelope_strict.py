@@ -17,7 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 from iotpipe import KeyRing, MalformedEnvelope, Opener, Sealer, UndecryptableToken
 
-TOPIC = "iotpipe/v1/processed/dev-1"
+TOPIC = "iotpipe/v2/processed/dev-1"
 KEY = Fernet.generate_key()
 DAY = 24 * 3600
 

@@ -38,7 +38,7 @@ from iotpipe import (
     decode,
     encode,
 )
-from servers import Stack, bus_for, free_port, wait_until, window_payload
+from servers import Stack, bus_for, free_port, processed_payload, wait_until, window_payload
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -131,7 +131,7 @@ class Harness:
 
     async def publish(self, device: str, starts: list[int]) -> None:
         windows = [window_payload(start) for start in starts]
-        await self.publisher.publish_sealed(Topics(self.base).processed(device), {"device": device, "windows": windows})
+        await self.publisher.publish_sealed(Topics(self.base).processed(device), processed_payload(device, windows))
 
     async def close(self) -> None:
         await self.publisher.stop()
@@ -180,9 +180,7 @@ async def test_retries_5xx_and_429_with_one_idempotency_key(harness, stack: Stac
     await h.publish("d1", [0, 1000, 2000])
     await until(lambda: len(cloud.requests) == 4 and uploaded(forwarder) == 3)
     keys = {headers["Idempotency-Key"] for headers, _body in cloud.requests}
-    assert keys == {
-        batch_id([WindowRecord(id=f"d1/temp/{s}", device="d1", **window_fields(s)) for s in (0, 1000, 2000)])
-    }
+    assert keys == {batch_id([WindowRecord(id=f"d1/temp/{s}", **window_fields(s)) for s in (0, 1000, 2000)])}
     token = (stack.secrets_dir / "cloud_token").read_text().strip()
     assert all(headers["Authorization"] == f"Bearer {token}" for headers, _ in cloud.requests)
     assert accepted_ids(cloud) == ["d1/temp/0", "d1/temp/1000", "d1/temp/2000"]
@@ -239,7 +237,7 @@ async def test_4xx_dead_letters_only_the_refused_record(harness, monkeypatch, tm
     assert dead["topic"].endswith("/processed/d1") and dead["src"].startswith("preprocessor/") and dead["seq"] == 1
     assert dead["id"] == "d1/temp/2000"
     record = decode(dead["payload"].encode(), WindowRecord)
-    assert record == WindowRecord(id="d1/temp/2000", device="d1", **window_fields(2000))
+    assert record == WindowRecord(id="d1/temp/2000", **window_fields(2000))
     assert forwarder.runtime.metrics.snapshot()["iotpipe_dead_lettered{reason=cloud_rejected}"] == 1
     assert sorted(cloud.accepted()) == ["d1/temp/0", "d1/temp/1000", "d1/temp/3000", "d2/temp/5000", "d2/temp/6000"]
     alone = [body for (_h, body), status in zip(cloud.requests, cloud.statuses, strict=True) if status == 400]
@@ -307,13 +305,13 @@ def window_fields(start: int) -> dict[str, object]:
 def test_alert_and_window_records() -> None:
     processed = decode(
         orjson.dumps(
-            {"device": "d1", "windows": [window_payload(1) | {"sensor": "t"}, window_payload(1) | {"sensor": "h"}]}
+            processed_payload("d1", [window_payload(1) | {"sensor": "t"}, window_payload(1) | {"sensor": "h"}])
         ),
         Processed,
     )
-    windows = Opened("b/v1/processed/d1", "p/x", "boot", 7, 0, processed)
+    windows = Opened("b/v2/processed/d1", "p/x", "boot", 7, 0, processed)
     alert = Opened(
-        "b/v1/alerts/d1", "monitor/x", "boot", 9, 0, OfflineAlert(device="d1", reason=None, last_seen=None, ts=1)
+        "b/v2/alerts/d1", "monitor/x", "boot", 9, 0, OfflineAlert(device="d1", reason=None, last_seen=None, ts=1)
     )
     assert [r.id for r in window_records(windows)] == ["d1/t/1", "d1/h/1"]
     record = alert_record(alert)
@@ -323,14 +321,14 @@ def test_alert_and_window_records() -> None:
     body = batch_body(batch_id(rows), rows)
     batch = decode(body, CloudBatch)  # the body built from stored JSON is a valid CloudBatch
     assert batch.batch_id == batch_id(window_records(windows)) and batch.records == window_records(windows)
-    assert (rows[0].topic, rows[0].src, rows[0].boot, rows[0].seq) == ("b/v1/processed/d1", "p/x", "boot", 7)
+    assert (rows[0].topic, rows[0].src, rows[0].boot, rows[0].seq) == ("b/v2/processed/d1", "p/x", "boot", 7)
 
 
 # --- the outbox on its own ------------------------------------------------------------------------
 
 
 def row(i: int, size: int = 200) -> Row:
-    return Row(id=f"d1/temp/{i}", body=b'{"id":"d1/temp/%d","pad":"%s"}' % (i, b"x" * size), topic="b/v1/processed/d1")
+    return Row(id=f"d1/temp/{i}", body=b'{"id":"d1/temp/%d","pad":"%s"}' % (i, b"x" * size), topic="b/v2/processed/d1")
 
 
 async def test_outbox_keeps_order_ignores_redelivered_ids_and_survives_reopening(tmp_path: Path) -> None:

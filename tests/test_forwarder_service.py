@@ -15,7 +15,18 @@ import orjson
 import pytest
 from aiohttp import web
 from iotpipe import KeyRing, Topics
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_online, wait_until
+from servers import (
+    Stack,
+    bus_for,
+    free_port,
+    processed_payload,
+    service_env,
+    spawn,
+    stop_all,
+    unseal,
+    wait_online,
+    wait_until,
+)
 
 Script = dict[str, list[tuple[int, dict[str, str]]]]
 
@@ -129,7 +140,7 @@ async def forwarding(
         await producer.wait_connected()
 
         async def send(i: int) -> None:
-            await producer.publish_sealed(topics.processed("d1"), {"device": "d1", "windows": [window(i)]})
+            await producer.publish_sealed(topics.processed("d1"), processed_payload("d1", [window(i)]))
 
         return Forwarding(cloud, tmp_path / "dead.jsonl", send, keyring)
 

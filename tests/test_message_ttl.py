@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import Stack, bus_for, service_env, spawn, stop_all, wait_until
+from servers import Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_until
 
 DEVICE = "d1"
 
@@ -82,11 +82,9 @@ async def test_a_service_rejects_an_authentic_message_older_than_its_ttl(
         kid, key = primary_key(stack.secrets_dir / "keyring")
         topic = topics.processed(DEVICE)
         hour_ago = int(time.time()) - 3600  # well within the 7-day default, far outside a 60 s TTL
-        await producer.publish(
-            topic, sealed_at(kid, key, topic, {"device": DEVICE, "windows": [window(1000)]}, hour_ago)
-        )
+        await producer.publish(topic, sealed_at(kid, key, topic, processed_payload(DEVICE, [window(1000)]), hour_ago))
         # Same publisher, same topic: delivered and handled after the old one (MQTT keeps the order).
-        await producer.publish_sealed(topic, {"device": DEVICE, "windows": [window(2000)]})
+        await producer.publish_sealed(topic, processed_payload(DEVICE, [window(2000)]))
 
         def counters() -> dict[str, float]:
             return status.get("counters") or {}  # type: ignore[no-any-return]

@@ -16,6 +16,7 @@ from servers import Stack, bus_for, wait_until
 
 def processed(base: str, device: str, seq: int, mean: float, spread: float) -> Opened[Processed]:
     window = {
+        "device": device,
         "sensor": "temp",
         "unit": "degC",
         "start": seq * 1000,
@@ -27,8 +28,8 @@ def processed(base: str, device: str, seq: int, mean: float, spread: float) -> O
         "max": mean + spread,
         "std": spread / 2,
     }
-    topic = f"{base}/v1/processed/{device}"
-    data = decode(orjson.dumps({"device": device, "windows": [window]}), Processed, topic)
+    topic = f"{base}/v2/processed/{device}"
+    data = decode(orjson.dumps({"windows": [window]}), Processed, topic)
     return Opened(topic, "preprocessor/x", "b", seq, 0, data)
 
 

@@ -56,7 +56,7 @@ async def test_processed_aggregates_are_rounded_to_6_decimals(
         received.extend(unseal(keyring, m.payload)["data"] for m in messages)
 
     watcher = bus_for(stack, "reader")
-    watcher.subscribe(topics.processed("d1"), on_processed, sealed=False)
+    watcher.subscribe(topics.processed("round"), on_processed, sealed=False)
     producer = bus_for(stack, "sensor-reader", keyring=keyring)
     try:
         await watcher.start()
@@ -65,11 +65,11 @@ async def test_processed_aggregates_are_rounded_to_6_decimals(
         await wait_online(stack, topics.service_status("preprocessor", "round"))  # its raw subscription is in
         await producer.start()
         await producer.wait_connected()
-        await producer.publish_sealed(topics.raw("d1"), raw_batch("d1"))
+        await producer.publish_sealed(topics.raw("reader-1"), {"windows": [raw_batch("d1")]})
         await wait_until(lambda: received, 30, "the processed message")
 
         (data,) = received
-        assert data["device"] == "d1"
+        assert {w["device"] for w in data["windows"]} == {"d1"}
         windows = {w["sensor"]: w for w in data["windows"]}
         assert set(windows) == set(SERIES)
         for sensor, values in SERIES.items():

@@ -52,7 +52,7 @@ class Counts:
 def window(device: str, start: int, sealed_at: int | None = None) -> Window:
     body = f"{device}:{start}:".encode()
     payload = body + b"x" * (PAYLOAD - len(body))
-    return Window(device, start, 4, f"t/v1/raw/{device}", payload, sealed_at or time.time_ns() // 1_000_000)
+    return Window(device, start, 4, f"t/v2/raw/{device}", payload, sealed_at or time.time_ns() // 1_000_000)
 
 
 def make(

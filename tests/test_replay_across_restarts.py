@@ -14,11 +14,12 @@ import pytest
 from iotpipe import KeyRing, Opened, Processed, Topics
 from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online, wait_until
 
-RAW = {
+RAW_WINDOW = {
     "device": "d1",
     "window": {"start": 7000, "size": 1000},
     "sensors": {"t": {"unit": "C", "t": [7000], "v": [2.0]}},
 }
+RAW = {"windows": [RAW_WINDOW]}
 
 
 @pytest.mark.parametrize("keep_state", [True, False], ids=["state-kept", "control-state-lost"])
@@ -59,7 +60,15 @@ async def test_a_replayed_message_stays_dropped_across_a_restart(
         # A later genuine message: once it is processed, the replay has been handled one way or the other.
         await producer.publish_sealed(
             topics.raw("d1"),
-            {**RAW, "window": {"start": 8000, "size": 1000}, "sensors": {"t": {"unit": "C", "t": [8000], "v": [3.0]}}},
+            {
+                "windows": [
+                    {
+                        **RAW_WINDOW,
+                        "window": {"start": 8000, "size": 1000},
+                        "sensors": {"t": {"unit": "C", "t": [8000], "v": [3.0]}},
+                    }
+                ]
+            },
         )
         await wait_until(lambda: any(m.data.windows[0].start == 8000 for m in processed), 30, "the later message")
         replayed = sum(m.data.windows[0].start == 7000 for m in processed) - 1

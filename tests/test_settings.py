@@ -21,11 +21,11 @@ def test_topic_injection_ids_are_config_errors(bad: str) -> None:
 
 def test_topics_follow_the_contract() -> None:
     t = Topics("iotpipe")
-    assert t.raw("d1") == "iotpipe/v1/raw/d1"
-    assert t.processed("d1") == "iotpipe/v1/processed/d1"
-    assert t.alerts("d1") == "iotpipe/v1/alerts/d1"
-    assert t.service_status("monitor", "i1") == "iotpipe/v1/status/service/monitor/i1"
-    assert t.device_status("d1") == "iotpipe/v1/status/device/d1"
+    assert t.raw("d1") == "iotpipe/v2/raw/d1"
+    assert t.processed("d1") == "iotpipe/v2/processed/d1"
+    assert t.alerts("d1") == "iotpipe/v2/alerts/d1"
+    assert t.service_status("monitor", "i1") == "iotpipe/v2/status/service/monitor/i1"
+    assert t.device_status("d1") == "iotpipe/v2/status/device/d1"
 
 
 def test_env_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,8 +60,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ('[[devices]]\nid = "d1"\ndriver = "simulated"\ncolour = 1\n', r"\(id 'd1'\)\.colour"),
         ('[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nbogus = 1\n', r"\(id 'd1'\)\.params\.bogus"),
         (
-            '[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nsensors = ["warp"]\n',
-            r"\(id 'd1'\)\.params: unknown simulated sensor",
+            '[[devices]]\nid = "d1"\ndriver = "simulated"\n[devices.params]\nsensors = ["warp", "warp"]\n',
+            r"\(id 'd1'\)\.params: duplicate sensor names",
         ),
         (
             '[[devices]]\nid = "d1"\ndriver = "simulated"\n[[devices]]\nid = "d1"\ndriver = "simulated"\n',

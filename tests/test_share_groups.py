@@ -48,16 +48,17 @@ BURST = 300  # windows published at once: members fall behind, and are stopped w
 
 
 def raw(start: int, value: float, device: str = "d1") -> dict[str, Any]:
-    return {
+    window = {
         "device": device,
         "window": {"start": start, "size": 1000},
         "sensors": {"temp": {"unit": "degC", "t": [start + k for k in range(7)], "v": [value] * 7}},
     }
+    return {"windows": [window]}
 
 
 def processed(start: int, value: float) -> dict[str, Any]:
     stats = {"n": 7, "mean": value, "median": value, "min": value, "max": value, "std": 0.0}
-    return {"sensor": "temp", "unit": "degC", "start": start, "end": start + 1000, **stats}
+    return {"device": "d1", "sensor": "temp", "unit": "degC", "start": start, "end": start + 1000, **stats}
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Group:
             inner = unseal(self.keyring, message.payload)
             instance = inner["src"].split("/", 1)[1]
             for window in inner["data"]["windows"]:
-                self.seen.append((inner["data"]["device"], window, instance))
+                self.seen.append((window["device"], window, instance))
 
     async def __aenter__(self) -> Group:
         await self.watcher.start()

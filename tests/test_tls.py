@@ -238,10 +238,10 @@ async def test_the_preprocessor_works_over_tls(stack: Stack, keyring: KeyRing, b
             "window": {"start": start, "size": 1000},
             "sensors": {"temperature": {"unit": "degC", "t": [start + 100 * i for i in range(5)], "v": [20.0] * 5}},
         }
-        await reader.publish_sealed(topics.raw("d1"), batch)
+        await reader.publish_sealed(topics.raw("d1"), {"windows": [batch]})
         await asyncio.wait_for(got_processed.wait(), 20)
         (message,) = processed
-        assert message.topic == topics.processed("d1") and message.src == f"preprocessor/{instance}"
+        assert message.topic == topics.processed(instance) and message.src == f"preprocessor/{instance}"
         assert listener_port_of(stack.broker.lines, f"preprocessor-{instance}") == stack.ports.mqtt_tls
         assert proc.poll() is None
     except BaseException:

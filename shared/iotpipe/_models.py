@@ -40,7 +40,7 @@ class Payload(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class DevicePayload(Payload, frozen=True):
-    """A payload about one device, published on `<base>/v1/<kind>/<device>`."""
+    """A payload about one device, published on `<base>/v2/<kind>/<device>`."""
 
     device: Id
 
@@ -69,9 +69,10 @@ class Series(Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError(f"a series needs 1 to {MAX_SAMPLES_PER_SENSOR} readings")
 
 
-class RawBatch(DevicePayload, frozen=True):
-    """One whole tumbling window of one device (`<base>/v1/raw/<device>`)."""
+class RawWindow(Struct, forbid_unknown_fields=True, frozen=True):
+    """One whole tumbling window of one device: every sensor's readings in it."""
 
+    device: Id
     window: WindowSpan
     sensors: Annotated[dict[Id, Series], Meta(min_length=1)]
 
@@ -82,10 +83,19 @@ class RawBatch(DevicePayload, frozen=True):
                 raise ValueError("timestamps outside the window")
 
 
+class RawBatch(Payload, frozen=True):
+    """`<base>/v2/raw/<source>`: whole windows of one or many devices, as the sensor-reader closed
+    them. Many devices travel together so that a fleet of thousands of slow devices costs a few
+    messages per second instead of one per device per window (contract v2)."""
+
+    windows: Annotated[list[RawWindow], Meta(min_length=1)]
+
+
 # -- processed: preprocessor -> cache-writer, cloud-forwarder, monitor ----------------------------
 class Window(Struct, forbid_unknown_fields=True, frozen=True):
     """One sensor's window after the median filter: aggregates of its `n` readings."""
 
+    device: Id
     sensor: Id
     unit: Unit
     start: UnixMs
@@ -102,8 +112,8 @@ class Window(Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("a window must end after it starts")
 
 
-class Processed(DevicePayload, frozen=True):
-    """`<base>/v1/processed/<device>`."""
+class Processed(Payload, frozen=True):
+    """`<base>/v2/processed/<source>`: windows of one or many devices, each naming its device."""
 
     windows: Annotated[list[Window], Meta(min_length=1)]
 
@@ -160,7 +170,7 @@ class ReaderDeviceHealth(Struct, frozen=True):
 
 
 class ServiceStatus(Struct, frozen=True):
-    """`<base>/v1/status/service/<service>/<instance>`: birth, heartbeat and Last Will. Services add
+    """`<base>/v2/status/service/<service>/<instance>`: birth, heartbeat and Last Will. Services add
     their own details (unknown keys are allowed and ignored by readers that do not know them)."""
 
     state: Literal["online", "offline"]
@@ -178,7 +188,7 @@ AlertKind = Literal["anomaly", "offline", "fault"]
 
 
 class DeviceStatus(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
-    """`<base>/v1/status/device/<device>`, published by the monitor."""
+    """`<base>/v2/status/device/<device>`, published by the monitor."""
 
     state: DeviceState
     device: Id
@@ -192,7 +202,6 @@ class WindowRecord(Window, frozen=True, tag_field="type", tag="window"):
     """A processed window, with a stable id the cloud de-duplicates on: `<device>/<sensor>/<start>`."""
 
     id: str
-    device: Id
 
 
 class AlertRecord(Struct, forbid_unknown_fields=True, frozen=True, tag_field="type", tag="alert"):

@@ -11,6 +11,7 @@ left its groups, no status and no session), then disconnect.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -85,9 +86,27 @@ class Component(Generic[S]):
 ComponentFactory = Callable[[Runtime[S]], Component[S]]
 
 
+# Generation-0 collections every this many net allocations instead of CPython's 700. The services
+# allocate many short-lived containers per message (decoded payloads, windows); with the default
+# the cyclic collector ran hundreds of times a second and, at 5,000 devices, took about a fifth of
+# the sensor-reader's CPU walking long-lived objects that can never be garbage.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """Move everything built at start-up (settings, models, pollers) out of the collector's sight
+    and make young-generation collections rarer. Reference counting still frees almost everything;
+    only cycles wait longer."""
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(settings)
     component = factory(runtime)
+    _tune_gc()
     stop = stop or asyncio.Event()
     if settings.metrics_port is not None:
         runtime.metrics.serve(settings.metrics_port)

@@ -4,7 +4,7 @@ mosquitto 2.0 deals a group's messages round-robin to every member with a sessio
 not (measured on 2.0.11: with two of three members disconnected, the one online got 10 of 30), so a
 member removed for good (scale-down) or recreated under a new id (a new container, a new host name)
 strands what was dealt to it for as long as its session lives (7 days). The members of a group
-therefore watch each other's retained service statuses (`<base>/v1/status/service/<service>/+`, on
+therefore watch each other's retained service statuses (`<base>/v2/status/service/<service>/+`, on
 the connection they already have), and:
 
 - Leave on a clean stop when another member is live: announce it (status `online` with `"leaving"`),

@@ -10,7 +10,9 @@ from ._errors import ConfigError
 # Ids end up inside topic levels, Redis keys and ACL patterns (%u/%c are substituted verbatim),
 # so anything that could be a wildcard, separator or control character is refused at config time.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-VERSION = "v1"
+# v2: raw and processed messages carry many devices' windows and their topic's last level names the
+# publishing instance (v1: one device per message, the device in the topic).
+VERSION = "v2"
 
 
 def validate_id(value: str, what: str = "id") -> str:
@@ -32,11 +34,13 @@ class Topics:
     def root(self) -> str:
         return f"{self.base}/{VERSION}"
 
-    def raw(self, device: str) -> str:
-        return f"{self.root}/raw/{validate_id(device, 'device id')}"
+    def raw(self, source: str) -> str:
+        """Raw windows published by `source` (the sensor-reader instance)."""
+        return f"{self.root}/raw/{validate_id(source, 'source')}"
 
-    def processed(self, device: str) -> str:
-        return f"{self.root}/processed/{validate_id(device, 'device id')}"
+    def processed(self, source: str) -> str:
+        """Processed windows published by `source` (the preprocessor instance)."""
+        return f"{self.root}/processed/{validate_id(source, 'source')}"
 
     def alerts(self, device: str) -> str:
         return f"{self.root}/alerts/{validate_id(device, 'device id')}"
@@ -48,7 +52,7 @@ class Topics:
         return f"{self.root}/status/device/{validate_id(device, 'device id')}"
 
     def all(self, kind: str) -> str:
-        """Filter for every device of one kind: raw, processed, alerts."""
+        """Filter for every topic of one kind: raw, processed (every source), alerts (every device)."""
         return f"{self.root}/{kind}/+"
 
     @staticmethod

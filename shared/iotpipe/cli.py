@@ -24,7 +24,7 @@ from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
 
-# The models of the sealed topics, by the topic level after `<base>/v1/`.
+# The models of the sealed topics, by the topic level after `<base>/v2/`.
 SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "alerts": Alert}
 
 
@@ -40,7 +40,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("topic_filter", default="iotpipe/v1/#")
+@click.argument("topic_filter", default="iotpipe/v2/#")
 @click.option("--count", "-n", type=int, default=0, help="exit after this many messages (0 = run until Ctrl-C)")
 @click.option("--secrets-dir", type=click.Path(path_type=Path), help="default: $IOTPIPE_SECRETS_DIR")
 def sub(topic_filter: str, count: int, secrets_dir: Path | None) -> None:
@@ -220,6 +220,7 @@ def stack(root: Path) -> None:
     )
     code = supervise(programs, root, var, {**os.environ, **env})
     sys.exit(128 - code if code < 0 else code)  # killed by a signal: the shell's 128 + signal
+
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ process only:
   consume  sealed  the same through a sealed subscription (size, envelope, key, topic, replay checks)
 
 Each run, for plain and then for sealed payloads: a durable session of user preprocessor (stable
-client id, session expiry) subscribes to <base>/v1/raw/+ and goes offline, as a stopped service's
+client id, session expiry) subscribes to <base>/v2/raw/+ and goes offline, as a stopped service's
 session does. Then, with only the publisher Bus running in this process, sensor-reader publishes
---messages to <base>/v1/raw/dev-0, keeping `--concurrency` publishes awaiting their PUBACK at once
+--messages to <base>/v2/raw/dev-0, keeping `--concurrency` publishes awaiting their PUBACK at once
 (default: the bus's max_inflight), as the sensor-reader's concurrent window tasks do; the broker
 queues each for the offline session, as it would for the preprocessor. That is the publish figure.
 The publisher stops; the consumer's session comes back, with only the consumer Bus running in this
@@ -68,8 +68,8 @@ CASES = ("publish_plain", "publish_sealed", "consume_plain", "consume_sealed")
 DEFAULT_MESSAGES = {"client": 50_000, "autosave": 1_000}
 # Client-bound mode: persistence stays on (as shipped), but nothing is saved while the bench runs.
 CLIENT_BOUND = {"autosave_on_changes": "false", "autosave_interval": "86400"}
-PUBLISHER_USER = "sensor-reader"  # ACL: write +/v1/raw/+
-CONSUMER_USER = "preprocessor"  # ACL: read +/v1/raw/+
+PUBLISHER_USER = "sensor-reader"  # ACL: write +/v2/raw/+
+CONSUMER_USER = "preprocessor"  # ACL: read +/v2/raw/+
 
 
 # -- broker -------------------------------------------------------------------------------------
@@ -166,11 +166,11 @@ def make_bus(env: Env, user: str, client_id: str, session_expiry: int = 0) -> Bu
 
 
 def raw_batch(sensors: int, readings: int, device: str = "dev-0") -> dict[str, Any]:
-    """One window of one device, as the sensor-reader publishes it (docs/contract.md, raw batch)."""
+    """A raw message of one device's window (docs/contract.md, raw batch)."""
     size = 1000
     start = 1_700_000_000_000
     stamps = [start + i * size // readings for i in range(readings)]
-    return {
+    window = {
         "device": device,
         "window": {"start": start, "size": size},
         "sensors": {
@@ -182,6 +182,7 @@ def raw_batch(sensors: int, readings: int, device: str = "dev-0") -> dict[str, A
             for s in range(sensors)
         },
     }
+    return {"windows": [window]}
 
 
 async def publish_many(bus: Bus, topic: str, n: int, sealed: bool, data: Any, payload: bytes, concurrency: int) -> None:
@@ -218,7 +219,7 @@ async def bench(env: Env, n: int, sealed: bool, data: Any, payload: bytes) -> tu
     """One publish run and one consume run of the same n messages (see the module docstring)."""
     kind = "sealed" if sealed else "plain"
     base = f"bench{uuid.uuid4().hex[:8]}"
-    topic, probe_topic, pattern = f"{base}/v1/raw/dev-0", f"{base}/v1/raw/probe", f"{base}/v1/raw/+"
+    topic, probe_topic, pattern = f"{base}/v2/raw/dev-0", f"{base}/v2/raw/probe", f"{base}/v2/raw/+"
     client_id = f"bench-sub-{uuid.uuid4().hex[:8]}"
     expiry = 3600
     received = 0
@@ -354,7 +355,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.rmtree(workdir, ignore_errors=True)
 
         try:
-            sealed_size = len(Sealer(keyring, f"{PUBLISHER_USER}/bench").seal("bench/v1/raw/dev-0", data))
+            sealed_size = len(Sealer(keyring, f"{PUBLISHER_USER}/bench").seal("bench/v2/raw/dev-0", data))
             meta = {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **code_info(),

@@ -18,7 +18,7 @@ from cloud_forwarder.service import outbox_rows, window_records
 from iotpipe import Opened, Processed, decode
 
 WINDOW = (
-    b'{"sensor":"temperature","unit":"degC","start":%d,"end":%d,"n":10,'
+    b'{"device":"greenhouse-1","sensor":"temperature","unit":"degC","start":%d,"end":%d,"n":10,'
     b'"mean":21.3,"median":21.3,"min":21.1,"max":21.5,"std":0.12}'
 )
 
@@ -28,8 +28,8 @@ def rows_for(n: int, offset: int) -> list[Row]:
     out = []
     for i in range(offset, offset + n):
         start = i * 1000
-        data = decode(b'{"device":"greenhouse-1","windows":[' + WINDOW % (start, start + 1000) + b"]}", Processed)
-        message = Opened("iotpipe/v1/processed/greenhouse-1", "preprocessor/1", "boot", i, 0, data)
+        data = decode(b'{"windows":[' + WINDOW % (start, start + 1000) + b"]}", Processed)
+        message = Opened("iotpipe/v2/processed/greenhouse-1", "preprocessor/1", "boot", i, 0, data)
         out += outbox_rows(message, window_records(message))
     return out
 

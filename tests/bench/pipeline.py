@@ -156,7 +156,7 @@ async def wait_online(stack, base: str) -> None:  # type: ignore[no-untyped-def]
             ready.set()
 
     watcher = bus_for(stack, "reader")
-    watcher.subscribe(f"{base}/v1/status/service/+/+", on_status, sealed=False)
+    watcher.subscribe(f"{base}/v2/status/service/+/+", on_status, sealed=False)
     await watcher.start()
     await asyncio.wait_for(ready.wait(), 60)
     await watcher.stop()

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "shared"), str(ROOT / "services" / "sensor_reader")]
 
-from iotpipe import KeyRing, RawBatch, Sealer, Series, WindowSpan  # noqa: E402
+from iotpipe import KeyRing, RawBatch, RawWindow, Sealer, Series, WindowSpan  # noqa: E402
 from sensor_reader.spool import COMMIT_INTERVAL, Outbox, SpoolFile, Window  # noqa: E402
 
 LOADS = {"small": (5000, 4, 1), "large": (100, 10, 250)}  # windows/s, sensors, readings per sensor
@@ -48,7 +48,7 @@ def sealed_windows(kind: str, count: int) -> tuple[list[Window], float]:
         device = f"dev-{i % 5000}"
         start = 1_795_533_424_000 + (i // 5000) * 1000
         step = 1000 // readings
-        batch = RawBatch(
+        window = RawWindow(
             device=device,
             window=WindowSpan(start=start, size=1000),
             sensors={
@@ -60,7 +60,8 @@ def sealed_windows(kind: str, count: int) -> tuple[list[Window], float]:
                 for s in range(sensors)
             },
         )
-        topic = f"iotpipe/v1/raw/{device}"
+        batch = RawBatch(windows=[window])
+        topic = f"iotpipe/v2/raw/{device}"
         out.append(Window(device, start, sensors * readings, topic, sealer.seal(topic, batch), int(time.time() * 1000)))
     return out, (time.perf_counter() - started) / count * 1e6
 

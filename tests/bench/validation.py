@@ -33,7 +33,7 @@ def make_inner(sensors: int, readings: int) -> bytes:
             for s in range(sensors)
         },
     }
-    inner = {"topic": "iotpipe/v1/raw/greenhouse-1", "src": "sensor-reader/a", "boot": "b" * 16, "seq": 1}
+    inner = {"topic": "iotpipe/v2/raw/greenhouse-1", "src": "sensor-reader/a", "boot": "b" * 16, "seq": 1}
     return orjson.dumps({**inner, "ts": start, "data": data})
 
 

@@ -46,6 +46,7 @@ import orjson
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
+from sensor_reader.service import READING_BYTES, SEALED_PAYLOAD_RATIO, SENSOR_BYTES, WINDOW_BYTES
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:  # run as a script (the load measurement), not only under pytest
@@ -108,6 +109,15 @@ class Load:
     @property
     def device_ids(self) -> list[str]:
         return [f"sim-{i:03d}" for i in range(self.devices)]
+
+    @property
+    def raw_messages_per_window(self) -> int:
+        """How many raw messages the reader packs each window's devices into (its own size bound
+        against the default payload limit): the unit of its spool and of IOTPIPE_MAX_PENDING_WINDOWS."""
+        per_sensor = SENSOR_BYTES + READING_BYTES * self.hz * self.window_ms / 1000
+        per_device = WINDOW_BYTES + self.sensors * per_sensor
+        budget = (1 << 20) * SEALED_PAYLOAD_RATIO
+        return math.ceil(self.devices / max(1, int(budget // per_device)))
 
     @property
     def sensor_ids(self) -> tuple[str, ...]:
@@ -278,7 +288,7 @@ class Wire:
 
     keyring: KeyRing
     raw: dict[tuple[str, int], dict[str, int]] = field(default_factory=dict)  # (device, start) -> {sensor: n}
-    raw_copies: int = 0  # raw messages seen again (same window): replays, redeliveries
+    raw_copies: int = 0  # raw windows seen again (same device and start): replays, redeliveries
     raw_seals: dict[tuple[str, int], set[tuple[str, str, int]]] = field(default_factory=dict)
     processed: dict[tuple[str, str, int], int] = field(default_factory=dict)  # (device, sensor, start) -> copies
     readings: int = 0  # readings in distinct raw windows
@@ -290,20 +300,20 @@ class Wire:
             kind = m.topic.split("/")[2]
             if kind == "raw":
                 inner = unseal(self.keyring, m.payload)
-                data = inner["data"]
-                key = (data["device"], data["window"]["start"])
-                self.raw_seals.setdefault(key, set()).add((inner["src"], inner["boot"], inner["seq"]))
-                if key in self.raw:
-                    self.raw_copies += 1
-                    continue
-                counts = {sensor: len(body["v"]) for sensor, body in data["sensors"].items()}
-                self.raw[key] = counts
-                self.readings += sum(counts.values())
+                for data in inner["data"]["windows"]:
+                    key = (data["device"], data["window"]["start"])
+                    self.raw_seals.setdefault(key, set()).add((inner["src"], inner["boot"], inner["seq"]))
+                    if key in self.raw:
+                        self.raw_copies += 1
+                        continue
+                    counts = {sensor: len(body["v"]) for sensor, body in data["sensors"].items()}
+                    self.raw[key] = counts
+                    self.readings += sum(counts.values())
             elif kind == "processed":
                 self.last_processed = time.monotonic()
                 data = unseal(self.keyring, m.payload)["data"]
                 for w in data["windows"]:
-                    k = (data["device"], w["sensor"], w["start"])
+                    k = (w["device"], w["sensor"], w["start"])
                     self.processed[k] = self.processed.get(k, 0) + 1
             elif kind == "status" and m.payload:
                 self.status["/".join(m.topic.split("/")[4:6])] = orjson.loads(m.payload).get("state", "")

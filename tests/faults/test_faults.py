@@ -213,7 +213,9 @@ async def test_fast_faults_under_load_lose_nothing(
         rows, summary = await p.finish()
     summary += f"\nF5: the reader's spool held up to {spool_peak} windows\n" + "\n".join(f4)
     check("fault battery, fast part", p, rows, summary)
-    assert spool_peak >= load.devices * (FAST_F5 - 3) * 1000 / load.window_ms * 0.8, summary  # the spool held them
+    assert spool_peak >= load.raw_messages_per_window * (FAST_F5 - 3) * 1000 / load.window_ms * 0.8, (
+        summary
+    )  # the spool held them
     assert all(r.recovery is not None for r in rows), "a fault did not recover within the timeout"
 
 
@@ -226,7 +228,7 @@ async def test_fast_controls_the_accounting_sees_loss(
     """The same faults with the protection switched off must lose windows, and the accounting must
     say so: F1 (preprocessors back last) with every publisher's replay off; F5 with no spool and
     room in memory for only a few seconds of windows (exactly those the reader says it dropped)."""
-    memory = load.devices * 15  # windows: 15 s of them (F1's outage fits, F5's does not)
+    memory = load.raw_messages_per_window * 15  # raw messages: 15 s of them (F1's outage fits, F5's does not)
     async with pipeline(
         tmp_path,
         secrets_dir,
@@ -342,7 +344,8 @@ async def test_f5_reader_cut_off_from_the_broker(
     summary += f"\nthe reader held up to {peak} windows waiting"
     if spool:
         check(f"F5: the reader cut off from the broker {F5_SECONDS:g} s", p, rows, summary)
-        assert peak >= load.devices * (F5_SECONDS - 3) * 1000 / load.window_ms * 0.8, summary
+        # The spool counts raw messages (each holds many devices' windows).
+        assert peak >= load.raw_messages_per_window * (F5_SECONDS - 3) * 1000 / load.window_ms * 0.8, summary
     else:
         dropped = reader.counters_done["iotpipe_windows_dropped{reason=memory_full}"]
         text = report(f"F5 control (no spool), {F5_SECONDS:g} s: loss expected", rows, summary)

@@ -96,10 +96,7 @@ class CloudUnavailable(RetryableError):
 
 
 def window_records(message: Opened[Processed]) -> list[CloudRecord]:
-    device = message.data.device
-    return [
-        WindowRecord(id=f"{device}/{w.sensor}/{w.start}", device=device, **_fields(w)) for w in message.data.windows
-    ]
+    return [WindowRecord(id=f"{w.device}/{w.sensor}/{w.start}", **_fields(w)) for w in message.data.windows]
 
 
 def alert_record(message: Opened[Alert]) -> AlertRecord:

@@ -6,8 +6,9 @@
   (in its retained service status) is published `fault` with the reader's reason.
 - Service availability: from the retained status topics (birth, heartbeat, Last Will); a service
   whose heartbeat is older than `offline_after` is reported stale in the monitor's own health.
-- Anomalies: every window is scored by its sensor's IsolationForest; anomalous ones become sealed
-  alerts on alerts/<device>. Models are refitted every `fit_interval` off the message path.
+- Anomalies: every window is normalised by its sensor's running centre and scale and scored by the
+  IsolationForest of its sensor kind (anomaly.py); anomalous ones become sealed alerts on
+  alerts/<device>. Models are refitted every `fit_interval` off the message path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from iotpipe import (
     Alert,
     AnomalyAlert,
@@ -33,12 +35,11 @@ from iotpipe import (
     Runtime,
     ServiceSettings,
     ServiceStatus,
-    Window,
     encode,
 )
 from pydantic import Field
 
-from .anomaly import AnomalyDetector, features
+from .anomaly import AnomalyDetector
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ class Settings(ServiceSettings):
     offline_after: float = Field(30.0, gt=0, description="s of silence before a device is offline")
     check_interval: float = Field(2.0, gt=0)
     fit_interval: float = Field(60.0, gt=0, description="s between IsolationForest refits")
-    min_fit_samples: int = Field(30, ge=2)
-    fit_history: int = Field(2000, ge=10, description="windows per sensor kept for fitting")
-    contamination: float = Field(0.01, gt=0, le=0.5)
+    min_fit_samples: int = Field(30, ge=2, description="windows a sensor needs before it is scored")
+    fit_history: int = Field(32_768, ge=10, description="normalised windows kept per sensor kind for fitting")
+    contamination: float = Field(1e-4, gt=0, le=0.5, description="expected fraction of windows flagged")
     alert_cooldown: float = Field(60.0, ge=0, description="s between anomaly alerts for one sensor")
 
 
@@ -64,7 +65,9 @@ class Monitor(Component[Settings]):
         super().__init__(runtime)
         s = self.settings
         self.detector = AnomalyDetector(
-            history=s.fit_history, min_samples=s.min_fit_samples, contamination=s.contamination
+            min_samples=s.min_fit_samples,
+            contamination=s.contamination,
+            reservoir=s.fit_history,
         )
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
         self.device_state: dict[str, tuple[DeviceState, str | None]] = {}  # what we last published
@@ -82,37 +85,31 @@ class Monitor(Component[Settings]):
     # -- inputs ---------------------------------------------------------------------------------
     async def on_processed(self, messages: Sequence[Opened[Processed]]) -> None:
         now = _now_ms()
-        # Group the batch's windows per sensor so each model scores once per batch, not per window.
-        pending: dict[tuple[str, str], list[tuple[list[float], Window]]] = {}
-        devices: set[str] = set()
-        for message in messages:
-            device = message.data.device
+        windows = [window for message in messages for window in message.data.windows]
+        devices = dict.fromkeys(window.device for window in windows)  # distinct, in arrival order
+        for device in devices:
             self.last_seen[device] = now
-            devices.add(device)
-            for window in message.data.windows:
-                pending.setdefault((device, window.sensor), []).append((features(window), window))
+        # The whole batch is scored in one call (a few vectorised calls per sensor kind inside).
+        decisions = self.detector.observe(windows)
         alerts: list[Alert] = []
-        for key, items in pending.items():
-            scores = self.detector.score(key, [row for row, _ in items])
-            for index, (row, window) in enumerate(items):
-                self.detector.observe(key, row)
-                if scores is None or scores[index] >= 0:
-                    continue
-                if now - self._last_anomaly.get(key, -(10**18)) < self.settings.alert_cooldown * 1000:
-                    self.suppressed.inc()  # one alert per sensor per cooldown, not one per window
-                    continue
-                self._last_anomaly[key] = now
-                alerts.append(
-                    AnomalyAlert(
-                        device=key[0],
-                        sensor=key[1],
-                        start=window.start,
-                        end=window.end,
-                        mean=window.mean,
-                        score=round(float(scores[index]), 4),
-                        ts=now,
-                    )
+        for index in np.flatnonzero(decisions < 0):  # NaN (not scored yet) is never < 0
+            window = windows[index]
+            key = (window.device, window.sensor)
+            if now - self._last_anomaly.get(key, -(10**18)) < self.settings.alert_cooldown * 1000:
+                self.suppressed.inc()  # one alert per sensor per cooldown, not one per window
+                continue
+            self._last_anomaly[key] = now
+            alerts.append(
+                AnomalyAlert(
+                    device=window.device,
+                    sensor=window.sensor,
+                    start=window.start,
+                    end=window.end,
+                    mean=window.mean,
+                    score=round(float(decisions[index]), 4),
+                    ts=now,
                 )
+            )
         for device in devices:
             await self._set_device_state(device)
         for alert in alerts:
@@ -188,8 +185,8 @@ class Monitor(Component[Settings]):
             if data:
                 started = time.monotonic()
                 models = await asyncio.to_thread(self.detector.fit, data)
-                self.detector.install(models)
-                log.debug("refitted %d models in %.2fs", len(models), time.monotonic() - started)
+                self.detector.install(models)  # swapped in one assignment between two batches
+                log.debug("refitted %d sensor kinds in %.2fs", len(models), time.monotonic() - started)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:

@@ -1,8 +1,11 @@
-"""preprocessor: raw window batches in, filtered window aggregates out.
+"""preprocessor: raw windows in, filtered window aggregates out.
 
-Stateless by design: each raw message holds one whole window per sensor (the reader publishes
-windows whole), so instances in the `$share/preprocessor` group never need each other's state.
-A raw batch is acknowledged only after its processed message was acknowledged by the broker.
+Stateless by design: a raw message holds whole windows (the reader publishes each device's window
+whole, in one message), so instances in the `$share/preprocessor` group never need each other's
+state. The windows of a whole handler batch (several raw messages, many devices) are filtered and
+aggregated together and go out in as few processed messages as fit the payload limit. A raw
+message is acknowledged only after the processed messages holding its windows were acknowledged by
+the broker.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from iotpipe import Component, Opened, Processed, RawBatch, Runtime, ServiceSettings, Window, encode
+from iotpipe import Component, Opened, Processed, RawBatch, RawWindow, Runtime, ServiceSettings, Window
 from pydantic import Field, field_validator
 
 from .windows import aggregate
@@ -24,8 +27,8 @@ AGGREGATE_DECIMALS = 6
 # Sealing grows a payload by a third (base64 of the Fernet token) plus the envelope: a plaintext
 # within this share of the receivers' limit always fits once sealed.
 SEALED_PAYLOAD_RATIO = 0.7
-# A window encodes to about 180 bytes; ids and units at their longest stay under this.
-WINDOW_BYTES_BOUND = 400
+# A window encodes to about 200 bytes; with ids and units at their longest it stays under this.
+WINDOW_BYTES_BOUND = 480
 
 
 class Settings(ServiceSettings):
@@ -45,33 +48,25 @@ class Settings(ServiceSettings):
         return value
 
 
-def fitting(processed: Processed, max_bytes: int) -> list[Processed]:
-    """`processed` split into messages whose sealed form fits `max_bytes` (what every receiver
-    accepts): one raw batch of thousands of sensors must not become one message no one can take."""
-    if len(processed.windows) * WINDOW_BYTES_BOUND <= max_bytes * SEALED_PAYLOAD_RATIO:
-        return [processed]  # the common case, decided without encoding
-    if len(processed.windows) == 1 or len(encode(processed)) <= max_bytes * SEALED_PAYLOAD_RATIO:
-        return [processed]
-    half = len(processed.windows) // 2
-    return [
-        *fitting(Processed(device=processed.device, windows=processed.windows[:half]), max_bytes),
-        *fitting(Processed(device=processed.device, windows=processed.windows[half:]), max_bytes),
-    ]
+def fitting(windows: list[Window], max_bytes: int) -> list[Processed]:
+    """`windows` in messages whose sealed form fits `max_bytes` (what every receiver accepts)."""
+    per_message = max(1, int(max_bytes * SEALED_PAYLOAD_RATIO) // WINDOW_BYTES_BOUND)
+    return [Processed(windows=windows[i : i + per_message]) for i in range(0, len(windows), per_message)]
 
 
-def process(batches: Sequence[RawBatch], kernel: int) -> list[Processed]:
-    """The processed message of each raw batch: every series filtered and aggregated, all series
-    of the same length in one vectorised pass."""
-    flat = [np.asarray(series.v, dtype=np.float64) for batch in batches for series in batch.sensors.values()]
+def process(raw: Sequence[RawWindow], kernel: int) -> list[Window]:
+    """The aggregates of every sensor of every raw window, in order; series of equal length are
+    filtered and aggregated in one vectorised pass."""
+    flat = [np.asarray(series.v, dtype=np.float64) for window in raw for series in window.sensors.values()]
     stats = iter(aggregate(flat, kernel))
     out = []
-    for batch in batches:
-        start, end = batch.window.start, batch.window.start + batch.window.size
-        windows = []
-        for sensor, series in batch.sensors.items():
+    for window in raw:
+        device, start, end = window.device, window.window.start, window.window.start + window.window.size
+        for sensor, series in window.sensors.items():
             values = next(stats)
-            windows.append(
+            out.append(
                 Window(
+                    device=device,
                     sensor=sensor,
                     unit=series.unit,
                     start=start,
@@ -80,7 +75,6 @@ def process(batches: Sequence[RawBatch], kernel: int) -> list[Processed]:
                     **{k: round(float(values[k]), AGGREGATE_DECIMALS) for k in ("mean", "median", "min", "max", "std")},
                 )
             )
-        out.append(Processed(device=batch.device, windows=windows))
     return out
 
 
@@ -97,11 +91,10 @@ class Preprocessor(Component[Settings]):
         )
 
     async def handle(self, messages: Sequence[Opened[RawBatch]]) -> None:
-        limit = self.settings.max_payload_bytes
-        processed = [
-            part for p in process([m.data for m in messages], self.settings.median_kernel) for part in fitting(p, limit)
-        ]
-        bus, topics = self.runtime.bus, self.runtime.topics
+        windows = process([w for m in messages for w in m.data.windows], self.settings.median_kernel)
+        bus, topic = self.runtime.bus, self.runtime.topics.processed(self.settings.instance)
         # Returning acknowledges the raw batches: only after every processed message is at the broker.
-        await asyncio.gather(*(bus.publish_sealed(topics.processed(p.device), p, kind="processed") for p in processed))
-        self.windows.inc(sum(len(p.windows) for p in processed))
+        await asyncio.gather(
+            *(bus.publish_sealed(topic, p, kind="processed") for p in fitting(windows, self.settings.max_payload_bytes))
+        )
+        self.windows.inc(len(windows))

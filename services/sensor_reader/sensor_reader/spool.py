@@ -54,7 +54,9 @@ from iotpipe import ConfigError, IotpipeError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+# 2: contract v2 (one entry is a raw message of one or many device windows; `windows` counts them).
+# A spool of another version is set aside at start (its messages are of another contract).
+SCHEMA_VERSION = 2
 # Seconds per commit tick: the windows closed (and acknowledged) within one share one transaction.
 # Also the longest a closed, unacknowledged window is in memory only (what a kill -9 can take).
 COMMIT_INTERVAL = 0.01
@@ -75,7 +77,7 @@ FULL_EPISODE_END = 0.9
 TRIM_CHUNK = 256
 LOAD_CHUNK = 256
 
-Row = tuple[int, str, int, int, int, str, bytes]
+Row = tuple[int, str, int, int, int, str, bytes, int]
 
 
 def _now_ms() -> int:
@@ -84,7 +86,9 @@ def _now_ms() -> int:
 
 @dataclass(slots=True, eq=False)
 class Window:
-    """One closed window, sealed: what goes to the broker, and what the counters need."""
+    """One sealed raw message of closed windows (one or many devices' windows: `windows` of them;
+    `device` names the first, for logs): what goes to the broker, and what the counters need. The
+    spool calls each entry a window, as it was one device's window before contract v2."""
 
     device: str
     start: int
@@ -99,13 +103,14 @@ class Window:
     on_disk: bool = False
     done: bool = False  # acknowledged by the broker, or given up: its row may be deleted
     dropped: bool = False
+    windows: int = 1  # device windows in the message
 
     def __post_init__(self) -> None:
         if not self.size:
             self.size = len(self.payload) + ROW_OVERHEAD
 
     def row(self) -> Row:
-        return (self.id, self.device, self.start, self.readings, self.sealed_at, self.topic, self.payload)
+        return (self.id, self.device, self.start, self.readings, self.sealed_at, self.topic, self.payload, self.windows)
 
 
 class SpoolFile:
@@ -172,7 +177,7 @@ class SpoolFile:
                     "CREATE TABLE IF NOT EXISTS windows ("
                     " id INTEGER PRIMARY KEY, device TEXT NOT NULL, start INTEGER NOT NULL,"
                     " readings INTEGER NOT NULL, sealed_at INTEGER NOT NULL, topic TEXT NOT NULL,"
-                    " payload BLOB NOT NULL)"
+                    " payload BLOB NOT NULL, windows INTEGER NOT NULL DEFAULT 1)"
                 )
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -208,8 +213,8 @@ class SpoolFile:
             trimmed = self._trim(db, trim_after, trim_bytes) if trim_bytes > 0 else []
             if rows:
                 db.executemany(
-                    "INSERT INTO windows (id, device, start, readings, sealed_at, topic, payload)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO windows (id, device, start, readings, sealed_at, topic, payload, windows)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             db.execute("COMMIT")
@@ -225,13 +230,16 @@ class SpoolFile:
         freed, last = 0, after
         while freed < needed:
             rows = db.execute(
-                "SELECT id, device, start, readings, length(payload) FROM windows WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, device, start, readings, length(payload), windows FROM windows WHERE id > ? ORDER BY id"
+                " LIMIT ?",
                 (last, TRIM_CHUNK),
             ).fetchall()
             if not rows:
                 break
-            for row_id, device, start, readings, length in rows:
-                window = Window(device, start, readings, "", b"", 0, id=row_id, size=length + ROW_OVERHEAD)
+            for row_id, device, start, readings, length, count in rows:
+                window = Window(
+                    device, start, readings, "", b"", 0, id=row_id, size=length + ROW_OVERHEAD, windows=count
+                )
                 trimmed.append(window)
                 freed += window.size
                 last = row_id
@@ -246,15 +254,15 @@ class SpoolFile:
         rows = (
             self._connection()
             .execute(
-                "SELECT id, device, start, readings, sealed_at, topic, payload FROM windows"
+                "SELECT id, device, start, readings, sealed_at, topic, payload, windows FROM windows"
                 " WHERE id > ? ORDER BY id LIMIT ?",
                 (after, limit),
             )
             .fetchall()
         )
         return [
-            Window(device, start, readings, topic, bytes(payload), sealed_at, id=row_id, on_disk=True)
-            for row_id, device, start, readings, sealed_at, topic, payload in rows
+            Window(device, start, readings, topic, bytes(payload), sealed_at, id=row_id, on_disk=True, windows=count)
+            for row_id, device, start, readings, sealed_at, topic, payload, count in rows
         ]
 
     def close(self) -> None:
@@ -688,15 +696,15 @@ class Outbox:
     def _drop(self, window: Window, reason: str) -> None:
         window.dropped = True
         if reason == "expired":
-            self.expired += 1
+            self.expired += window.windows
         if reason in ("spool_full", "memory_full"):
-            self.dropped += 1
+            self.dropped += window.windows
             if not self._full:
                 self._full = True
                 self._episode = [0, 0]
                 where = f"spool {self.spool.path} ({self.max_bytes} bytes)" if self.spool else "memory (no spool)"
                 log.warning("%s is full: dropping the oldest windows awaiting the broker, keeping the newest", where)
-            self._episode[0] += 1
+            self._episode[0] += window.windows
             self._episode[1] += window.readings
         self._on_dropped(window, reason)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import (
+    Block,
     BusError,
     ChecksumError,
     DeviceIdentityError,
@@ -10,6 +11,7 @@ from .base import (
     DriverError,
     DriverParams,
     ImplausibleValueError,
+    Sample,
 )
 from .i2c import BME280Driver, SHT31Driver
 from .simulated import SimulatedDriver
@@ -23,6 +25,7 @@ DRIVERS: dict[str, type[Driver]] = {
 __all__ = [
     "DRIVERS",
     "BME280Driver",
+    "Block",
     "BusError",
     "ChecksumError",
     "DeviceIdentityError",
@@ -33,5 +36,6 @@ __all__ = [
     "MCP3008Driver",
     "PMS5003Driver",
     "SHT31Driver",
+    "Sample",
     "SimulatedDriver",
 ]

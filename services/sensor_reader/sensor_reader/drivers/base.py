@@ -1,8 +1,15 @@
 """The driver interface every sensor chip plugs into.
 
-A driver owns one device (one chip on one bus). The reader calls it from a worker thread, so a
-driver may block on bus I/O; the reader enforces the per-read timeout and the retry/reopen policy
-around it, so drivers stay small: open the bus, turn raw bytes into SI values, close the bus.
+A driver owns one device (one chip on one bus). The reader calls a blocking driver from the worker
+thread of its bus (`bus_key`: the devices on one physical bus share one thread, since the bus serves
+one transfer at a time anyway), so a driver may block on bus I/O; the reader enforces the per-read
+timeout and the retry/reopen policy around it, so drivers stay small: open the bus, turn raw bytes
+into SI values, close the bus. A driver that never blocks (`blocking = False`: the simulator) is
+called on the event loop, with no thread at all: thousands of them cost no threads.
+
+`read()` returns one sample (sensor -> value) or, for chips read in bursts and the simulator in
+block mode, a `Block` of evenly spaced samples: at high rates one read per poll then carries many
+samples instead of one poll per sample.
 
 Error tree (what the reader does with each):
 
@@ -19,7 +26,8 @@ Error tree (what the reader does with each):
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -53,11 +61,28 @@ class DriverParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class Block:
+    """Several samples from one read, oldest first, `period_ms` apart; the last one was taken when
+    the read returned. Every sensor's sequence has the same length (at least one)."""
+
+    period_ms: float
+    values: Mapping[str, Sequence[float]]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values()), ()))
+
+
+Sample = Mapping[str, float] | Block
+
+
 class Driver(abc.ABC):
     """One device. Subclasses declare `name`, `Params` and `sensors` (sensor id -> SI unit)."""
 
     name: ClassVar[str]
     Params: ClassVar[type[DriverParams]] = DriverParams
+    # False only for drivers that never wait on I/O: they are called on the event loop.
+    blocking: ClassVar[bool] = True
 
     def __init__(self, device_id: str, params: DriverParams) -> None:
         self.device_id = device_id
@@ -71,9 +96,15 @@ class Driver(abc.ABC):
     def open(self) -> None:  # noqa: B027 - optional hook: simulated devices have no bus
         """Open the bus handle (and check the chip's identity). Called again after `close()`."""
 
+    @property
+    def bus_key(self) -> str:
+        """The physical bus this device sits on: devices with the same key share one worker thread."""
+        return f"{self.name}:{self.device_id}"
+
     @abc.abstractmethod
-    def read(self) -> Mapping[str, float]:
-        """One sample: sensor id -> value in the unit of `sensors`. Raises DriverError subclasses."""
+    def read(self) -> Sample:
+        """One sample (sensor id -> value in the unit of `sensors`) or a Block of them. Raises
+        DriverError subclasses."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the bus handle; must not raise."""

@@ -70,6 +70,10 @@ class _I2CDriver(Driver):
     def address(self) -> int:
         return self.params.address
 
+    @property
+    def bus_key(self) -> str:
+        return f"i2c-{self.params.bus}"
+
     def open(self) -> None:
         try:
             bus = self._bus_factory(self.params.bus)

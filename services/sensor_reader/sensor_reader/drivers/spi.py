@@ -117,6 +117,10 @@ class MCP3008Driver(Driver):
     def sensors(self) -> Mapping[str, str]:
         return {sensor: cfg.unit for sensor, cfg in self.params.channels.items()}
 
+    @property
+    def bus_key(self) -> str:
+        return f"spi-{self.params.bus}"  # chip selects share the clock and data lines
+
     def open(self) -> None:
         p = self.params
         spi = self._spi_factory()

@@ -176,6 +176,10 @@ class PMS5003Driver(Driver):
         self._parser = FrameParser()
 
     @property
+    def bus_key(self) -> str:
+        return f"uart:{self.params.port}"
+
+    @property
     def sensors(self) -> Mapping[str, str]:
         return dict.fromkeys(self._WORDS, "ug/m3")
 
