@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 from iotpipe import (
@@ -32,7 +33,6 @@ from iotpipe import (
     Runtime,
     ServiceSettings,
     Window,
-    encode_sorted,
     read_secret,
     redis_password_file,
 )
@@ -66,6 +66,10 @@ return written
 # Windows per script call: big enough to amortise the call, small enough that one call never holds
 # Redis (single-threaded) for more than a few milliseconds.
 WINDOWS_PER_CALL = 500
+# Processed messages per handler call (each up to 500 windows): one Redis round trip for up to
+# 8,000 windows; bigger batches only held more decoded windows and packed commands in memory.
+PROCESSED_MESSAGES_PER_BATCH = 16
+_member = msgspec.json.Encoder(order="sorted").encode  # a window's JSON, keys sorted: one byte string per window
 
 
 class Settings(ServiceSettings):
@@ -109,7 +113,7 @@ class CacheWriter(Component[Settings]):
             runtime.topics.all("processed"),
             self.handle,
             model=Processed,
-            batch=256,
+            batch=PROCESSED_MESSAGES_PER_BATCH,
             retry_max_delay=self.settings.retry_max_delay,
         )
 
@@ -135,7 +139,7 @@ class CacheWriter(Component[Settings]):
                         f"{prefix}:latest:{w.device}",
                         f"{prefix}:latest_start:{w.device}",
                     )
-                    args += (w.start, encode_sorted(w), w.sensor, repr(w.mean))
+                    args += (w.start, _member(w), w.sensor, repr(w.mean))
                 await self.script(keys=keys, args=args, client=pipe)
             return [int(x) for result in await pipe.execute() for x in result]
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 from iotpipe import (
     Alert,
     AlertRecord,
@@ -99,6 +100,22 @@ def window_records(message: Opened[Processed]) -> list[CloudRecord]:
     return [WindowRecord(id=f"{w.device}/{w.sensor}/{w.start}", **_fields(w)) for w in message.data.windows]
 
 
+_window_json = msgspec.json.Encoder().encode
+
+
+def window_rows(message: Opened[Processed]) -> list[Row]:
+    """Outbox rows of a processed message's windows: the same JSON as `encode(WindowRecord)` (the
+    `type` tag, then the window's fields and `id`), written directly from each window: building a
+    WindowRecord per window cost about a third of the forwarder's CPU at 20,000 windows/s."""
+    topic, src, boot, seq = message.topic, message.src, message.boot, message.seq
+    rows = []
+    for w in message.data.windows:
+        record_id = f"{w.device}/{w.sensor}/{w.start}"
+        body = b'{"type":"window",' + _window_json(w)[1:-1] + b',"id":' + _window_json(record_id) + b"}"
+        rows.append(Row(record_id, body, topic, src, boot, seq))
+    return rows
+
+
 def alert_record(message: Opened[Alert]) -> AlertRecord:
     alert = message.data
     fields = _fields(alert)
@@ -154,12 +171,16 @@ class CloudForwarder(Component[Settings]):
         self._added = asyncio.Event()
         # A batch is one outbox transaction: as many messages as the broker may have in flight to us.
         options: dict[str, Any] = {"batch": s.mqtt.receive_maximum, "retry_max_delay": s.retry_max_delay}
-        runtime.bus.subscribe(runtime.topics.all("processed"), self.store_windows, model=Processed, **options)
+        # Processed messages hold up to 500 windows each: 16 of them are one outbox transaction of up
+        # to 8,000 records, short enough that the uploader's reads and deletes are never stuck behind it.
+        runtime.bus.subscribe(
+            runtime.topics.all("processed"), self.store_windows, model=Processed, **{**options, "batch": 16}
+        )
         runtime.bus.subscribe(runtime.topics.all("alerts"), self.store_alerts, model=Alert, **options)
 
     # -- MQTT -> outbox ---------------------------------------------------------------------------
     async def store_windows(self, messages: Sequence[Opened[Processed]]) -> None:
-        await self.store([row for m in messages for row in outbox_rows(m, window_records(m))])
+        await self.store([row for m in messages for row in window_rows(m)])
 
     async def store_alerts(self, messages: Sequence[Opened[Alert]]) -> None:
         await self.store([row for m in messages for row in outbox_rows(m, [alert_record(m)])])

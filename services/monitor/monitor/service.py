@@ -77,7 +77,7 @@ class Monitor(Component[Settings]):
         self.suppressed = runtime.metrics.counter("iotpipe_anomalies_suppressed", "Anomalies within the cooldown")
         self._last_anomaly: dict[tuple[str, str], int] = {}
         topics = runtime.topics
-        runtime.bus.subscribe(topics.all("processed"), self.on_processed, model=Processed, batch=256)
+        runtime.bus.subscribe(topics.all("processed"), self.on_processed, model=Processed, batch=16)
         runtime.bus.subscribe(
             f"{topics.root}/status/service/+/+", self.on_service_status, model=ServiceStatus, sealed=False
         )

@@ -18,7 +18,7 @@ import numpy as np
 from iotpipe import Component, Opened, Processed, RawBatch, RawWindow, Runtime, ServiceSettings, Window
 from pydantic import Field, field_validator
 
-from .windows import aggregate
+from .windows import aggregate_array
 
 log = logging.getLogger(__name__)
 # Aggregates go out rounded: 53.477 rather than 53.477000000000004 in Redis and at the cloud, and
@@ -29,6 +29,10 @@ AGGREGATE_DECIMALS = 6
 SEALED_PAYLOAD_RATIO = 0.7
 # A window encodes to about 200 bytes; with ids and units at their longest it stays under this.
 WINDOW_BYTES_BOUND = 480
+# Windows per processed message at most, whatever the byte limit allows: about 100 KB, so that
+# consumers decode, hold and acknowledge the stream in steps of a few milliseconds of work rather
+# than in megabyte messages (at 20,000 windows/s: 40 messages a second).
+WINDOWS_PER_MESSAGE = 500
 
 
 class Settings(ServiceSettings):
@@ -50,31 +54,24 @@ class Settings(ServiceSettings):
 
 def fitting(windows: list[Window], max_bytes: int) -> list[Processed]:
     """`windows` in messages whose sealed form fits `max_bytes` (what every receiver accepts)."""
-    per_message = max(1, int(max_bytes * SEALED_PAYLOAD_RATIO) // WINDOW_BYTES_BOUND)
+    per_message = max(1, min(WINDOWS_PER_MESSAGE, int(max_bytes * SEALED_PAYLOAD_RATIO) // WINDOW_BYTES_BOUND))
     return [Processed(windows=windows[i : i + per_message]) for i in range(0, len(windows), per_message)]
 
 
 def process(raw: Sequence[RawWindow], kernel: int) -> list[Window]:
     """The aggregates of every sensor of every raw window, in order; series of equal length are
-    filtered and aggregated in one vectorised pass."""
+    filtered and aggregated in one vectorised pass, and rounded in one."""
     flat = [np.asarray(series.v, dtype=np.float64) for window in raw for series in window.sensors.values()]
-    stats = iter(aggregate(flat, kernel))
+    counts, stats = aggregate_array(flat, kernel)
+    # numpy's round (to the nearest of the value scaled by 10^6) rather than Python's exact decimal
+    # round: they differ only for a value within an ulp of a tie, far below any sensor's resolution.
+    rows = iter(zip(counts.tolist(), np.round(stats, AGGREGATE_DECIMALS).tolist(), strict=True))
     out = []
     for window in raw:
         device, start, end = window.device, window.window.start, window.window.start + window.window.size
         for sensor, series in window.sensors.items():
-            values = next(stats)
-            out.append(
-                Window(
-                    device=device,
-                    sensor=sensor,
-                    unit=series.unit,
-                    start=start,
-                    end=end,
-                    n=int(values["n"]),
-                    **{k: round(float(values[k]), AGGREGATE_DECIMALS) for k in ("mean", "median", "min", "max", "std")},
-                )
-            )
+            n, (mean, median, low, high, std) = next(rows)
+            out.append(Window(device, sensor, series.unit, start, end, n, mean, median, low, high, std))
     return out
 
 
