@@ -10,7 +10,7 @@ import pytest
 from fakes import ProtocolViolationError
 from fakes.spi import FakeMCP3008, FakeSpiDev
 from pydantic import ValidationError
-from sensor_reader.drivers import DRIVERS, BusError, DriverError, ImplausibleValueError
+from sensor_reader.drivers import DRIVERS, Block, BusError, DriverError, ImplausibleValueError
 from sensor_reader.drivers.spi import MCP3008Driver, MCP3008Params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +118,25 @@ def test_two_point_calibration_including_an_inverted_probe(chip: FakeMCP3008, dr
     chip.set(0, 400)
     chip.set(1, 0)
     assert driver.read() == {"soil_moisture": pytest.approx(100.0), "light": pytest.approx(0.0)}
+
+
+def test_a_burst_read_returns_every_round_of_conversions_as_one_block(chip: FakeMCP3008) -> None:
+    burst = make_driver(chip, samples_per_read=25)
+    burst.open()
+    try:
+        block = burst.read()
+    finally:
+        burst.close()
+    assert isinstance(block, Block) and len(block) == 25 and block.period_ms > 0
+    assert block.values["soil_moisture"] == [pytest.approx(50.0)] * 25
+    assert block.values["light"] == [pytest.approx(512 * 1000 / 1023)] * 25
+    # Every conversion went over the wire, channel by channel, round after round.
+    assert chip.conversions == [0, 1] * 25
+    chip.set(0, 1023)  # one implausible value drops the whole burst, as it drops a single sample
+    burst.open()
+    with pytest.raises(ImplausibleValueError):
+        burst.read()
+    burst.close()
 
 
 def test_values_slightly_beyond_the_calibration_are_kept(chip: FakeMCP3008, driver: MCP3008Driver) -> None:
