@@ -18,7 +18,9 @@ help:
 	@echo "                    F6_SECONDS=30 F1_KILLS=5; ARGS=\"-k f4\" for one fault)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
 	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
-	@echo "make bench          readings/s through the pipeline on this machine (prints figures)"
+	@echo "make bench          stepped sustained-load benchmark of the whole pipeline and a naive baseline"
+	@echo "                    (about 15 min; table, var/bench/<time>.json and .png; ARGS=\"--help\" for steps,"
+	@echo "                    --sustain, --workload high|fleet|both)"
 	@echo "make bench-bus      messages/s and CPU per message of one process's MQTT bus (publish, consume)"
 	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
 	@echo "make lint           ruff (lint and format) and mypy (strict on shared/, services checked)"
@@ -72,8 +74,9 @@ test-faults: test-deps venv
 	  IOTPIPE_FAULTS_REPORT=$(CURDIR)/var/faults-report.txt \
 	  $(UV) run --frozen pytest tests/faults -m "faults_fast or faults_full" -rA -s $(ARGS)
 
-bench: venv
-	$(UV) run --frozen python tests/bench/pipeline.py $(ARGS)
+# Figures, never assertions: the operator's own hardware. iotpipe.bench says what is measured and how.
+bench: deps venv
+	$(UV) run --frozen iotpipe bench $(ARGS)
 
 bench-bus: venv
 	$(UV) run --frozen python tests/bench/bus.py $(ARGS)

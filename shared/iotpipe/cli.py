@@ -22,6 +22,7 @@ from ._health import check_health
 from ._models import Alert, Processed, RawBatch, json_schemas, to_builtins
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
+from .bench import bench_command
 from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
 
 # The models of the sealed topics, by the topic level after `<base>/v2/`.
@@ -222,6 +223,7 @@ def stack(root: Path) -> None:
     sys.exit(128 - code if code < 0 else code)  # killed by a signal: the shell's 128 + signal
 
 
+main.add_command(bench_command)  # `iotpipe bench`, defined in iotpipe.bench
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -72,6 +73,17 @@ PROCESSED_MESSAGES_PER_BATCH = 16
 _member = msgspec.json.Encoder(order="sorted").encode  # a window's JSON, keys sorted: one byte string per window
 
 
+class HiredisPackingConnection(aioredis.Connection):
+    """redis-py's asyncio connection with hiredis's C command packer, as its sync connection already
+    does: the same bytes, about 7x faster. The Python packer (about 1 µs per argument, 7 arguments
+    per window) was a third of the cache-writer's CPU at 20,000 windows/s."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" and the like, as redis-py does
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
 class Settings(ServiceSettings):
     service_name = "cache-writer"
 
@@ -94,15 +106,19 @@ class CacheWriter(Component[Settings]):
         r = self.settings.redis
         password_file = r.password_file or redis_password_file(self.settings.secrets_dir, "cache-writer")
         password = read_secret(password_file, "Redis password")
-        self.redis = aioredis.Redis(
-            host=r.host,
-            port=r.port,
-            db=r.db,
-            username=r.username or "cache-writer",
-            password=password,
-            socket_timeout=10,
-            socket_connect_timeout=5,
-            health_check_interval=30,
+        # from_pool: the client owns the pool and closes it with itself.
+        self.redis = aioredis.Redis.from_pool(
+            aioredis.ConnectionPool(
+                connection_class=HiredisPackingConnection,
+                host=r.host,
+                port=r.port,
+                db=r.db,
+                username=r.username or "cache-writer",
+                password=password,
+                socket_timeout=10,
+                socket_connect_timeout=5,
+                health_check_interval=30,
+            )
         )
         self.script = self.redis.register_script(WRITE_WINDOWS)
         self.written = runtime.metrics.counter("iotpipe_windows_written", "Windows newly written to Redis")
