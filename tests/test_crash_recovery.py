@@ -627,9 +627,12 @@ async def test_every_service_recovers_from_a_broker_restart(
 
         try:
             await wait_until(drained, 30, "the pipeline to drain after the reader stopped")
+            counters = await settled_counters(tmp_path, "cache-writer", "restart", time.time(), status_interval)
+            # Drained again: the reader's last windows (flushed as it stopped) can reach the processed
+            # stream after the first check, and the forwarder uploads them up to a batch linger later.
+            await wait_until(drained, 30, "the pipeline to drain after the counters settled")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {report('not drained', *await tallies(0))}") from None
-        counters = await settled_counters(tmp_path, "cache-writer", "restart", time.time(), status_interval)
         members = await in_redis()
         stream, redis_tally, cloud = await tallies(counters.get("iotpipe_windows_written", 0))
         redis_tally.collapsed = counters.get("iotpipe_windows_duplicate", 0)
