@@ -765,14 +765,13 @@ class Bench:
         for name in o.workloads:
             workload = WORKLOADS[name]
             for devices in o.steps(name):
-                print(
+                click.echo(
                     f"[bench] {name}: {devices} devices, offering {workload.offered(devices):,.0f} readings/s",
-                    flush=True,
                 )
                 try:
                     step = await self._pipeline_step(workload, devices, t_stack if first else None)
                 except BenchError as exc:
-                    print(f"[bench] {name} step failed: {exc}", flush=True)
+                    click.echo(f"[bench] {name} step failed: {exc}")
                     self.results["steps"].append(
                         {"workload": name, "devices": devices, "offered": workload.offered(devices), "error": str(exc)}
                     )
@@ -781,23 +780,20 @@ class Bench:
                     await self.children["sensor-reader"].stop(30)
                     dead = [n for n in MODULES if n != "sensor-reader" and not self.children[n].alive()]
                     if dead:
-                        print(f"[bench] {', '.join(dead)} died: no more pipeline steps", flush=True)
+                        click.echo(f"[bench] {', '.join(dead)} died: no more pipeline steps")
                         return
                     break
                 first = False
                 self.results["steps"].append(step)
-                print(format_step(step), flush=True)
+                click.echo(format_step(step))
                 if not step["drained"]:
                     # What is left would be measured with the next steps: no more pipeline steps.
-                    print(
-                        "[bench] backlog not drained: no more pipeline steps (--drain-timeout waits longer)", flush=True
-                    )
+                    click.echo("[bench] backlog not drained: no more pipeline steps (--drain-timeout waits longer)")
                     return
                 if step["achieved"] < 0.5 * step["offered"] and not o.keep_going:
-                    print(
+                    click.echo(
                         f"[bench] {name}: achieved less than half the offered rate: higher steps skipped "
                         "(--keep-going climbs on)",
-                        flush=True,
                     )
                     break
 
@@ -1130,20 +1126,20 @@ class Bench:
         for rate in self.o.baseline_steps:
             devices = max(1, round(rate / (len(NAIVE_SENSORS) * NAIVE_HZ)))
             offered = devices * len(NAIVE_SENSORS) * NAIVE_HZ
-            print(f"[bench] naive baseline: {devices} devices, offering {offered:,.0f} readings/s", flush=True)
+            click.echo(f"[bench] naive baseline: {devices} devices, offering {offered:,.0f} readings/s")
             try:
                 step = await self._naive_step(devices)
             except BenchError as exc:
-                print(f"[bench] naive step failed: {exc}", flush=True)
+                click.echo(f"[bench] naive step failed: {exc}")
                 self.results["baseline"].append({"workload": "naive", "devices": devices, "error": str(exc)})
                 break
             self.results["baseline"].append(step)
-            print(format_step(step), flush=True)
+            click.echo(format_step(step))
             if not step["drained"]:
-                print("[bench] naive: backlog not drained, higher steps skipped", flush=True)
+                click.echo("[bench] naive: backlog not drained, higher steps skipped")
                 break
             if step["achieved"] < 0.5 * step["offered"] and not self.o.keep_going:
-                print("[bench] naive: achieved less than half the offered rate: higher steps skipped", flush=True)
+                click.echo("[bench] naive: achieved less than half the offered rate: higher steps skipped")
                 break
 
     def _naive_child(self, role: str, stats: Path, devices: int) -> Child:
@@ -1698,12 +1694,12 @@ def run_bench(options: Options) -> dict[str, Any]:
     chart = options.chart or out.with_suffix(".png")
     bench = Bench(options)
     results = asyncio.run(_main(bench))
-    print(format_report(results), flush=True)
+    click.echo(format_report(results))
     out.parent.mkdir(parents=True, exist_ok=True)
     results["json"], results["chart"] = str(out), str(chart)
     out.write_text(json.dumps(results, indent=2) + "\n")
     draw_chart(results, chart)
-    print(f"\nJSON: {out}\nchart: {chart}", flush=True)
+    click.echo(f"\nJSON: {out}\nchart: {chart}")
     return results
 
 

@@ -133,7 +133,7 @@ def main() -> None:
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
+                time.sleep(0.05)  # wait-ok: polling for the server to accept connections, bounded by the deadline
         per_call = WINDOWS_PER_CALL // len(SENSORS)
         devices = [f"fl-{i:05d}" for i in range(args.devices)]
         print(
