@@ -7,6 +7,9 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH):/usr/sbin:/usr/local/sbin
 UV ?= uv
 OS_PACKAGES := mosquitto mosquitto-clients redis-server
+# To build the pipeline broker's guard plugin (mosquitto/iotpipe_guard.c) for this machine's mosquitto.
+BUILD_OS_PACKAGES := gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
+BUILD_PROOF := cc /usr/include/mosquitto_broker.h /usr/include/mosquitto.h /usr/include/openssl/x509.h
 TEST_OS_PACKAGES := docker-compose
 
 .PHONY: help deps test-deps venv secrets run test test-faults bench bench-bus logs lint clean
@@ -25,9 +28,11 @@ help:
 	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
 	@echo "make lint           ruff (lint and format) and mypy (strict on shared/, services checked)"
 
-# $(1): packages, $(2): binaries that prove they are there
+# $(1): packages, $(2): binaries (or absolute paths of files) that prove they are there
 define ensure_os_packages
-	@missing=""; for bin in $(2); do command -v $$bin >/dev/null 2>&1 || missing=1; done; \
+	@missing=""; for bin in $(2); do \
+	  case $$bin in /*) test -e $$bin || missing=1 ;; *) command -v $$bin >/dev/null 2>&1 || missing=1 ;; esac; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ -n "$$IOTPIPE_NO_INSTALL" ]; then \
 	    echo "error: need $(2) (Debian/Ubuntu: apt-get install $(1)); IOTPIPE_NO_INSTALL forbids installing" >&2; exit 1; \
@@ -45,6 +50,7 @@ endef
 deps:
 	@command -v $(UV) >/dev/null 2>&1 || { echo "installing uv"; python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv; }
 	$(call ensure_os_packages,$(OS_PACKAGES),mosquitto mosquitto_sub redis-server redis-cli)
+	$(call ensure_os_packages,$(BUILD_OS_PACKAGES),$(BUILD_PROOF))
 
 test-deps: deps
 	$(call ensure_os_packages,$(TEST_OS_PACKAGES),docker-compose)

@@ -11,14 +11,26 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iotpipe.devstack import Ports, render_broker_config, render_redis_config
+from iotpipe.devstack import (
+    Ports,
+    mosquitto_hash,
+    mqtt_password_file,
+    render_broker_config,
+    render_public_broker_config,
+    render_redis_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests' own user of the pipeline broker: reads every topic (never writes), to watch what the
+# services publish. It exists only in the tests' broker (an ACL and password file of their own);
+# the shipped broker has service users only.
+TAP = "test-tap"
 
 
 def free_port() -> int:
@@ -95,6 +107,7 @@ class Stack:
     secrets_dir: Path
     broker: Server
     redis: Server
+    public: Server  # the public broker, bridged from `broker` (mosquitto/public.conf)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
@@ -116,9 +129,18 @@ class Stack:
 
 @contextlib.contextmanager
 def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
-    ports = Ports(mqtt=free_port(), mqtt_tls=free_port(), redis=free_port(), sink=free_port())
-    (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
-    (workdir / "redis").mkdir(parents=True, exist_ok=True)
+    ports = Ports(
+        mqtt=free_port(),
+        mqtt_tls=free_port(),
+        redis=free_port(),
+        sink=free_port(),
+        mqtt_mtls=free_port(),
+        mqtt_bridge=free_port(),
+        public=free_port(),
+        public_tls=free_port(),
+    )
+    for sub in ("mosquitto", "mosquitto-public", "redis"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
     broker_conf = workdir / "mosquitto.conf"
     broker_conf.write_text(
         render_broker_config(
@@ -128,21 +150,43 @@ def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
             workdir / "mosquitto",
             # information level has the "running" line we wait for
             extra=("log_type information",),
+            **tap_user(workdir, secrets_dir),
+        )
+    )
+    public_conf = workdir / "mosquitto-public.conf"
+    public_conf.write_text(
+        render_public_broker_config(
+            ROOT / "mosquitto/public.conf",
+            ports,
+            secrets_dir,
+            workdir / "mosquitto-public",
+            extra=("log_type information",),
         )
     )
     redis_conf = workdir / "redis.conf"
     redis_conf.write_text(render_redis_config(ROOT / "redis/redis.conf", ports, secrets_dir, workdir / "redis"))
     broker = Server("mosquitto", ["mosquitto", "-c", str(broker_conf)], " running", workdir)
+    public = Server("mosquitto-public", ["mosquitto", "-c", str(public_conf)], " running", workdir)
     redis = Server("redis", ["redis-server", str(redis_conf)], "Ready to accept connections", workdir)
-    broker.start()
-    try:
-        redis.start()
-        try:
-            yield Stack(ports, secrets_dir, broker, redis)
-        finally:
-            redis.stop()
-    finally:
-        broker.stop()
+    with contextlib.ExitStack() as running:
+        for server in (broker, public, redis):
+            server.start()
+            running.callback(server.stop)
+        yield Stack(ports, secrets_dir, broker, redis, public)
+
+
+def tap_user(workdir: Path, secrets_dir: Path) -> dict[str, Path]:
+    """The shipped ACL and password file plus TAP (read-only, every topic), written into `workdir`."""
+    password = mqtt_password_file(secrets_dir, TAP)
+    if not password.exists():
+        password.write_text(uuid.uuid4().hex + "\n")
+    passwd = workdir / "mosquitto_passwd"
+    passwd.write_text(
+        (secrets_dir / "mosquitto_passwd").read_text() + f"{TAP}:{mosquitto_hash(password.read_text().strip())}\n"
+    )
+    acl = workdir / "acl"
+    acl.write_text((ROOT / "mosquitto/acl").read_text() + f"\nuser {TAP}\ntopic read #\n")
+    return {"acl_file": acl, "password_file": passwd}
 
 
 def spawn(module: str, env: dict[str, str], log_dir: Path, name: str | None = None) -> subprocess.Popen[bytes]:
@@ -194,11 +238,9 @@ def bus_for(
     session_expiry: int = 0,
     **mqtt: object,
 ):
-    """An iotpipe Bus logged in as `user` against the test broker (not started)."""
-    import uuid
-
+    """An iotpipe Bus logged in as `user` against the test broker (not started). Its client id is
+    `<user>-<client_id>` (the broker's rule), `client_id` default random."""
     from iotpipe import Bus, MqttSettings
-    from iotpipe.devstack import mqtt_password_file
 
     settings = MqttSettings(
         host="127.0.0.1" if not tls else "localhost",
@@ -211,13 +253,18 @@ def bus_for(
     )  # type: ignore[arg-type]
     return Bus(
         settings,
-        client_id=client_id or f"test-{user}-{uuid.uuid4().hex[:8]}",
+        client_id=owned_client_id(user, client_id or f"test-{uuid.uuid4().hex[:8]}"),
         keyring=keyring,
         src=f"{user}/test",
         status_topic=status_topic,
         username=user,
         password_file=mqtt_password_file(stack.secrets_dir, user),
     )
+
+
+def owned_client_id(user: str, client_id: str) -> str:
+    """`client_id` as the pipeline broker admits it for `user`: `<user>-<id>` (iotpipe_guard)."""
+    return client_id if client_id.startswith(f"{user}-") else f"{user}-{client_id}"
 
 
 async def wait_online(stack: Stack, topic: str, timeout: float = 30) -> None:
@@ -233,7 +280,7 @@ async def wait_online(stack: Stack, topic: str, timeout: float = 30) -> None:
         if any(m.payload and orjson.loads(m.payload)["state"] == "online" for m in messages):
             online.set()
 
-    watcher = bus_for(stack, "reader")
+    watcher = bus_for(stack, TAP)
     watcher.subscribe(topic, on_status, sealed=False)
     await watcher.start()
     try:

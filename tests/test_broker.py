@@ -13,14 +13,15 @@ import pytest
 from iotpipe import KeyRing, Opened, PermanentError, PlainMessage, Sealer, Topics
 from iotpipe.devstack import mqtt_password_file
 from paho.mqtt.enums import CallbackAPIVersion
-from servers import Stack, bus_for
+from servers import TAP, Stack, bus_for
 
 
-def raw_connect(stack: Stack, username: str | None, password: str | None) -> str:
+def raw_connect(stack: Stack, username: str | None, password: str | None, client_id: str | None = None) -> str:
     """Connect with a bare paho client; return the CONNACK reason as text."""
     result: list[str] = []
     done = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+    client_id = client_id or f"{username}-raw-{uuid.uuid4().hex[:6]}"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if username is not None:
         client.username_pw_set(username, password)
 
@@ -41,17 +42,17 @@ def raw_connect(stack: Stack, username: str | None, password: str | None) -> str
 
 def test_anonymous_and_wrong_password_are_refused(stack: Stack) -> None:
     assert raw_connect(stack, None, None) != "Success"
-    assert raw_connect(stack, "reader", "wrong") != "Success"
+    assert raw_connect(stack, "monitor", "wrong") != "Success"
     assert raw_connect(stack, "nobody", "x") != "Success"
-    password = mqtt_password_file(stack.secrets_dir, "reader").read_text().strip()
-    assert raw_connect(stack, "reader", password) == "Success"
+    password = mqtt_password_file(stack.secrets_dir, "monitor").read_text().strip()
+    assert raw_connect(stack, "monitor", password) == "Success"
 
 
 async def test_acl_refuses_publishes_outside_a_users_topics(stack: Stack, keyring: KeyRing, base: str) -> None:
     topics = Topics(base)
     reader_bus = bus_for(stack, "sensor-reader", keyring=keyring)
-    third_party = bus_for(stack, "reader", keyring=keyring)
-    for bus in (reader_bus, third_party):
+    tap = bus_for(stack, TAP, keyring=keyring)  # read-only
+    for bus in (reader_bus, tap):
         await bus.start()
         await bus.wait_connected()
     try:
@@ -59,11 +60,11 @@ async def test_acl_refuses_publishes_outside_a_users_topics(stack: Stack, keyrin
         with pytest.raises(PermanentError, match="refused"):
             await reader_bus.publish_sealed(topics.processed("d1"), {"forged": 1})
         with pytest.raises(PermanentError, match="refused"):
-            await third_party.publish(topics.raw("d1"), b"{}")
+            await tap.publish(topics.raw("d1"), b"{}")
         with pytest.raises(PermanentError, match="refused"):
             await reader_bus.publish(topics.device_status("d1"), b"{}", retain=True)
     finally:
-        for bus in (reader_bus, third_party):
+        for bus in (reader_bus, tap):
             await bus.stop()
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import pytest
 from iotpipe import KeyRing, Opened, PlainMessage, Sealer, Topics
-from servers import Stack, bus_for
+from servers import TAP, Stack, bus_for
 
 
 @pytest.mark.timeout(60)
@@ -48,7 +48,7 @@ async def test_a_duplicate_in_the_same_batch_reaches_the_handler_once(
     async def on_gate(_messages: Sequence[PlainMessage]) -> None:
         gate.set()
 
-    consumer = bus_for(stack, "reader", keyring=keyring)
+    consumer = bus_for(stack, TAP, keyring=keyring)
     consumer.subscribe(topic, handler)
     consumer.subscribe(gate_topic, on_gate, sealed=False)
     producer = bus_for(stack, "preprocessor", keyring=keyring)

@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
 from servers import (
+    TAP,
     Stack,
     bus_for,
     free_port,
@@ -519,7 +520,7 @@ async def test_every_service_recovers_from_a_broker_restart(
             for w in unseal(keyring, m.payload)["data"]["windows"]:
                 processed[(w["sensor"], w["start"])] = w
 
-    wire = bus_for(stack, "reader", client_id=f"wire-{base}", session_expiry=600)
+    wire = bus_for(stack, TAP, client_id=f"wire-{base}", session_expiry=600)
     wire.subscribe(topics.raw("restart"), on_raw, sealed=False)  # the instance, "restart", publishes them
     wire.subscribe(topics.all("processed"), on_processed, sealed=False)
     await wire.start()

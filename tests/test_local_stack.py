@@ -27,7 +27,7 @@ from supervisor.options import ServerOptions
 
 DEVICES = ("greenhouse-1", "greenhouse-2", "weather-station")
 LOGS = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "cloud-sink", "broker")
-PROGRAMS = ("broker", "redis", "cloud-sink", *LOGS[:5])
+PROGRAMS = ("broker", "broker-public", "redis", "cloud-sink", *LOGS[:5])
 # supervisord's own log line: `2026-01-31 12:00:00,123 INFO spawned: 'preprocessor' with pid 4242`
 SPAWNED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO spawned: '([\w-]+)' with pid (\d+)$", re.M)
 
@@ -48,7 +48,10 @@ class LocalStack:
             (self.root / "Procfile").write_text(procfile)
         self.secrets = self.root / "secrets"
         self.conf = self.root / "var/supervisor/supervisord.conf"
-        self.ports = {name: str(free_port()) for name in ("MQTT", "MQTT_TLS", "REDIS", "SINK")}
+        self.ports = {
+            name: str(free_port())
+            for name in ("MQTT", "MQTT_TLS", "MQTT_MTLS", "MQTT_BRIDGE", "PUBLIC", "PUBLIC_TLS", "REDIS", "SINK")
+        }
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
         env.update({f"IOTPIPE_STACK_{name}_PORT": port for name, port in self.ports.items()})
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
@@ -207,6 +210,8 @@ async def test_local_stack_fills_redis_within_30s_and_stops_cleanly(tmp_path: Pa
         assert re.search(rf"^\d\d:\d\d:\d\d {re.escape(name)} +\| ", text, re.M), f"no line prefixed {name}"
     assert re.search(r"^\d\d:\d\d:\d\d redis +\| .*Ready to accept connections", text, re.M)
     assert re.search(r"^\d\d:\d\d:\d\d broker +\| .*New client connected .* as sensor-reader-local", text, re.M)
+    # The public broker's bridge logged in to the pipeline broker by its certificate.
+    assert re.search(r"^\d\d:\d\d:\d\d broker +\| .*New bridge connected .* as bridge ", text, re.M)
     unprefixed = [line for line in text.splitlines()[1:] if not re.match(r"\d\d:\d\d:\d\d [\w-]+ +\| ", line)]
     assert unprefixed == [], unprefixed[:5]
     for name in LOGS:

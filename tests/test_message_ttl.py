@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 from iotpipe import KeyRing, PlainMessage, Topics
 from iotpipe.devstack import redis_password_file
-from servers import Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_until
+from servers import TAP, Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_until
 
 DEVICE = "d1"
 
@@ -65,7 +65,7 @@ async def test_a_service_rejects_an_authentic_message_older_than_its_ttl(
             if m.payload:
                 status.update(orjson.loads(m.payload))
 
-    watcher = bus_for(stack, "reader")
+    watcher = bus_for(stack, TAP)
     watcher.subscribe(topics.service_status("cache-writer", instance), on_status, sealed=False)
     await watcher.start()
     env = service_env(stack, base, tmp_path, instance, IOTPIPE_MESSAGE_TTL="60", IOTPIPE_STATUS_INTERVAL="0.3")

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from iotpipe import KeyRing, Opened, PlainMessage, Processed, Runtime, Topics, decode
 from monitor.service import Monitor, Settings
-from servers import Stack, bus_for, wait_until
+from servers import TAP, Stack, bus_for, wait_until
 
 
 def processed(base: str, device: str, seq: int, mean: float, spread: float) -> Opened[Processed]:
@@ -53,7 +53,7 @@ async def test_anomaly_alerts_with_cooldown_and_device_status(
 
     watcher = bus_for(stack, "cloud-forwarder", keyring=keyring)
     watcher.subscribe(topics.all("alerts"), on_alert)
-    status_watcher = bus_for(stack, "reader")
+    status_watcher = bus_for(stack, TAP)
     status_watcher.subscribe(f"{topics.root}/status/device/+", on_status, sealed=False)
     buses = (monitor.runtime.bus, watcher, status_watcher)
     for bus in buses:

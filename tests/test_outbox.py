@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from iotpipe import KeyRing, PlainMessage, Topics
 from servers import (
+    TAP,
     Stack,
     bus_for,
     free_port,
@@ -128,7 +129,7 @@ class Rig:
                 if doc.get("state") == "online" and doc.get("boot_ts", 0) >= since_ms:
                     online.set()
 
-        watcher = bus_for(self.stack, "reader")
+        watcher = bus_for(self.stack, TAP)
         watcher.subscribe(self.topics.service_status("cloud-forwarder", self.instance), on_status, sealed=False)
         await watcher.start()
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from iotpipe import KeyRing, PlainMessage, Topics
-from servers import Stack, bus_for, service_env, spawn, stop_all, unseal, wait_online, wait_until
+from servers import TAP, Stack, bus_for, service_env, spawn, stop_all, unseal, wait_online, wait_until
 from window_reference import FIELDS, expected, near_rounding_tie, unrounded
 
 START, SIZE = 1_795_533_424_000, 1000
@@ -55,7 +55,7 @@ async def test_processed_aggregates_are_rounded_to_6_decimals(
     async def on_processed(messages: Sequence[PlainMessage]) -> None:
         received.extend(unseal(keyring, m.payload)["data"] for m in messages)
 
-    watcher = bus_for(stack, "reader")
+    watcher = bus_for(stack, TAP)
     watcher.subscribe(topics.processed("round"), on_processed, sealed=False)
     producer = bus_for(stack, "sensor-reader", keyring=keyring)
     try:

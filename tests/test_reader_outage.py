@@ -27,7 +27,7 @@ import orjson
 import pytest
 from iotpipe import Bus, KeyRing, Opener, PlainMessage, RawBatch, serve
 from sensor_reader.service import SensorReader, Settings
-from servers import Stack, bus_for, service_env, spawn, unseal, wait_until
+from servers import TAP, Stack, bus_for, service_env, spawn, unseal, wait_until
 
 WINDOW_MS = 100
 GRACE_MS = 20
@@ -188,7 +188,7 @@ async def proxy(stack: Stack) -> AsyncIterator[Proxy]:
 @pytest.fixture
 async def wire(stack: Stack, keyring: KeyRing, base: str) -> AsyncIterator[RawWire]:
     raw = RawWire(keyring)
-    watcher: Bus = bus_for(stack, "reader")
+    watcher: Bus = bus_for(stack, TAP)
     watcher.subscribe(f"{base}/v2/raw/+", raw.handle, sealed=False)
     await watcher.start()
     await watcher.wait_connected()

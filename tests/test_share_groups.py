@@ -32,7 +32,7 @@ from iotpipe import KeyRing, MqttSettings, PlainMessage, Topics
 from iotpipe._bus import DEFAULT_BATCH
 from iotpipe._mqtt import MqttConnection
 from iotpipe.devstack import mqtt_password_file
-from servers import Stack, bus_for, service_env, spawn, stop_all, unseal, wait_until
+from servers import TAP, Stack, bus_for, service_env, spawn, stop_all, unseal, wait_until
 
 STATUS_INTERVAL = "1"  # s between heartbeats: others believe an `online` status for 3 of them
 QUICK_ADOPTION = "1"  # s a member's session may say offline before a live member drains it
@@ -87,7 +87,7 @@ class Group:
         self.seen: list[tuple[str, dict[str, Any], str]] = []  # (device, window, preprocessor instance)
         self.producer = bus_for(stack, "sensor-reader", keyring=keyring)
         self.status: dict[str, dict[str, Any]] = {}  # instance -> its current status
-        self.watcher = bus_for(stack, "reader", client_id=f"watch-{base}")
+        self.watcher = bus_for(stack, TAP, client_id=f"watch-{base}")
         self.watcher.subscribe(self.topics.all("processed"), self._on_processed, sealed=False)
         self.watcher.subscribe(f"{self.topics.root}/status/service/preprocessor/+", self._on_status, sealed=False)
         self._end = 0
@@ -463,7 +463,7 @@ async def test_owner_back_during_adoption_loses_nothing(
         async def on_status(messages: Sequence[PlainMessage[Any]]) -> None:
             status.update({m.topic: m.payload for m in messages})
 
-        watcher = bus_for(stack, "reader")
+        watcher = bus_for(stack, TAP)
         watcher.subscribe(topics.service_status("preprocessor", "race-x"), on_status, sealed=False)
         await watcher.start()
         try:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from iotpipe import Bus, KeyRing, MqttSettings, Opened, PlainMessage, RetryableError, Topics, check_health
 from iotpipe.devstack import Ports, ensure_secrets, mqtt_password_file, render_broker_config
-from servers import ROOT, Server, Stack, bus_for, free_port, service_env, spawn, stop_all, wait_until
+from servers import ROOT, TAP, Server, Stack, bus_for, free_port, service_env, spawn, stop_all, wait_until
 
 HANDSHAKE_FAILED = "OpenSSL Error"  # what mosquitto logs when a client aborts the TLS handshake
 
@@ -39,7 +39,7 @@ def paho_leaks_failed_tls_sockets(test: Callable[..., Any]) -> Callable[..., Any
 
 
 def tls_bus(
-    stack_or_ports: Stack | Ports, secrets_dir: Path, host: str, ca_file: Path, user: str = "reader", **kw: Any
+    stack_or_ports: Stack | Ports, secrets_dir: Path, host: str, ca_file: Path, user: str = "monitor", **kw: Any
 ) -> Bus:
     ports = stack_or_ports.ports if isinstance(stack_or_ports, Stack) else stack_or_ports
     settings = MqttSettings(
@@ -47,7 +47,7 @@ def tls_bus(
     )
     return Bus(
         settings,
-        client_id=f"tls-{user}-{uuid.uuid4().hex[:8]}",
+        client_id=f"{user}-tls-{uuid.uuid4().hex[:8]}",
         keyring=kw.pop("keyring", None),
         src=f"{user}/tls",
         username=user,
@@ -219,7 +219,7 @@ async def test_the_preprocessor_works_over_tls(stack: Stack, keyring: KeyRing, b
         processed.extend(messages)
         got_processed.set()
 
-    watcher = bus_for(stack, "reader", keyring=keyring)
+    watcher = bus_for(stack, TAP, keyring=keyring)
     watcher.subscribe(topics.service_status("preprocessor", instance), on_status, sealed=False)
     watcher.subscribe(topics.all("processed"), on_processed)
     # The reading side over TLS too.

@@ -82,6 +82,16 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
         raise ConfigError("IOTPIPE_MQTT__CA_FILE is required when IOTPIPE_MQTT__TLS is true")
     context = ssl.create_default_context(cafile=str(settings.ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if (settings.cert_file is None) != (settings.key_file is None):
+        raise ConfigError("IOTPIPE_MQTT__CERT_FILE and IOTPIPE_MQTT__KEY_FILE go together (the mTLS option)")
+    if settings.cert_file is not None and settings.key_file is not None:
+        try:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            # Names the files, never their content.
+            raise ConfigError(
+                f"cannot load the client certificate {str(settings.cert_file)!r} with its key: {type(exc).__name__}"
+            ) from None
     return context
 
 

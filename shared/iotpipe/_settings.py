@@ -41,6 +41,15 @@ def mqtt_password_file(secrets_dir: Path, user: str) -> Path:
     return secrets_dir / f"mqtt_{secret_name(user)}_password"
 
 
+def mqtt_client_cert_file(secrets_dir: Path, user: str) -> Path:
+    """The client certificate of `user` (common name = the user) for the broker's mTLS listener."""
+    return secrets_dir / f"mqtt_{secret_name(user)}_crt"
+
+
+def mqtt_client_key_file(secrets_dir: Path, user: str) -> Path:
+    return secrets_dir / f"mqtt_{secret_name(user)}_key"
+
+
 def redis_password_file(secrets_dir: Path, user: str) -> Path:
     return secrets_dir / f"redis_{secret_name(user)}_password"
 
@@ -62,6 +71,10 @@ class MqttSettings(BaseModel):
     password_file: Path | None = None
     tls: bool = False
     ca_file: Path | None = Field(None, description="CA bundle for the TLS listener")
+    # The mTLS option (docs/security.md): a client certificate whose common name is the user, as a
+    # second factor beside the password, for the broker's listener that requires one.
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for the mTLS listener")
+    key_file: Path | None = Field(None, description="its private key (PEM); required with cert_file")
     keepalive: int = Field(30, ge=5)
     session_expiry: int = Field(7 * 24 * 3600, ge=0, description="s the broker keeps our session")
     receive_maximum: int = Field(200, ge=1, le=65535, description="unacked deliveries at once")

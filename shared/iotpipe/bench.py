@@ -1574,7 +1574,7 @@ def _stop_event() -> threading.Event:
 def naive_publisher(args: argparse.Namespace) -> None:
     """One JSON reading per message, QoS 1, every device's sensors `hz` times a second."""
     stop = _stop_event()
-    client = _naive_client(args, f"naive-pub-{os.getpid()}")
+    client = _naive_client(args, f"{NAIVE_USER}-pub-{os.getpid()}")
     acked = 0
 
     def on_publish(_client: Any, _userdata: Any, _mid: int, _rc: Any, _props: Any) -> None:
@@ -1627,7 +1627,7 @@ def naive_subscriber(args: argparse.Namespace) -> None:
         username="cache-writer",
         password=Path(args.redis_password_file).read_text().strip(),
     )
-    client = _naive_client(args, f"naive-sub-{os.getpid()}")
+    client = _naive_client(args, f"{NAIVE_USER}-sub-{os.getpid()}")
     windows: dict[tuple[str, str], tuple[int, list[float]]] = {}
     counts = {"messages": 0, "windows": 0, "readings_written": 0, "late": 0}
     ready = threading.Event()

@@ -206,6 +206,10 @@ def stack(root: Path) -> None:
         mqtt_tls=int(os.environ.get("IOTPIPE_STACK_MQTT_TLS_PORT", 18883)),
         redis=int(os.environ.get("IOTPIPE_STACK_REDIS_PORT", 16379)),
         sink=int(os.environ.get("IOTPIPE_STACK_SINK_PORT", 18080)),
+        mqtt_mtls=int(os.environ.get("IOTPIPE_STACK_MQTT_MTLS_PORT", 18884)),
+        mqtt_bridge=int(os.environ.get("IOTPIPE_STACK_MQTT_BRIDGE_PORT", 18885)),
+        public=int(os.environ.get("IOTPIPE_STACK_PUBLIC_PORT", 11883)),
+        public_tls=int(os.environ.get("IOTPIPE_STACK_PUBLIC_TLS_PORT", 18893)),
     )
     var = root / "var"
     if stack_running(var):  # before anything of its is rewritten (configs, supervisorctl's password)
@@ -213,9 +217,13 @@ def stack(root: Path) -> None:
             f"a local stack started from {root} is running already: stop it first (Ctrl-C in its terminal, "
             f"or `uv run supervisorctl -c {var / 'supervisor/supervisord.conf'} shutdown`)"
         )
-    env = prepare_local_stack(root, var, ports)
+    try:
+        env = prepare_local_stack(root, var, ports)
+    except RuntimeError as exc:  # the broker plugin could not be built
+        raise click.ClickException(str(exc)) from None
     click.echo(
-        f"local stack: MQTT {ports.mqtt} (TLS {ports.mqtt_tls}), Redis {ports.redis}, "
+        f"local stack: pipeline MQTT {ports.mqtt} (TLS {ports.mqtt_tls}, mTLS {ports.mqtt_mtls}), "
+        f"public MQTT for third parties {ports.public} (TLS {ports.public_tls}), Redis {ports.redis}, "
         f"cloud-sink {ports.sink}; logs in {var / 'log'}/; "
         f"`uv run supervisorctl -c {var / 'supervisor/supervisord.conf'} status` shows the processes"
     )

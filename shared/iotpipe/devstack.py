@@ -43,10 +43,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ._envelope import KeyRing
-from ._settings import mqtt_password_file, redis_password_file
+from ._settings import mqtt_client_cert_file, mqtt_client_key_file, mqtt_password_file, redis_password_file
 
 SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
-MQTT_USERS = (*SERVICES, "reader")
+# The pipeline broker admits the services, `health` (logs in, may read and write nothing: the
+# compose healthcheck) and, on its bridge listener only, the public broker's bridge (by client
+# certificate). Third parties log in to the public broker, never to this one.
+HEALTH_USER = "health"
+MQTT_USERS = (*SERVICES, HEALTH_USER)
+BRIDGE_USER = "bridge"
+# The public broker's users: third-party consumers, read-only (docs/security.md).
+PUBLIC_USERS = ("reader",)
 REDIS_USERS = ("cache-writer", "reader")
 # Broker user -> what the Redis ACL grants it.
 _REDIS_RULES = {
@@ -78,6 +85,13 @@ def _password(path: Path) -> str:
     return path.read_text().strip()
 
 
+def _password_hashes(secrets_dir: Path, passwd: Path, users: Sequence[str]) -> None:
+    if passwd.exists() and [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == list(users):
+        return
+    lines = [f"{user}:{mosquitto_hash(_password(mqtt_password_file(secrets_dir, user)))}" for user in users]
+    _write(passwd, "\n".join(lines) + "\n", 0o644)
+
+
 def ensure_secrets(secrets_dir: Path) -> Path:
     """Create whatever is missing in `secrets_dir`; existing files are kept (keys stay stable)."""
     # The directory keeps other local users out. The files inside are world-readable because docker
@@ -92,10 +106,10 @@ def ensure_secrets(secrets_dir: Path) -> Path:
             "# <key id> <fernet key>; the first encrypts, all decrypt\n" + KeyRing.generate_line("k1") + "\n",
             0o644,
         )
-    passwd = secrets_dir / "mosquitto_passwd"
-    if not passwd.exists():
-        lines = [f"{user}:{mosquitto_hash(_password(mqtt_password_file(secrets_dir, user)))}" for user in MQTT_USERS]
-        _write(passwd, "\n".join(lines) + "\n", 0o644)  # hashes only; the broker's user must read it
+    # Hashes only; the broker's user must read them. A file whose users differ from today's (an older
+    # layout, where the pipeline broker also had `reader`) is rewritten; passwords are kept.
+    _password_hashes(secrets_dir, secrets_dir / "mosquitto_passwd", MQTT_USERS)
+    _password_hashes(secrets_dir, secrets_dir / "public_mosquitto_passwd", PUBLIC_USERS)
     acl = secrets_dir / "redis_users_acl"
     if not acl.exists() or acl.read_text().startswith("user default off"):  # the latter: see below
         # Not `user default off`: Redis replays the append-only file as the default user, and with
@@ -113,7 +127,39 @@ def ensure_secrets(secrets_dir: Path) -> Path:
         _write(token, secrets.token_urlsafe(32) + "\n")
     if not (secrets_dir / "server_crt").exists():
         _make_tls(secrets_dir)
+    # Client certificates from the same CA: the bridge's (its identity on the pipeline broker's
+    # bridge listener) and one per service (the mTLS option, a second factor beside its password).
+    for user in (BRIDGE_USER, *SERVICES):
+        if not mqtt_client_cert_file(secrets_dir, user).exists():
+            _make_client_cert(secrets_dir, user)
     return secrets_dir
+
+
+def _make_client_cert(secrets_dir: Path, user: str) -> None:
+    """A client certificate whose common name is the broker user it belongs to."""
+    pem = serialization.Encoding.PEM
+    ca_cert = x509.load_pem_x509_certificate((secrets_dir / "ca_crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((secrets_dir / "ca_key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(mqtt_client_cert_file(secrets_dir, user), cert.public_bytes(pem), 0o644)
+    _write(
+        mqtt_client_key_file(secrets_dir, user),
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o644,  # read by the container's non-root user (see ensure_secrets); the directory is 0700
+    )
 
 
 def _make_tls(secrets_dir: Path) -> None:
@@ -176,10 +222,83 @@ def _make_tls(secrets_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class Ports:
+    """Loopback ports of a local stack or a test's servers. The pipeline broker's mTLS and bridge
+    listeners and the public broker's two listeners default to none (not rendered)."""
+
     mqtt: int
     mqtt_tls: int
     redis: int
     sink: int
+    mqtt_mtls: int = 0
+    mqtt_bridge: int = 0
+    public: int = 0
+    public_tls: int = 0
+
+
+# Where the compose broker image installs the guard plugin (mosquitto/Dockerfile); the local stack
+# and the tests build it into var/build/ instead (build_broker_plugin).
+PLUGIN_IN_IMAGE = "/usr/lib/iotpipe/iotpipe_guard.so"
+
+
+def build_broker_plugin(root: Path) -> Path:
+    """mosquitto/iotpipe_guard.c compiled for this machine's mosquitto, once per source version
+    (var/build/iotpipe_guard-<hash>.so; concurrent builds each write a temporary file and rename)."""
+    source = root / "mosquitto" / "iotpipe_guard.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    target = root / "var" / "build" / f"iotpipe_guard-{digest}.so"
+    if target.exists():
+        return target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    command = ["cc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(partial), str(source), "-lcrypto"]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError(
+            "cannot build the broker plugin: no C compiler (cc); `make deps` installs gcc, "
+            "mosquitto-dev, libmosquitto-dev and libssl-dev"
+        ) from None
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(
+            f"cannot build the broker plugin (`make deps` installs its build dependencies):\n{exc.stderr}"
+        ) from None
+    os.replace(partial, target)
+    return target.resolve()
+
+
+def _render_mosquitto(
+    source: Path,
+    listeners: dict[str, int],
+    replacements: dict[str, str],
+    *,
+    log_file: Path | None,
+    extra: tuple[str, ...],
+) -> str:
+    """A shipped mosquitto config for loopback: `listener <shipped port>` lines get their local
+    port (a listener whose port is 0 is left out, with its block), paths are substituted."""
+    out: list[str] = []
+    skipping = False
+    for line in source.read_text().splitlines():
+        if line.startswith("listener "):
+            port = listeners[line.split()[1]]
+            skipping = port == 0
+            if not skipping:
+                line = f"listener {port} 127.0.0.1"
+        elif skipping and (not line.strip() or line.startswith("#")):
+            skipping = False  # a listener's block ends at the first blank or comment line
+        if skipping:
+            continue
+        for old, new in replacements.items():
+            line = line.replace(old, new)
+        if line == "log_dest stdout":
+            line = "log_dest stderr"  # unbuffered when piped (supervisord, tests): lines arrive as they happen
+        out.append(line)
+    # As root, mosquitto would switch to the `mosquitto` user, who cannot write our data dir.
+    out.append(f"user {getpass.getuser()}")
+    if log_file is not None:
+        out.append(f"log_dest file {log_file.resolve()}")
+    out.extend(extra)
+    return "\n".join(out) + "\n"
 
 
 def render_broker_config(
@@ -190,25 +309,54 @@ def render_broker_config(
     *,
     log_file: Path | None = None,
     extra: tuple[str, ...] = (),
+    acl_file: Path | None = None,
+    password_file: Path | None = None,
+    plugin: Path | None = None,
 ) -> str:
-    out = []
-    for line in source.read_text().splitlines():
-        if line.startswith("listener 1883"):
-            line = f"listener {ports.mqtt} 127.0.0.1"
-        elif line.startswith("listener 8883"):
-            line = f"listener {ports.mqtt_tls} 127.0.0.1"
-        line = line.replace("/run/secrets/", f"{secrets_dir.resolve()}/")
-        line = line.replace("/mosquitto/config/acl", str((source.parent / "acl").resolve()))
-        line = line.replace("/mosquitto/data/", f"{data_dir.resolve()}/")
-        if line == "log_dest stdout":
-            line = "log_dest stderr"  # unbuffered when piped (supervisord, tests): lines arrive as they happen
-        out.append(line)
-    # As root, mosquitto would switch to the `mosquitto` user, who cannot write our data dir.
-    out.append(f"user {getpass.getuser()}")
-    if log_file is not None:
-        out.append(f"log_dest file {log_file.resolve()}")
-    out.extend(extra)
-    return "\n".join(out) + "\n"
+    """The pipeline broker's config (mosquitto/mosquitto.conf) for loopback. `acl_file`,
+    `password_file`: instead of the shipped ones (tests add a user of their own); `plugin`: the
+    guard built for this machine (default: build_broker_plugin of the tree `source` is in)."""
+    plugin = plugin or build_broker_plugin(source.resolve().parent.parent)
+    return _render_mosquitto(
+        source,
+        {"1883": ports.mqtt, "8883": ports.mqtt_tls, "8884": ports.mqtt_mtls, "8885": ports.mqtt_bridge},
+        {
+            "/run/secrets/mosquitto_passwd": str((password_file or secrets_dir / "mosquitto_passwd").resolve()),
+            "/run/secrets/": f"{secrets_dir.resolve()}/",
+            "/mosquitto/config/acl": str((acl_file or source.parent / "acl").resolve()),
+            "/mosquitto/data/": f"{data_dir.resolve()}/",
+            PLUGIN_IN_IMAGE: str(plugin),
+        },
+        log_file=log_file,
+        extra=extra,
+    )
+
+
+def render_public_broker_config(
+    source: Path,
+    ports: Ports,
+    secrets_dir: Path,
+    data_dir: Path,
+    *,
+    log_file: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> str:
+    """The public broker's config (mosquitto/public.conf) for loopback, bridged to the pipeline
+    broker's bridge listener on `ports.mqtt_bridge`."""
+    if not (ports.public and ports.mqtt_bridge):
+        raise ValueError("the public broker needs its own port and the pipeline broker's bridge port")
+    return _render_mosquitto(
+        source,
+        {"1883": ports.public, "8883": ports.public_tls},
+        {
+            "/run/secrets/": f"{secrets_dir.resolve()}/",
+            "/mosquitto/config/public-acl": str((source.parent / "public-acl").resolve()),
+            "/mosquitto/data/": f"{data_dir.resolve()}/",
+            "address mosquitto:8885": f"address 127.0.0.1:{ports.mqtt_bridge}",
+        },
+        log_file=log_file,
+        extra=extra,
+    )
 
 
 def render_redis_config(source: Path, ports: Ports, secrets_dir: Path, data_dir: Path) -> str:
@@ -248,6 +396,7 @@ def stack_environment(root: Path, var: Path, secrets_dir: Path, ports: Ports) ->
         "IOTPIPE_STATE_DIR": str((var / "state").resolve()),
         "IOTPIPE_INSTANCE": "local",
         "IOTPIPE_BROKER_CONFIG": str((var / "mosquitto.conf").resolve()),
+        "IOTPIPE_PUBLIC_BROKER_CONFIG": str((var / "mosquitto-public.conf").resolve()),
         "IOTPIPE_REDIS_CONFIG": str((var / "redis.conf").resolve()),
         "PYTHONUNBUFFERED": "1",
     }
@@ -256,11 +405,20 @@ def stack_environment(root: Path, var: Path, secrets_dir: Path, ports: Ports) ->
 def prepare_local_stack(root: Path, var: Path, ports: Ports) -> dict[str, str]:
     """Secrets, rendered broker/Redis configs and data dirs under `var`; returns the environment."""
     secrets_dir = ensure_secrets(root / "secrets")
-    for sub in ("mosquitto", "redis", "log", "health", "cloud-sink", "cloud-forwarder"):
+    for sub in ("mosquitto", "mosquitto-public", "redis", "log", "health", "cloud-sink", "cloud-forwarder"):
         (var / sub).mkdir(parents=True, exist_ok=True)
     (var / "mosquitto.conf").write_text(
         render_broker_config(
             root / "mosquitto/mosquitto.conf", ports, secrets_dir, var / "mosquitto", log_file=var / "log/broker.log"
+        )
+    )
+    (var / "mosquitto-public.conf").write_text(
+        render_public_broker_config(
+            root / "mosquitto/public.conf",
+            ports,
+            secrets_dir,
+            var / "mosquitto-public",
+            log_file=var / "log/broker-public.log",
         )
     )
     (var / "redis.conf").write_text(render_redis_config(root / "redis/redis.conf", ports, secrets_dir, var / "redis"))

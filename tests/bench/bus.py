@@ -220,7 +220,7 @@ async def bench(env: Env, n: int, sealed: bool, data: Any, payload: bytes) -> tu
     kind = "sealed" if sealed else "plain"
     base = f"bench{uuid.uuid4().hex[:8]}"
     topic, probe_topic, pattern = f"{base}/v2/raw/dev-0", f"{base}/v2/raw/probe", f"{base}/v2/raw/+"
-    client_id = f"bench-sub-{uuid.uuid4().hex[:8]}"
+    client_id = f"{CONSUMER_USER}-bench-sub-{uuid.uuid4().hex[:8]}"
     expiry = 3600
     received = 0
     probed = asyncio.Event()
@@ -242,7 +242,7 @@ async def bench(env: Env, n: int, sealed: bool, data: Any, payload: bytes) -> tu
     #    through); then it goes offline, so the broker queues what follows for it.
     consumer = make_bus(env, CONSUMER_USER, client_id, session_expiry=expiry)
     consumer.subscribe(pattern, handler, sealed=sealed, batch=env.args.batch)
-    publisher = make_bus(env, PUBLISHER_USER, f"bench-pub-{uuid.uuid4().hex[:8]}")
+    publisher = make_bus(env, PUBLISHER_USER, f"{PUBLISHER_USER}-bench-pub-{uuid.uuid4().hex[:8]}")
     await consumer.start()
     await publisher.start()
     await consumer.wait_connected()

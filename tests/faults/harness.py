@@ -52,7 +52,7 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:  # run as a script (the load measurement), not only under pytest
     sys.path.insert(0, str(TESTS))
 
-from servers import ROOT, Stack, bus_for, free_port, health_doc, run_servers, service_env, unseal  # noqa: E402
+from servers import ROOT, TAP, Stack, bus_for, free_port, health_doc, run_servers, service_env, unseal  # noqa: E402
 from test_reader_outage import Proxy  # noqa: E402
 
 SIM_SENSORS = ("temperature", "humidity", "pressure", "soil_moisture", "light", "pm2_5")
@@ -486,7 +486,7 @@ class Pipeline:
             self.cloud = CloudProxy(self.sink_port)
             await self.cloud.start()
             self._exit.push_async_callback(self.cloud.close)
-        watcher = bus_for(self.stack, "reader", client_id=f"faults-wire-{self.base}", session_expiry=24 * 3600)
+        watcher = bus_for(self.stack, TAP, client_id=f"faults-wire-{self.base}", session_expiry=24 * 3600)
         for kind in ("raw", "processed"):
             watcher.subscribe(self.topics.all(kind), self.wire.handle, sealed=False)
         watcher.subscribe(f"{self.topics.root}/status/service/+/+", self.wire.handle, sealed=False)
