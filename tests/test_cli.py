@@ -36,7 +36,9 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
         payload = producer.sealer.seal(topics.processed("d9"), processed_payload("d9", [WINDOW]))  # type: ignore[union-attr]
         await producer.publish(topics.processed("d9"), payload, retain=True)
         result = subprocess.run(
-            [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v2/processed/#", "-n", "1"],
+            # Processed windows are on the pipeline broker only: an operator watches them as a
+            # service that may read them.
+            [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v2/processed/#", "-n", "1", "--user", "cache-writer"],
             env=stack.env(),
             capture_output=True,
             text=True,
@@ -51,6 +53,35 @@ async def test_iotpipe_sub_opens_sealed_messages(stack: Stack, keyring: KeyRing,
     assert line["src"] == "preprocessor/test"
 
 
+async def test_iotpipe_sub_reads_the_public_broker_as_reader_by_default(
+    stack: Stack, keyring: KeyRing, base: str
+) -> None:
+    """Third parties' view: statuses as they are and alerts opened, bridged from the pipeline broker."""
+    topics = Topics(base)
+    monitor = bus_for(stack, "monitor", keyring=keyring)
+    await monitor.start()
+    await monitor.wait_connected()
+    alert = {"kind": "offline", "device": "d9", "reason": "no data", "last_seen": None, "ts": 1_700_000_000_000}
+    try:
+        await monitor.publish(topics.device_status("d9"), b'{"state": "offline"}', retain=True)
+        await monitor.publish(topics.alerts("d9"), monitor.sealer.seal(topics.alerts("d9"), alert), retain=True)  # type: ignore[union-attr]
+        result = subprocess.run(
+            [sys.executable, "-m", "iotpipe.cli", "sub", f"{base}/v2/#", "-n", "2"],
+            env=stack.env(IOTPIPE_MQTT__PORT=str(stack.ports.public)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for topic in (topics.device_status("d9"), topics.alerts("d9")):
+            await monitor.publish(topic, b"", retain=True)
+    finally:
+        await monitor.stop()
+    assert result.returncode == 0, result.stderr
+    lines = {line["topic"]: line for line in map(orjson.loads, result.stdout.splitlines())}
+    assert lines[topics.device_status("d9")]["data"] == {"state": "offline"}
+    assert lines[topics.alerts("d9")]["src"] == "monitor/test"
+
+
 async def test_iotpipe_sub_exits_quietly_when_its_output_closes(stack: Stack, keyring: KeyRing, base: str) -> None:
     """`iotpipe sub | head -1`: once head has its line and exits, sub must stop with status 0 and
     no traceback, as Unix tools do, while messages keep arriving."""
@@ -58,7 +89,7 @@ async def test_iotpipe_sub_exits_quietly_when_its_output_closes(stack: Stack, ke
     producer = bus_for(stack, "preprocessor", keyring=keyring)
     await producer.start()
     await producer.wait_connected()
-    command = f"set -o pipefail; {sys.executable} -m iotpipe.cli sub '{base}/v2/processed/#' | head -1"
+    command = f"set -o pipefail; {sys.executable} -m iotpipe.cli sub '{base}/v2/processed/#' --user monitor | head -1"
     proc = await asyncio.create_subprocess_shell(
         command, env=stack.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, executable="/bin/bash"
     )

@@ -418,7 +418,7 @@ async def test_owner_back_during_adoption_loses_nothing(
         bus = bus_for(
             stack,
             "preprocessor",
-            client_id=client,
+            client_id=f"preprocessor-{client}",
             session_expiry=600,
             status_topic=topics.service_status("preprocessor", client),
         )
@@ -428,7 +428,7 @@ async def test_owner_back_during_adoption_loses_nothing(
                 await gate.wait()
             handled.extend((name, int(m.payload)) for m in messages)
 
-        bus.subscribe(topics.all("raw"), handle, sealed=False, share_group="race", adopt_after=0.5)
+        bus.subscribe(topics.all("raw"), handle, sealed=False, share_group="preprocessor-race", adopt_after=0.5)
         return bus
 
     owner, adopter = member("owner", "race-x"), member("adopter", "race-y")
@@ -438,7 +438,7 @@ async def test_owner_back_during_adoption_loses_nothing(
         await bus.start()
         await bus.wait_connected()
     try:
-        await wait_until(lambda: adopter.groups.live_members() == ["race-x"], 10, "the adopter to see the owner")
+        await wait_until(lambda: adopter.groups.live_members() == ["preprocessor-race-x"], 10, "the adopter to see the owner")
         owner.connection.abort()  # a crash: the broker publishes its Will (offline)
         for task in owner._tasks:
             task.cancel()
@@ -455,7 +455,7 @@ async def test_owner_back_during_adoption_loses_nothing(
         duplicated = sum(c - 1 for c in counts.values())
         print(f"owner back during adoption: lost 0, duplicated {duplicated}")
         assert duplicated <= DEFAULT_BATCH, counts
-        assert caplog.text.count("gave up adopting the session of race-x") == 1, caplog.text
+        assert caplog.text.count("gave up adopting the session of preprocessor-race-x") == 1, caplog.text
         assert "adopted the session" not in caplog.text
         await asyncio.wait_for(back.subscribed.wait(), 5)
         status = {}

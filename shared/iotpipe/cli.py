@@ -30,7 +30,8 @@ SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "alerts
 
 
 class SubscriberSettings(ServiceSettings):
-    """Same IOTPIPE_ variables as the services; connects as the read-only `reader` user."""
+    """Same IOTPIPE_ variables as the services; connects as the read-only `reader` user of the public
+    broker unless told another user (IOTPIPE_MQTT__USERNAME or --user)."""
 
     service_name = "reader"
 
@@ -44,12 +45,20 @@ def main() -> None:
 @click.argument("topic_filter", default="iotpipe/v2/#")
 @click.option("--count", "-n", type=int, default=0, help="exit after this many messages (0 = run until Ctrl-C)")
 @click.option("--secrets-dir", type=click.Path(path_type=Path), help="default: $IOTPIPE_SECRETS_DIR")
-def sub(topic_filter: str, count: int, secrets_dir: Path | None) -> None:
-    """Subscribe as the read-only user and print each message as one JSON line, sealed payloads
-    opened and verified (raw, processed, alerts), status payloads as they are."""
+@click.option(
+    "--user",
+    help="broker user (default `reader`, on the public broker); an operator holding a service's password "
+    "may watch that service's topics on the pipeline broker as it (never joining its group or session)",
+)
+def sub(topic_filter: str, count: int, secrets_dir: Path | None, user: str | None) -> None:
+    """Subscribe and print each message as one JSON line, sealed payloads opened and verified (raw,
+    processed, health, alerts), status payloads as they are. By default as the read-only `reader`
+    of the public broker (point IOTPIPE_MQTT__HOST/PORT at it), which carries statuses and alerts."""
     try:
         overrides: dict[str, object] = {"secrets_dir": secrets_dir} if secrets_dir else {}
         settings = SubscriberSettings.load(**overrides)
+        if user is not None:
+            settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update={"username": user})})
         asyncio.run(_subscribe(settings, topic_filter, count))
     except IotpipeError as exc:
         raise click.ClickException(str(exc)) from None
@@ -61,12 +70,14 @@ async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int
     keyring = KeyRing.from_file(settings.keyring_path)
     opener = Opener(keyring, ttl=settings.message_ttl, max_bytes=settings.max_payload_bytes)
     mqtt = settings.mqtt.model_copy(update={"session_expiry": 0})
+    user = mqtt.username or SubscriberSettings.service_name
     bus = Bus(
         mqtt,
-        client_id=f"iotpipe-sub-{uuid.uuid4().hex[:8]}",
+        # `<user>-<id>`, as the pipeline broker requires; a fresh id, so no one's session is touched.
+        client_id=f"{user}-sub-{uuid.uuid4().hex[:8]}",
         keyring=None,
-        src="reader/cli",
-        username="reader",
+        src=f"{user}/cli",
+        username=user,
         password_file=settings.mqtt_password_path,
     )
     done = asyncio.Event()
