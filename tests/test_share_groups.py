@@ -438,7 +438,9 @@ async def test_owner_back_during_adoption_loses_nothing(
         await bus.start()
         await bus.wait_connected()
     try:
-        await wait_until(lambda: adopter.groups.live_members() == ["preprocessor-race-x"], 10, "the adopter to see the owner")
+        await wait_until(
+            lambda: adopter.groups.live_members() == ["preprocessor-race-x"], 10, "the adopter to see the owner"
+        )
         owner.connection.abort()  # a crash: the broker publishes its Will (offline)
         for task in owner._tasks:
             task.cancel()
