@@ -19,14 +19,14 @@ from ._bus import Bus, PlainMessage
 from ._envelope import KeyRing, Opener
 from ._errors import DuplicateMessage, IotpipeError, PermanentError
 from ._health import check_health
-from ._models import Alert, Processed, RawBatch, json_schemas, to_builtins
+from ._models import Alert, HealthReport, Processed, RawBatch, json_schemas, to_builtins
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .bench import bench_command
 from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
 
 # The models of the sealed topics, by the topic level after `<base>/v2/`.
-SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "alerts": Alert}
+SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "health": HealthReport, "alerts": Alert}
 
 
 class SubscriberSettings(ServiceSettings):
@@ -46,7 +46,7 @@ def main() -> None:
 @click.option("--secrets-dir", type=click.Path(path_type=Path), help="default: $IOTPIPE_SECRETS_DIR")
 def sub(topic_filter: str, count: int, secrets_dir: Path | None) -> None:
     """Subscribe as the read-only user and print each message as one JSON line, sealed payloads
-    opened and verified (raw, processed, alerts), status payloads as they are."""
+    opened and verified (raw, processed, health, alerts), status payloads as they are."""
     try:
         overrides: dict[str, object] = {"secrets_dir": secrets_dir} if secrets_dir else {}
         settings = SubscriberSettings.load(**overrides)
