@@ -349,7 +349,7 @@ class SensorReader(Component[Settings]):
         """Sealed health at once when a device changes state (with the plaintext status, for
         display) and at every heartbeat in between. Never spooled: only the current state matters,
         so a report the broker did not take is simply superseded by the next one, and the broker
-        drops one that waited for the monitor longer than it holds (MQTT message expiry)."""
+        drops one that waited too long for the monitor (MQTT message expiry)."""
         bus, interval = self.runtime.bus, self.settings.status_interval
         topic = self.runtime.topics.health(self.settings.instance)
         while True:
@@ -362,7 +362,9 @@ class SensorReader(Component[Settings]):
                 continue
             try:
                 for report in self.health_reports():
-                    expiry = max(1, report["valid_for"] // 1000)
+                    # The broker drops a report once half its validity is gone: what reaches the
+                    # monitor has time left to be handled (one that had none would be refused).
+                    expiry = max(1, report["valid_for"] // 2000)
                     await bus.publish_sealed(topic, report, kind="health", expiry=expiry)
                 if changed:
                     await bus.publish_status("online", **self.health())
