@@ -293,11 +293,11 @@ async def test_every_reading_is_accounted_for(
         for m in wire.messages:
             kind = m.topic.split("/")[2]
             doc = orjson.loads(m.payload) if m.payload else None
-            if kind in ("raw", "processed", "alerts"):
+            if kind in ("raw", "processed", "health", "alerts"):
                 assert set(doc) == {"v", "alg", "kid", "ct"} and doc["v"] == 1 and doc["alg"] == "fernet"
             else:
                 assert (kind == "status" and doc is None) or doc["state"] in ("online", "offline", "fault")
-        assert {m.topic.split("/")[2] for m in wire.messages} >= {"raw", "processed", "alerts", "status"}
+        assert {m.topic.split("/")[2] for m in wire.messages} >= {"raw", "processed", "health", "alerts", "status"}
 
         assert raw_connect(stack, None, None) != "Success"  # anonymous refused on the pipeline's broker
         for service in ("cache_writer", "cloud_forwarder", "monitor", "cloud_sink"):

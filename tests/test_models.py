@@ -148,5 +148,5 @@ def test_committed_schema_is_what_the_models_produce() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert sorted(p.stem for p in (ROOT / "docs/schema").glob("*.json")) == sorted(
-        ["alert", "cloud-batch", "device-status", "processed", "raw", "service-status"]
+        ["alert", "cloud-batch", "device-status", "health", "processed", "raw", "service-status"]
     )

@@ -384,19 +384,23 @@ class Bus:
             self._save_replay_window()
 
     # -- publishing -----------------------------------------------------------------------------
-    async def publish_sealed(self, topic: str, data: Any, *, kind: str = "sealed") -> None:
+    async def publish_sealed(self, topic: str, data: Any, *, kind: str = "sealed", expiry: int | None = None) -> None:
         """Seal `data` (a model of iotpipe._models) for `topic` and publish it."""
         if self.sealer is None:
             raise ConfigError("publishing sealed messages needs a key ring")
-        await self.publish(topic, self.sealer.seal(topic, data), kind=kind)
+        await self.publish(topic, self.sealer.seal(topic, data), kind=kind, expiry=expiry)
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False, kind: str = "plain") -> None:
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, kind: str = "plain", expiry: int | None = None
+    ) -> None:
         """QoS 1, returning once the broker acknowledged it; BrokerRefused if the broker said no.
         A payload over the size every receiver accepts is refused here, as a PermanentError: sent,
-        it would be refused by each receiver, or make the broker drop our connection over and over."""
+        it would be refused by each receiver, or make the broker drop our connection over and over.
+        `expiry` (s): the broker discards the message once it has waited that long for a subscriber
+        (iotpipe._mqtt.MqttConnection.publish); such a message is not replayed after a reconnect."""
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLarge(f"{len(payload)} bytes for {topic} exceeds the {self.max_payload_bytes}-byte limit")
-        await self.connection.publish(topic, payload, retain=retain)
+        await self.connection.publish(topic, payload, retain=retain, expiry=expiry)
         self.metrics.published.labels(kind).inc()
 
     async def publish_status(self, state: str, **extra: Any) -> None:

@@ -118,6 +118,31 @@ class Processed(Payload, frozen=True):
     windows: Annotated[list[Window], Meta(min_length=1)]
 
 
+# -- health: sensor-reader -> monitor -------------------------------------------------------------
+# The longest a health report may say it holds: a report is renewed every heartbeat, so an hour is
+# far beyond any sane IOTPIPE_STATUS_INTERVAL, and a report cannot pin a device's state for longer.
+MAX_HEALTH_VALID_MS = 3_600_000
+
+
+class DeviceHealth(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """How polling one device goes: not yet read (`starting`), reading (`online`), or failing for
+    `IOTPIPE_FAULT_AFTER` polls in a row (`fault`, with the driver's reason)."""
+
+    state: Literal["starting", "online", "fault"]
+    reason: Reason | None = None
+
+
+class HealthReport(Payload, frozen=True):
+    """`<base>/v2/health/<source>`: the sensor-reader instance `<source>` on its devices, sealed like
+    the data, so only a holder of the key ring can report a device failing (the plaintext service
+    status says the same for display, and decides nothing). Published at each change and each
+    heartbeat; every entry holds for `valid_for` ms from the envelope's `ts`, so a fault that is not
+    renewed ends by itself. A reader with many devices splits its report over several messages."""
+
+    valid_for: Annotated[int, Meta(ge=1, le=MAX_HEALTH_VALID_MS, description="ms each entry holds after `ts`")]
+    devices: Annotated[dict[Id, DeviceHealth], Meta(min_length=1)]
+
+
 # -- alerts: monitor -> cloud-forwarder -----------------------------------------------------------
 class AnomalyAlert(DevicePayload, frozen=True, tag_field="kind", tag="anomaly"):
     """A window whose sensor's model scored it anomalous (decision value < 0)."""
@@ -149,7 +174,8 @@ class OfflineAlert(_DeviceStateAlert, frozen=True, tag_field="kind", tag="offlin
 
 
 class FaultAlert(_DeviceStateAlert, frozen=True, tag_field="kind", tag="fault"):
-    """The sensor-reader reports the device failing (bus errors, timeouts, wrong chip id...)."""
+    """The sensor-reader reports the device failing (bus errors, timeouts, wrong chip id...) in its
+    sealed health report."""
 
     @property
     def kind(self) -> AlertKind:
@@ -161,6 +187,9 @@ Alert = AnomalyAlert | OfflineAlert | FaultAlert
 
 # -- status: plain retained JSON for anyone (Home Assistant, Telegraf, Node-RED...) ---------------
 class ReaderDeviceHealth(Struct, frozen=True):
+    """A device as the sensor-reader's status shows it, for display (the monitor decides a device's
+    `fault` from the sealed HealthReport only)."""
+
     state: Literal["starting", "online", "fault"]
     reason: str | None = None
     reads: int = 0
@@ -261,6 +290,7 @@ def to_builtins(value: Any) -> Any:
 SCHEMAS: dict[str, Any] = {
     "raw": RawBatch,
     "processed": Processed,
+    "health": HealthReport,
     "alert": Alert,
     "service-status": ServiceStatus,
     "device-status": DeviceStatus,

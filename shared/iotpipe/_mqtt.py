@@ -129,6 +129,7 @@ class MqttConnection:
         self._changed = asyncio.Event()
         self._connects = 0
         self._filters: list[str] = []
+        # mid -> (the publisher's future, topic, payload, whether to keep it for the replay below)
         self._pending: dict[int, tuple[asyncio.Future[None], str, bytes, bool]] = {}
         self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()
         self._recent_bytes = 0
@@ -217,17 +218,26 @@ class MqttConnection:
                 f"no MQTT connection to {self.settings.host}:{self.settings.port} within {limit}s", dependency="broker"
             ) from exc
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False, expiry: int | None = None) -> None:
         """QoS 1; returns once the broker acknowledged it (after a reconnect if need be: paho keeps
-        and resends the unacknowledged publishes of a durable session)."""
+        and resends the unacknowledged publishes of a durable session). With `expiry` (s), the
+        broker discards the message once it has waited that long for a subscriber (MQTT v5 Message
+        Expiry Interval): for state that is re-sent periodically, where only a fresh copy matters."""
         assert self._loop is not None, "start() first"
+        properties = None
+        if expiry is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.MessageExpiryInterval = expiry
         async with self._inflight:
-            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            info = self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise RetryableError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}", dependency="broker")
             # Registered before this task yields: the PUBACK is read on this same thread, later.
             future: asyncio.Future[None] = self._loop.create_future()
-            self._pending[info.mid] = (future, topic, payload, retain)
+            # Neither retained status (republished by every birth and heartbeat anyway) nor an
+            # expiring message (the next one supersedes it; a replayed copy would not expire) is
+            # kept for the replay.
+            self._pending[info.mid] = (future, topic, payload, not retain and expiry is None)
             try:
                 await future
             finally:
@@ -460,13 +470,13 @@ class MqttConnection:
         entry = self._pending.get(mid)
         if entry is None or entry[0].done():
             return  # the birth message, a replayed copy, or a publisher that gave up waiting
-        future, topic, payload, retain = entry
+        future, topic, payload, replay = entry
         code = getattr(reason, "value", reason)
         if code >= 0x80:  # e.g. 0x87 not authorised: the ACL refused our publish
             future.set_exception(BrokerRefused(topic, code))
             return
         future.set_result(None)
-        if not retain:  # retained status is republished by every birth and heartbeat anyway
+        if replay:
             self._remember(topic, payload)
 
     def _remember(self, topic: str, payload: bytes) -> None:

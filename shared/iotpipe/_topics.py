@@ -42,6 +42,10 @@ class Topics:
         """Processed windows published by `source` (the preprocessor instance)."""
         return f"{self.root}/processed/{validate_id(source, 'source')}"
 
+    def health(self, source: str) -> str:
+        """Sealed device health reported by `source` (the sensor-reader instance)."""
+        return f"{self.root}/health/{validate_id(source, 'source')}"
+
     def alerts(self, device: str) -> str:
         return f"{self.root}/alerts/{validate_id(device, 'device id')}"
 
@@ -52,7 +56,7 @@ class Topics:
         return f"{self.root}/status/device/{validate_id(device, 'device id')}"
 
     def all(self, kind: str) -> str:
-        """Filter for every topic of one kind: raw, processed (every source), alerts (every device)."""
+        """Filter for every topic of one kind: raw, processed, health (every source), alerts (every device)."""
         return f"{self.root}/{kind}/+"
 
     @staticmethod

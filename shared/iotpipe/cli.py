@@ -19,14 +19,14 @@ from ._bus import Bus, PlainMessage
 from ._envelope import KeyRing, Opener
 from ._errors import DuplicateMessage, IotpipeError, PermanentError
 from ._health import check_health
-from ._models import Alert, Processed, RawBatch, json_schemas, to_builtins
+from ._models import Alert, HealthReport, Processed, RawBatch, json_schemas, to_builtins
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .bench import bench_command
 from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
 
 # The models of the sealed topics, by the topic level after `<base>/v2/`.
-SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "alerts": Alert}
+SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "health": HealthReport, "alerts": Alert}
 
 
 class SubscriberSettings(ServiceSettings):

@@ -2,10 +2,14 @@
 
 - Device availability: last-seen from processed windows; a device silent for `offline_after`
   seconds is published `offline` (retained, plaintext JSON on status/device/<device>) with an
-  alert; when data returns it is `online` again. A device the sensor-reader reports as `fault`
-  (in its retained service status) is published `fault` with the reader's reason.
+  alert; when data returns it is `online` again. A device the sensor-reader reports as `fault` in
+  its sealed health report (health/<source>) is published `fault` with the reader's reason and a
+  fault alert, for as long as reports renew it; once one says otherwise, or none has for the
+  report's `valid_for`, the device is `online` or `offline` by its data again.
 - Service availability: from the retained status topics (birth, heartbeat, Last Will); a service
   whose heartbeat is older than `offline_after` is reported stale in the monitor's own health.
+  Status is plaintext: anyone holding a service's MQTT password can write it, so it is shown and
+  never decides anything that reaches the cloud (the `devices` in the reader's status are ignored).
 - Anomalies: every window is normalised by its sensor's running centre and scale and scored by the
   IsolationForest of its sensor kind (anomaly.py); anomalous ones become sealed alerts on
   alerts/<device>. Models are refitted every `fit_interval` off the message path.
@@ -17,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,11 +32,12 @@ from iotpipe import (
     DeviceState,
     DeviceStatus,
     FaultAlert,
+    HealthReport,
     OfflineAlert,
     Opened,
+    PermanentError,
     PlainMessage,
     Processed,
-    ReaderDeviceHealth,
     Runtime,
     ServiceSettings,
     ServiceStatus,
@@ -60,6 +66,23 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class ExpiredReport(PermanentError):
+    """A sealed health report whose validity had ended before it arrived: held back, or captured and
+    re-published. It says nothing about now, so it is refused (counted, dead-lettered)."""
+
+    reason = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """A device's state from the latest sealed health report that named it."""
+
+    state: str
+    reason: str | None
+    sender: tuple[str, str, int]  # the report's (src, boot, seq)
+    until: int  # unix ms (monitor's clock) after which it no longer holds
+
+
 class Monitor(Component[Settings]):
     def __init__(self, runtime: Runtime[Settings]) -> None:
         super().__init__(runtime)
@@ -71,13 +94,14 @@ class Monitor(Component[Settings]):
         )
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
         self.device_state: dict[str, tuple[DeviceState, str | None]] = {}  # what we last published
-        self.reader_faults: dict[str, str] = {}  # device -> reason, from sensor-reader status
+        self.reported: dict[str, Reported] = {}  # device -> its state from sealed health reports
         self.services: dict[str, dict[str, Any]] = {}  # "service/instance" -> last status
         self.alerts = runtime.metrics.counter("iotpipe_alerts", "Alerts published", ("kind",))
         self.suppressed = runtime.metrics.counter("iotpipe_anomalies_suppressed", "Anomalies within the cooldown")
         self._last_anomaly: dict[tuple[str, str], int] = {}
         topics = runtime.topics
         runtime.bus.subscribe(topics.all("processed"), self.on_processed, model=Processed, batch=16)
+        runtime.bus.subscribe(topics.all("health"), self.on_health, model=HealthReport)
         runtime.bus.subscribe(
             f"{topics.root}/status/service/+/+", self.on_service_status, model=ServiceStatus, sealed=False
         )
@@ -127,31 +151,61 @@ class Monitor(Component[Settings]):
             self.services[name] = {"state": status.state, "ts": status.ts, "seen": _now_ms()}
             if previous is not None and previous != status.state:
                 log.info("service %s is %s", name, status.state)
-            if parts[-2] == "sensor-reader" and status.devices is not None:
-                await self._reader_devices(status.devices if status.state == "online" else {})
 
-    async def _reader_devices(self, devices: dict[str, ReaderDeviceHealth]) -> None:
-        for device, info in devices.items():
-            if info.state == "fault":
-                self.reader_faults[device] = str(info.reason)[:200]
-            else:
-                self.reader_faults.pop(device, None)
+    async def on_health(self, messages: Sequence[Opened[HealthReport]]) -> None:
+        """Device states from the sensor-readers' sealed reports. Each entry holds from when it was
+        sealed for the report's `valid_for` (a report dated ahead of our clock counts from now, so
+        it cannot hold longer); a report whose validity has ended is refused."""
+        now = _now_ms()
+        changed: dict[str, None] = {}
+        expired: Opened[HealthReport] | None = None
+        for message in messages:
+            report = message.data
+            if message.ts + report.valid_for < now:
+                expired = message
+                continue
+            until = min(message.ts, now) + report.valid_for
+            sender = (message.src, message.boot, message.seq)
+            for device, entry in report.devices.items():
+                held = self.reported.get(device)
+                if held is not None and held.sender[:2] == sender[:2] and held.sender[2] > sender[2]:
+                    continue  # an earlier report of the same reader, arriving late: the later one holds
+                self.reported[device] = Reported(entry.state, entry.reason, sender, until)
+                changed[device] = None
+        for device in changed:
             await self._set_device_state(device)
+        if expired is not None:
+            # Raised last, so this batch's valid reports took effect; the bus then settles each
+            # message alone (applying a report again changes nothing) and dead-letters this one.
+            age = (now - expired.ts) / 1000
+            raise ExpiredReport(f"health report sealed {age:.0f}s ago, valid for {expired.data.valid_for / 1000:g}s")
 
     # -- outputs --------------------------------------------------------------------------------
+    def _fault(self, device: str, now: int) -> str | None:
+        """The reason, while a sealed health report that still holds says the device is failing."""
+        reported = self.reported.get(device)
+        if reported is None or reported.state != "fault":
+            return None
+        if now > reported.until:
+            del self.reported[device]  # not renewed: the reader stopped reporting it failing
+            return None
+        return reported.reason or "reported failing by its sensor-reader"
+
     async def _set_device_state(self, device: str) -> None:
         now = _now_ms()
         seen = self.last_seen.get(device)
         state: DeviceState
         reason: str | None
-        if device in self.reader_faults:
-            state, reason = "fault", self.reader_faults[device]
+        fault = self._fault(device, now)
+        if fault is not None:
+            state, reason = "fault", fault
         elif seen is not None and now - seen <= self.settings.offline_after * 1000:
             state, reason = "online", None
-        elif seen is not None:
+        elif seen is not None or device in self.device_state:
+            # Silent (or, after a fault, never heard from at all): no data, so offline.
             state, reason = "offline", f"no data for {self.settings.offline_after:.0f}s"
         else:
-            return  # never seen: nothing to say yet
+            return  # never seen, never reported: nothing to say yet
         if self.device_state.get(device) == (state, reason):
             return
         first = device not in self.device_state
@@ -175,7 +229,7 @@ class Monitor(Component[Settings]):
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.settings.check_interval)
-            for device in list(self.last_seen):
+            for device in list({**self.last_seen, **self.reported}):  # faults end unless renewed
                 await self._set_device_state(device)
 
     async def _refit(self) -> None:

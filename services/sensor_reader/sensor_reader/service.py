@@ -7,6 +7,11 @@ clock, so every device's window closes at the same moment: the closed windows ar
 as few messages as fit (`RawBatch`, bounded by an estimate of their encoded size against the
 payload limit): a fleet of 5,000 slow devices costs a handful of messages per window, not 5,000.
 
+Device health (how polling each device goes: online, fault with the reason) travels sealed on
+`health/<instance>` (`HealthReport`) at each change and each heartbeat, valid for a few heartbeats:
+the monitor decides a device's `fault` from it alone. The same states are in the plaintext service
+status, for display.
+
 Each message is sealed at once and handed to the outbox (sensor_reader.spool), which publishes
 messages in the order they were packed and keeps each one the broker has not acknowledged within
 one commit tick in the local spool until it has. Polling never waits for the broker: during an outage
@@ -17,6 +22,7 @@ when the broker is back, also after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from iotpipe import (
+    MAX_HEALTH_VALID_MS,
     SHUTDOWN_DRAIN,
     Component,
     ConfigError,
@@ -48,6 +55,12 @@ WINDOW_BYTES = 140
 # Sealing grows a payload by a third (base64 of the Fernet token) plus the envelope: a plaintext
 # within this share of the payload limit always fits once sealed.
 SEALED_PAYLOAD_RATIO = 0.7
+# A health report holds for this many heartbeats (IOTPIPE_STATUS_INTERVAL): one report lost or late
+# does not end a fault, and a fault the reader stops renewing (it died) ends within three.
+HEALTH_VALID_HEARTBEATS = 3
+# Upper bound of the JSON of one device's health entry besides its id and reason (keys, state,
+# punctuation); a reason may grow six-fold when its control characters are escaped.
+HEALTH_ENTRY_BYTES = 48
 
 log = logging.getLogger(__name__)
 
@@ -311,16 +324,52 @@ class SensorReader(Component[Settings]):
             next_end = (now - now % size) + size + grace
             await asyncio.sleep(max(0.005, (next_end - time.time_ns() // 1_000_000) / 1000))
 
-    async def _push_status(self) -> None:
-        """Publish status as soon as a device changes state (not only on the heartbeat)."""
+    def health_reports(self) -> Iterator[dict[str, Any]]:
+        """Every device's state as HealthReport payloads, as few as fit the payload limit once sealed."""
+        valid_for = max(
+            1, min(round(HEALTH_VALID_HEARTBEATS * self.settings.status_interval * 1000), MAX_HEALTH_VALID_MS)
+        )
+        budget = int(self.settings.max_payload_bytes * SEALED_PAYLOAD_RATIO)
+        devices: dict[str, dict[str, str]] = {}
+        used = 0
+        for device, poller in self.pollers.items():
+            entry = {"state": poller.state}
+            if poller.reason:
+                entry["reason"] = poller.reason[:200]  # the contract's Reason
+            size = HEALTH_ENTRY_BYTES + len(device) + 6 * len(entry.get("reason", ""))
+            if devices and used + size > budget:
+                yield {"valid_for": valid_for, "devices": devices}
+                devices, used = {}, 0
+            devices[device] = entry
+            used += size
+        if devices:
+            yield {"valid_for": valid_for, "devices": devices}
+
+    async def _report_health(self) -> None:
+        """Sealed health at once when a device changes state (with the plaintext status, for
+        display) and at every heartbeat in between. Never spooled: only the current state matters,
+        so a report the broker did not take is simply superseded by the next one, and the broker
+        drops one that waited too long for the monitor (MQTT message expiry)."""
+        bus, interval = self.runtime.bus, self.settings.status_interval
+        topic = self.runtime.topics.health(self.settings.instance)
         while True:
-            await self._status_changed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._status_changed.wait()
+            changed = self._status_changed.is_set()
             self._status_changed.clear()
-            if self.runtime.bus.connected.is_set():
-                try:
-                    await self.runtime.bus.publish_status("online", **self.health())
-                except IotpipeError as exc:  # the next heartbeat says it again
-                    log.debug("device status change not published: %s", exc)
+            if not bus.connected.is_set():
+                continue
+            try:
+                for report in self.health_reports():
+                    # The broker drops a report once half its validity is gone: what reaches the
+                    # monitor has time left to be handled (one that had none would be refused).
+                    expiry = max(1, report["valid_for"] // 2000)
+                    await bus.publish_sealed(topic, report, kind="health", expiry=expiry)
+                if changed:
+                    await bus.publish_status("online", **self.health())
+            except IotpipeError as exc:  # the next change or heartbeat says it again
+                log.debug("device health not published: %s", exc)
 
     async def run(self) -> None:
         # No waiting for the broker: readings are taken and spooled from the start.
@@ -329,7 +378,7 @@ class SensorReader(Component[Settings]):
             for device, poller in self.pollers.items():
                 group.create_task(poller.run(), name=f"poll {device}")
             group.create_task(self._close_windows(), name="windows")
-            group.create_task(self._push_status(), name="status")
+            group.create_task(self._report_health(), name="health")
             group.create_task(self.outbox.watch(), name="outbox")
 
     def health(self) -> dict[str, Any]:
