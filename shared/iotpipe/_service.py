@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from ._bus import Bus
 from ._envelope import KeyRing
-from ._errors import IotpipeError
+from ._errors import ConfigError, IotpipeError
 from ._health import Metrics, write_health
 from ._logging import configure_logging
 from ._settings import ServiceSettings, load_settings_or_exit
@@ -208,10 +208,16 @@ def _write_health(
 
 def main(settings_type: type[S], factory: ComponentFactory[S]) -> None:
     """A service's whole `__main__`: settings from the environment (a bad value exits 2 with one
-    line naming it), logging configured once, then `run_service`."""
+    line naming it), logging configured once, then `run_service`. What the settings name but only
+    start-up reads (the key ring, the sensor-reader's devices file) is refused the same way: one
+    line, exit 2, never a traceback."""
     settings = load_settings_or_exit(settings_type)
     configure_logging(settings)
-    run_service(settings, factory)
+    try:
+        run_service(settings, factory)
+    except ConfigError as exc:
+        log.critical("configuration error: %s", exc)
+        raise SystemExit(2) from None
 
 
 def run_service(settings: S, factory: ComponentFactory[S]) -> None:

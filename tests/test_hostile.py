@@ -1,0 +1,887 @@
+"""The hostile-input battery (issue 10; ../shared/notes/reliability.md items 10-16; docs/security.md):
+one real pipeline (sensor-reader with genuine simulated devices, preprocessor, cache-writer,
+cloud-forwarder -> cloud-sink, monitor) against the session's real broker and Redis, attacked back to
+back as an insider would, each time with the one credential named (a service's MQTT password, and for
+some attacks the key ring).
+
+Every attack asserts four things:
+1. the refusal where it happens: the broker's reason code, or the receiving services'
+   `iotpipe_rejected{reason=...}` counters moved by exactly the attack's messages and, as they
+   dead-letter, their dead-letter files gained exactly those entries (nothing else was refused);
+2. genuine data keeps flowing: a genuine device's window that *started after* the attack reaches Redis
+   (`latest_start` moves past the attack) and the cloud-sink;
+3. nothing hostile got in: no Redis key, sink record or device status for the forged device;
+4. no service died, and no service log (nor dead-letter file) holds key material, a password or the
+   plaintext sealed inside a hostile message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from cryptography.fernet import Fernet
+from iotpipe import ConfigError, KeyRing, Opener, PlainMessage, Processed, RawBatch, Sealer, Topics
+from iotpipe._envelope import REPLAY_WINDOW
+from iotpipe.devstack import mqtt_password_file, redis_password_file
+from sensor_reader.service import Settings as ReaderSettings
+from servers import (
+    TAP,
+    Stack,
+    bus_for,
+    free_port,
+    health_doc,
+    owned_client_id,
+    service_counters,
+    service_env,
+    spawn,
+    stop_all,
+    unseal,
+    wait_online,
+    wait_until,
+)
+from test_boundary import ACCEPTED, REFUSED, Client
+from test_broker import raw_connect
+from test_message_ttl import primary_key
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
+
+# The genuine devices and their sensors.
+GENUINE = {"gen-a": ("temperature", "humidity"), "gen-b": ("pressure",)}
+DEVICES = """
+[[devices]]
+id = "gen-a"
+driver = "simulated"
+interval = 0.05
+[devices.params]
+sensors = ["temperature", "humidity"]
+spike_probability = 0.0
+dropout_probability = 0.0
+
+[[devices]]
+id = "gen-b"
+driver = "simulated"
+interval = 0.05
+[devices.params]
+sensors = ["pressure"]
+spike_probability = 0.0
+dropout_probability = 0.0
+"""
+WINDOW_MS = 500
+# A short message TTL (the default is 7 days): a message sealed longer ago than this is refused.
+MESSAGE_TTL = 300
+# service name -> its module
+MODULES = {
+    "preprocessor": "preprocessor",
+    "cache-writer": "cache_writer",
+    "cloud-forwarder": "cloud_forwarder",
+    "monitor": "monitor",
+    "sensor-reader": "sensor_reader",
+}
+CONSUMERS = ("preprocessor", "cache-writer", "cloud-forwarder", "monitor")
+PROCESSED_CONSUMERS = ("cache-writer", "cloud-forwarder", "monitor")
+# What an attack on each kind of topic is published as, and which services receive it.
+TARGETS = {"raw": ("sensor-reader", ("preprocessor",)), "processed": ("preprocessor", PROCESSED_CONSUMERS)}
+WAIT = 45  # s: generous, the machine is shared
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def marker() -> str:
+    """A plaintext to seal inside a hostile message: it must never appear in a log."""
+    return f"PT{uuid.uuid4().hex[:20]}"
+
+
+# -- the insider's tools --------------------------------------------------------------------------
+
+
+class Insider:
+    """A holder of `user`'s MQTT password with a bare paho MQTT 5 client (what any MQTT library
+    does): it publishes whatever bytes on whatever topic, past every check of our own Bus."""
+
+    def __init__(self, stack: Stack, user: str | None, client_id: str | None = None) -> None:
+        """`client_id` as given, by default one of `user`'s own (`<user>-<id>`, the broker's rule)."""
+        self.client = Client(stack, user, client_id or owned_client_id(str(user), f"evil-{uuid.uuid4().hex[:8]}"))
+
+    async def connect(self) -> str:
+        return await asyncio.to_thread(self.client.connect)
+
+    async def __aenter__(self) -> Insider:
+        reason = await self.connect()
+        assert reason == "Success", reason
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """The PUBACK's reason code (0/16 accepted, 135 refused)."""
+        return await asyncio.to_thread(self.client.publish, topic, payload, retain)
+
+    async def publish_anything(self, topic: str, payload: bytes) -> int | str:
+        """Publish even a topic the MQTT spec forbids (wildcards, NUL): paho's own check is skipped,
+        as a hostile client would. The PUBACK's reason code, or the reason the broker dropped us."""
+        self.client.client._raise_for_invalid_topic = lambda _topic: None  # type: ignore[method-assign]
+        info = self.client.client.publish(topic, payload, qos=1)
+        outcome: list[int | str] = []
+
+        def answered() -> bool:
+            if info.mid in self.client.pubacks:
+                outcome.append(self.client.pubacks.pop(info.mid))
+            elif not self.client.disconnects.empty():
+                outcome.append(self.client.disconnects.get())
+            return bool(outcome)
+
+        await wait_until(answered, 15, f"the broker's answer to a publish on {topic[:60]!r}")
+        return outcome[0]
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.client.close)
+
+    async def subscribe(self, topic_filter: str) -> int:
+        return await asyncio.to_thread(self.client.subscribe, topic_filter)
+
+    def received(self) -> list[mqtt.MQTTMessage]:
+        return list(self.client.messages.queue)
+
+
+def seal_inner(keyring: KeyRing, plaintext: bytes) -> bytes:
+    """A valid envelope around any plaintext: what a key-ring holder can make (Fernet directly)."""
+    token = keyring.encrypt(plaintext).decode("ascii")
+    return orjson.dumps({"v": 1, "alg": "fernet", "kid": keyring.primary_kid, "ct": token})
+
+
+def inner(topic: str, data: bytes, src: str = "sensor-reader/evil", boot: str | None = None, seq: int = 1) -> bytes:
+    """The sealed document (docs/contract.md) around `data`, given as raw JSON bytes."""
+    head = orjson.dumps({"topic": topic, "src": src, "boot": boot or uuid.uuid4().hex[:16], "seq": seq, "ts": now_ms()})
+    return head[:-1] + b',"data":' + data + b"}"
+
+
+def raw_data(device: str, start: int, value: bytes = b"21.5", unit: bytes = b'"degC"') -> bytes:
+    """A RawBatch for `device` (one sensor, one reading) as JSON bytes, with `value` and `unit`
+    spliced in as given (so they can be what JSON or the contract forbids)."""
+    return (
+        b'{"windows":[{"device":"%s","window":{"start":%d,"size":%d},"sensors":{"s":{"unit":%s,"t":[%d],"v":[%s]}}}]}'
+        % (device.encode(), start, WINDOW_MS, unit, start, value)
+    )
+
+
+def processed_data(device: str, start: int, value: bytes = b"21.5", unit: bytes = b'"degC"') -> bytes:
+    """A Processed message for `device` as JSON bytes, `value` (the mean) and `unit` spliced in."""
+    return (
+        b'{"windows":[{"device":"%s","sensor":"s","unit":%s,"start":%d,"end":%d,"n":1,'
+        b'"mean":%s,"median":21.5,"min":21.5,"max":21.5,"std":0.0}]}'
+        % (device.encode(), unit, start, start + 1000, value)
+    )
+
+
+DATA = {"raw": (raw_data, RawBatch), "processed": (processed_data, Processed)}
+
+
+# -- what the tests' read-everything user sees on the wire ------------------------------------------
+
+
+@dataclass
+class Watch:
+    keyring: KeyRing
+    topics: Topics
+    instance: str
+    raw: list[tuple[int, bytes, dict[str, Any]]] = field(default_factory=list)  # (arrival ms, payload, inner)
+    processed: collections.Counter[tuple[str, str, int]] = field(default_factory=collections.Counter)
+    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: collections.defaultdict(list))
+    seen: list[tuple[int, str]] = field(default_factory=list)  # (arrival ms, topic) of every message
+
+    async def handle(self, messages: Sequence[PlainMessage[None]]) -> None:
+        for m in messages:
+            arrived = now_ms()
+            self.seen.append((arrived, m.topic))
+            kind = m.topic.split("/")[2]
+            if kind == "status" and m.payload:
+                self.statuses["/".join(m.topic.split("/")[3:])].append(orjson.loads(m.payload))
+            elif m.topic == self.topics.raw(self.instance):
+                with contextlib.suppress(Exception):  # hostile copies on this topic: not genuine
+                    doc = unseal(self.keyring, m.payload)
+                    if doc["src"] == f"sensor-reader/{self.instance}":
+                        self.raw.append((arrived, m.payload, doc))
+            elif m.topic == self.topics.processed(self.instance):
+                with contextlib.suppress(Exception):
+                    doc = unseal(self.keyring, m.payload)
+                    for w in doc["data"]["windows"]:
+                        self.processed[(w["device"], w["sensor"], w["start"])] += 1
+
+    def states(self, key: str) -> list[object]:
+        return [s.get("state") for s in self.statuses.get(key, [])]
+
+    def kinds_since(self, t: int) -> set[str]:
+        return {topic.split("/")[2] for arrived, topic in self.seen if arrived > t}
+
+
+@dataclass
+class Snapshot:
+    rejected: dict[str, collections.Counter[str]]
+    dead: dict[str, int]
+    t: int
+
+
+@dataclass
+class Pipeline:
+    stack: Stack
+    keyring: KeyRing
+    topics: Topics
+    base: str
+    instance: str
+    workdir: Path
+    sink: str
+    redis: aioredis.Redis
+    watch: Watch
+    procs: dict[str, subprocess.Popen[bytes]]
+    markers: list[str] = field(default_factory=list)
+
+    # -- the services' own view: counters and dead letters -------------------------------------
+    def rejected(self, service: str) -> collections.Counter[str]:
+        counters = service_counters(self.workdir, service, self.instance)
+        prefix = "iotpipe_rejected{reason="
+        return collections.Counter({k[len(prefix) : -1]: int(v) for k, v in counters.items() if k.startswith(prefix)})
+
+    def dead_letters(self, service: str) -> list[dict[str, Any]]:
+        path = self.workdir / f"dead-{service}.jsonl"
+        return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            {s: self.rejected(s) for s in CONSUMERS}, {s: len(self.dead_letters(s)) for s in CONSUMERS}, now_ms()
+        )
+
+    async def settled(self) -> None:
+        """Every consumer has written its health file (counters) since now: what it counted up to
+        now is in it."""
+        mark = now_ms()
+        await wait_until(
+            lambda: all(health_doc(self.workdir, s, self.instance).get("ts", 0) > mark for s in CONSUMERS),
+            WAIT,
+            "a heartbeat of every consumer",
+        )
+
+    async def refused(
+        self, before: Snapshot, expected: dict[str, dict[str, int]], topics: set[str] | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Each service in `expected` refused exactly those messages by reason (every other consumer
+        refused nothing), and dead-lettered exactly those (a duplicate is only counted), on `topics`.
+        Returns the new dead letters per service."""
+
+        def delta(service: str) -> collections.Counter[str]:
+            now = self.rejected(service)
+            now.subtract(before.rejected[service])
+            return +now
+
+        await wait_until(
+            lambda: all(delta(s)[r] >= n for s, reasons in expected.items() for r, n in reasons.items()),
+            WAIT,
+            f"the refusals {expected}",
+        )
+        await self.settled()
+        letters = {}
+        for service in CONSUMERS:
+            want = collections.Counter(expected.get(service, {}))
+            assert delta(service) == want, f"{service} refused {dict(delta(service))}, expected {dict(want)}"
+            letters[service] = self.dead_letters(service)[before.dead[service] :]
+            want.pop("duplicate", None)  # counted quietly: a QoS 1 redelivery looks alike
+            got = collections.Counter(letter["reason"] for letter in letters[service])
+            assert got == want, f"{service} dead-lettered {dict(got)}, expected {dict(want)}"
+            if topics is not None:
+                assert {letter["topic"] for letter in letters[service]} <= topics
+        return letters
+
+    # -- genuine data -----------------------------------------------------------------------
+    async def latest_starts(self) -> dict[str, int]:
+        out = {}
+        for device in GENUINE:
+            starts = await self.redis.hvals(f"{self.base}:latest_start:{device}")
+            out[device] = max((int(s) for s in starts), default=0)
+        return out
+
+    async def sink_records(self, device: str) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as http, http.get(f"{self.sink}/records", params={"device": device}) as r:
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def flowing(self, after: int, sink: bool = True, timeout: float = WAIT) -> None:
+        """A window of every genuine device that started after `after` (unix ms) is in Redis, and
+        one of them at the cloud-sink."""
+
+        async def in_redis() -> bool:
+            return all(start > after for start in (await self.latest_starts()).values())
+
+        async def at_sink() -> bool:
+            return any(r["type"] == "window" and r["start"] > after for r in await self.sink_records("gen-a"))
+
+        try:
+            await wait_until(in_redis, timeout, f"genuine windows started after {after} in Redis")
+            if sink:
+                await wait_until(at_sink, timeout, f"a genuine window started after {after} at the cloud-sink")
+        except AssertionError:
+            raise AssertionError(f"genuine data stopped flowing; services: {self.exits()}") from None
+        self.alive()
+
+    def exits(self) -> dict[str, int | None]:
+        return {name: proc.poll() for name, proc in self.procs.items()}
+
+    def alive(self) -> None:
+        assert all(code is None for code in self.exits().values()), f"a service died: {self.exits()}"
+
+    async def nothing_from(self, device: str, sensors: Sequence[str] = ("s",)) -> None:
+        """No Redis key, cloud record or device status names `device`."""
+        assert await self.redis.hgetall(f"{self.base}:latest:{device}") == {}
+        assert await self.redis.hgetall(f"{self.base}:latest_start:{device}") == {}
+        for sensor in sensors:
+            assert await self.redis.zrange(f"{self.base}:series:{device}:{sensor}", 0, -1) == []
+        assert await self.sink_records(device) == []
+        assert f"device/{device}" not in self.watch.statuses
+
+    # -- secrets --------------------------------------------------------------------------------
+    def secrets(self) -> list[str]:
+        """Every secret a service holds: the key ring's keys, passwords, the cloud token."""
+        d = self.stack.secrets_dir
+        found = [line.split()[1] for line in (d / "keyring").read_text().splitlines() if line.strip()[:1] not in "#"]
+        found += [p.read_text().strip() for p in d.glob("*_password")]
+        found.append((d / "cloud_token").read_text().strip())
+        return [s for s in found if s]
+
+    def no_leaks(self) -> None:
+        """No service log, output or dead-letter file holds a secret or a sealed hostile plaintext."""
+        files = [*(self.workdir / "log").glob("*.log"), *self.workdir.glob("*.out"), *self.workdir.glob("dead-*")]
+        assert len(files) >= 10, files
+        for path in files:
+            text = path.read_text(errors="replace")
+            for secret in self.secrets():
+                assert secret not in text, f"a secret in {path.name}"
+            for plaintext in self.markers:
+                assert plaintext not in text, f"a sealed plaintext ({plaintext}) in {path.name}"
+
+    async def done(self, after: int, forged: Sequence[str] = ()) -> None:
+        """The end of every attack: genuine data flows, nothing forged got in, nothing leaked."""
+        await self.flowing(after)
+        for device in forged:
+            await self.nothing_from(device)
+        self.no_leaks()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pipe(stack: Stack, keyring: KeyRing, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pipeline]:
+    workdir = tmp_path_factory.mktemp("hostile")
+    base = f"t{uuid.uuid4().hex[:12]}"  # `t...`: a prefix the tests' Redis users may reach
+    instance = f"h{uuid.uuid4().hex[:6]}"
+    topics = Topics(base)
+    devices = workdir / "devices.toml"
+    devices.write_text(DEVICES)
+    sink_port = free_port()
+    env = service_env(
+        stack,
+        base,
+        workdir,
+        instance,
+        sink_port,
+        IOTPIPE_DEVICES_FILE=str(devices),
+        IOTPIPE_WINDOW_MS=str(WINDOW_MS),
+        IOTPIPE_WINDOW_GRACE_MS="100",
+        IOTPIPE_STATUS_INTERVAL="0.5",
+        IOTPIPE_BATCH_LINGER="0.2",
+        IOTPIPE_CHECK_INTERVAL="0.5",
+        IOTPIPE_MESSAGE_TTL=str(MESSAGE_TTL),
+        IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
+        IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
+        IOTPIPE_LOG_DIR=str(workdir / "log"),
+    )
+    watch = Watch(keyring, topics, instance)
+    tap = bus_for(stack, TAP)
+    tap.subscribe(f"{topics.root}/#", watch.handle, sealed=False)
+    await tap.start()
+    await tap.wait_connected()
+    await asyncio.wait_for(tap.subscribed.wait(), 15)
+    password = redis_password_file(stack.secrets_dir, "reader").read_text().strip()
+    redis = aioredis.Redis(port=stack.ports.redis, username="reader", password=password, decode_responses=True)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(service: str) -> None:
+        own = {"IOTPIPE_DEAD_LETTER_FILE": str(workdir / f"dead-{service}.jsonl")}
+        procs[service] = spawn(MODULES.get(service, service), {**env, **own}, workdir, service)
+
+    pipeline = Pipeline(
+        stack, keyring, topics, base, instance, workdir, f"http://127.0.0.1:{sink_port}", redis, watch, procs
+    )
+    try:
+        start("cloud_sink")
+        for service in CONSUMERS:
+            start(service)
+        # Consumers first: their durable sessions exist (online is published after SUBSCRIBE).
+        await asyncio.gather(*(wait_online(stack, topics.service_status(s, instance), 60) for s in CONSUMERS))
+        start("sensor-reader")
+        await pipeline.flowing(now_ms(), timeout=90)
+        yield pipeline
+    finally:
+        stop_all(procs.values())
+        await tap.stop()
+        await redis.aclose()
+
+
+# -- item 10: fuzzed payloads ------------------------------------------------------------------
+
+
+def fuzz_cases(kind: str, keyring: KeyRing, topic: str, device: str, secret: str) -> list[tuple[str, bytes, str]]:
+    """(what, payload, the reason it is refused for). The sealed ones are valid envelopes around
+    plaintexts that differ from an accepted one only where named; `secret` sits in their values."""
+    make, _model = DATA[kind]
+    start = now_ms() // WINDOW_MS * WINDOW_MS
+    unit = b'"%s"' % secret.encode()
+
+    def sealed(data: bytes) -> bytes:
+        return seal_inner(keyring, inner(topic, data))
+
+    return [
+        # The password alone: not an envelope at all.
+        ("empty", b"", "malformed"),
+        ("malformed JSON", b'{"v":1,"alg":', "malformed"),
+        ("deep nesting", b"[" * 200_000, "malformed"),
+        ("NaN literal", b'{"v":NaN,"alg":"fernet","kid":"k","ct":"x"}', "malformed"),
+        ("1e999", b'{"v":1e999,"alg":"fernet","kid":"k","ct":"x"}', "malformed"),
+        ("invalid UTF-8", b'{"v":1,"alg":"\xff\xfe","kid":"k","ct":"x"}', "malformed"),
+        # The key ring too: a valid envelope around a bad plaintext.
+        ("sealed malformed JSON", sealed(make(device, start, unit=unit)[:-7]), "malformed"),
+        (
+            "sealed wrong schema",
+            sealed(b'{"windows":[{"device":"%s","extra":%s}]}' % (device.encode(), unit)),
+            "schema",
+        ),
+        ("sealed NaN literal", sealed(make(device, start, b"NaN", unit)), "malformed"),
+        ("sealed Infinity literal", sealed(make(device, start, b"-Infinity", unit)), "malformed"),
+        ("sealed 1e999", sealed(make(device, start, b"1e999", unit)), "schema"),
+        ("sealed deep nesting", sealed(b'{"windows":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "malformed"),
+        ("sealed invalid UTF-8 in the data", sealed(make(device, start, unit=b'"\xff' + unit[1:])), "schema"),
+        (
+            "sealed invalid UTF-8 in the envelope",
+            seal_inner(keyring, inner(topic, make(device, start, unit=unit)).replace(b"sensor-reader/evil", b"\xff")),
+            "malformed",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["raw", "processed"])
+async def test_fuzzed_payloads_are_refused_by_validation_and_the_stream_flows(
+    pipe: Pipeline, keyring: KeyRing, kind: str
+) -> None:
+    """Item 10: malformed JSON, wrong schema, NaN/Infinity, 1e999, deep nesting, invalid UTF-8, both
+    as the envelope and inside a valid one: each is refused by the receiving services' validation,
+    counted and dead-lettered, and the next genuine message is processed."""
+    user, receivers = TARGETS[kind]
+    topic = getattr(pipe.topics, kind)("evil")
+    device = f"evil-fuzz-{kind}"
+    secret = marker()
+    pipe.markers.append(secret)
+    cases = fuzz_cases(kind, keyring, topic, device, secret)
+    # The control: the same plaintext with nothing altered opens.
+    make, model = DATA[kind]
+    good = seal_inner(keyring, inner(topic, make(device, now_ms(), unit=b'"%s"' % secret.encode())))
+    assert Opener(keyring).open(topic, good, model).data.windows[0].device == device
+    before = pipe.snapshot()
+    async with Insider(pipe.stack, user) as insider:
+        for what, payload, _reason in cases:
+            assert await insider.publish(topic, payload) in ACCEPTED, what  # the broker cannot look inside
+    attacked = now_ms()
+    reasons = collections.Counter(reason for _what, _payload, reason in cases)
+    await pipe.refused(before, {r: dict(reasons) for r in receivers}, {topic})
+    await pipe.done(attacked, forged=[device])
+
+
+# -- item 11: oversize ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["raw", "processed"])
+async def test_an_oversize_message_is_refused_by_size_before_decrypting(
+    pipe: Pipeline, keyring: KeyRing, kind: str
+) -> None:
+    """Over the services' payload limit (1 MiB), under the broker's packet limit (2 MiB): the broker
+    delivers it, and each receiver refuses it by its size alone: it is an authentic envelope padded
+    with JSON whitespace, which would open if the size were not checked first."""
+    user, receivers = TARGETS[kind]
+    topic = getattr(pipe.topics, kind)("evil")
+    device = f"evil-big-{kind}"
+    make, model = DATA[kind]
+    genuine = Sealer(keyring, f"{user}/evil").seal(topic, orjson.loads(make(device, now_ms())))
+    padded = b" " * ((3 << 19) - len(genuine)) + genuine  # 1.5 MiB
+    assert Opener(keyring, max_bytes=4 << 20).open(topic, padded, model).data.windows[0].device == device
+    before = pipe.snapshot()
+    async with Insider(pipe.stack, user) as insider:
+        assert await insider.publish(topic, padded) in ACCEPTED
+    attacked = now_ms()
+    letters = await pipe.refused(before, {r: {"malformed": 1} for r in receivers}, {topic})
+    for receiver in receivers:
+        (letter,) = letters[receiver]
+        assert "exceeds" in letter["error"] and letter["bytes"] == len(padded)
+        assert "payload" not in letter  # too big to keep; its size is
+    await pipe.done(attacked, forged=[device])
+
+
+# -- item 12: tokens that do not authenticate -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["raw", "processed"])
+async def test_tokens_that_do_not_authenticate_are_refused_and_nothing_secret_is_logged(
+    pipe: Pipeline, keyring: KeyRing, kind: str
+) -> None:
+    """Item 12: a wrong key (under the genuine key id), a flipped byte, a truncated and an empty token:
+    each counted as undecryptable, no crash, and no log holds a key, a password or the plaintext."""
+    user, receivers = TARGETS[kind]
+    topic = getattr(pipe.topics, kind)("evil")
+    device = f"evil-key-{kind}"
+    secret = marker()
+    pipe.markers.append(secret)
+    make, _model = DATA[kind]
+    data = orjson.loads(make(device, now_ms(), unit=b'"%s"' % secret.encode()))
+    stranger = KeyRing([(keyring.primary_kid, Fernet.generate_key())])
+    envelope = orjson.loads(Sealer(keyring, f"{user}/evil").seal(topic, data))
+    token = bytearray(base64.urlsafe_b64decode(envelope["ct"]))
+    token[len(token) // 2] ^= 0x01
+    payloads = {
+        "wrong key": Sealer(stranger, f"{user}/evil").seal(topic, data),
+        "flipped byte": orjson.dumps({**envelope, "ct": base64.urlsafe_b64encode(bytes(token)).decode()}),
+        "truncated": orjson.dumps({**envelope, "ct": envelope["ct"][: len(envelope["ct"]) // 2]}),
+        "empty": orjson.dumps({**envelope, "ct": ""}),
+    }
+    before = pipe.snapshot()
+    async with Insider(pipe.stack, user) as insider:
+        for what, payload in payloads.items():
+            assert await insider.publish(topic, payload) in ACCEPTED, what
+    attacked = now_ms()
+    await pipe.refused(before, {r: {"undecryptable": len(payloads)} for r in receivers}, {topic})
+    await pipe.done(attacked, forged=[device])
+
+
+# -- item 13: replay ------------------------------------------------------------------------------
+
+
+async def test_replays_are_dropped_or_refused(pipe: Pipeline, keyring: KeyRing) -> None:
+    """Item 13, with a genuine raw message captured off the wire (the sensor-reader's password and
+    the key ring): the same message again on its topic is dropped as a duplicate, counted quietly
+    (no log line, no dead letter) and processed once; on another topic it is refused
+    (`topic_mismatch`); re-dated beyond the services' TTL it no longer authenticates
+    (`undecryptable`); a sequence number older than the sender's replay window is `stale`."""
+    topics, instance = pipe.topics, pipe.instance
+    await wait_until(lambda: pipe.watch.raw, WAIT, "a genuine raw message")
+    _arrived, captured, doc = pipe.watch.raw[-1]
+    windows = {(w["device"], s, w["window"]["start"]) for w in doc["data"]["windows"] for s in w["sensors"]}
+    # Processed already: a window that started after it is in Redis (one preprocessor, in order).
+    await pipe.flowing(max(start for _d, _s, start in windows) + WINDOW_MS, sink=False)
+    kid, key = primary_key(pipe.stack.secrets_dir / "keyring")
+    plaintext = keyring.decrypt(orjson.loads(captured)["ct"].encode(), ttl=None)
+    old = Fernet(key).encrypt_at_time(plaintext, int(time.time()) - MESSAGE_TTL - 60)
+    redated = orjson.dumps({"v": 1, "alg": "fernet", "kid": kid, "ct": old.decode()})
+    elsewhere = topics.raw("evil-replay")
+    # A sender of the insider's own, far ahead in its sequence, then one of its messages from long before.
+    probe, boot, start = f"probe-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:16], now_ms() // WINDOW_MS * WINDOW_MS
+    ahead = seal_inner(keyring, inner(elsewhere, raw_data(probe, start), boot=boot, seq=REPLAY_WINDOW + 10))
+    behind = seal_inner(keyring, inner(elsewhere, raw_data(probe, start - WINDOW_MS), boot=boot, seq=1))
+
+    before = pipe.snapshot()
+    async with Insider(pipe.stack, "sensor-reader") as insider:
+        assert await insider.publish(topics.raw(instance), captured) in ACCEPTED
+        assert await insider.publish(elsewhere, captured) in ACCEPTED
+        assert await insider.publish(topics.raw(instance), redated) in ACCEPTED
+        assert await insider.publish(elsewhere, ahead) in ACCEPTED
+
+        async def ahead_stored() -> bool:
+            return bool(await pipe.redis.zrangebyscore(f"{pipe.base}:series:{probe}:s", start, start))
+
+        await wait_until(ahead_stored, WAIT, "the sender's message far ahead in its sequence")
+        assert await insider.publish(elsewhere, behind) in ACCEPTED
+    attacked = now_ms()
+    letters = await pipe.refused(
+        before,
+        {"preprocessor": {"duplicate": 1, "topic_mismatch": 1, "undecryptable": 1, "stale": 1}},
+        {elsewhere, topics.raw(instance)},
+    )
+    assert {(x["reason"], x["topic"]) for x in letters["preprocessor"]} == {
+        ("topic_mismatch", elsewhere),
+        ("undecryptable", topics.raw(instance)),
+        ("stale", elsewhere),
+    }
+    await pipe.done(attacked)
+    assert all(pipe.watch.processed[w] == 1 for w in windows), "a replayed window was processed again"
+    assert await pipe.redis.zrange(f"{pipe.base}:series:{probe}:s", 0, -1, withscores=True) != []
+    assert await pipe.redis.zrangebyscore(f"{pipe.base}:series:{probe}:s", start - WINDOW_MS, start - 1) == []
+    assert "(duplicate)" not in (pipe.workdir / "log" / "preprocessor.log").read_text()  # quietly
+
+
+# -- item 14 and case 8: ids that are not ids ---------------------------------------------------------
+
+# A topic level that is not an id, and how the broker refuses a publish with it: PUBACK 0x87 (guard
+# rule 3, or the ACL for an extra level), or, for what MQTT itself forbids, by closing the connection.
+BAD_LEVELS = {
+    "slash": ("a/b", REFUSED),
+    "plus": ("+", "Protocol error"),
+    "hash": ("#", "Protocol error"),
+    "wildcard inside": ("a+b", "Protocol error"),
+    "dollar": ("$x", REFUSED),
+    "empty": ("", REFUSED),
+    "NUL": ("a\x00b", "Malformed packet"),
+    "64k characters": ("x" * 65_000, REFUSED),
+    "300 characters": ("x" * 300, REFUSED),
+    "space": ("has space", REFUSED),
+    "colon": ("a:b", REFUSED),
+    "non-ASCII": ("g\u00e9rard", REFUSED),
+}
+
+
+async def test_topics_with_ids_the_contract_forbids_are_refused_by_the_broker(pipe: Pipeline, keyring: KeyRing) -> None:
+    """Item 14 and issue 10 case 8, on the wire: the sensor-reader's password and the key ring, an
+    authentic raw batch for a forged device, published on topics whose last level is not an id. The
+    broker refuses each, no subscriber (not even the read-everything user) sees it, no service has
+    anything to refuse."""
+    device = "evil-topic"
+    before = pipe.snapshot()
+    outcomes = {}
+    for what, (level, _expected) in BAD_LEVELS.items():
+        topic = f"{pipe.topics.root}/raw/{level}"
+        payload = Sealer(keyring, "sensor-reader/evil").seal(topic, orjson.loads(raw_data(device, now_ms())))
+        async with Insider(pipe.stack, "sensor-reader") as insider:
+            outcomes[what] = await insider.publish_anything(topic, payload)
+    attacked = now_ms()
+    assert outcomes == {what: expected for what, (_level, expected) in BAD_LEVELS.items()}
+    await pipe.refused(before, {})
+    await pipe.done(attacked, forged=[device])
+    bad = {f"{pipe.topics.root}/raw/{level}" for level, _ in BAD_LEVELS.values()}
+    assert not bad & {topic for _t, topic in pipe.watch.seen}
+
+
+BAD_IDS = {
+    "slash": "a/b",
+    "plus": "a+b",
+    "hash": "#",
+    "dollar": "$SYS",
+    "empty": "",
+    "NUL": "a\x00b",
+    "64k characters": "x" * 65_536,
+}
+
+
+async def test_ids_the_contract_forbids_are_refused_at_configuration(pipe: Pipeline) -> None:
+    """Item 14 at configuration: a sensor-reader whose devices file names such a device exits at
+    once with one clear line (exit 2, no traceback) and never connects; the instance and topic base
+    settings, and every topic built from an id, refuse the same values. The running pipeline is
+    untouched."""
+    started = now_ms()
+    procs = {}
+    for n, (what, bad) in enumerate(BAD_IDS.items()):
+        devices = pipe.workdir / f"bad-devices-{n}.toml"
+        escaped = orjson.dumps(bad).decode()  # a JSON string is a TOML basic string (NUL as \u0000)
+        devices.write_text(f'[[devices]]\nid = {escaped}\ndriver = "simulated"\n')
+        env = service_env(pipe.stack, pipe.base, pipe.workdir / "bad", f"bad{n}", IOTPIPE_DEVICES_FILE=str(devices))
+        procs[what] = spawn("sensor_reader", env, pipe.workdir, f"bad-reader-{n}")
+    for n, (what, proc) in enumerate(procs.items()):
+        assert await asyncio.to_thread(proc.wait, 60) == 2, what
+        said = (pipe.workdir / f"bad-reader-{n}.out").read_text()
+        lines = said.strip().splitlines()
+        assert len(lines) == 1 and "configuration error" in said and "devices[0]" in said and ".id:" in said, said
+        assert "Traceback" not in said and len(said) < 500, what
+        assert not [line for line in pipe.stack.broker.lines if f"sensor-reader-bad{n} " in line], what
+    for bad in BAD_IDS.values():
+        for setting in ("instance", "base_topic"):
+            with pytest.raises(ConfigError, match=f"IOTPIPE_{setting.upper()}"):
+                ReaderSettings.load(**{setting: bad})
+        with pytest.raises(ConfigError):
+            Topics(bad)
+        for build in (pipe.topics.raw, pipe.topics.processed, pipe.topics.alerts, pipe.topics.device_status):
+            with pytest.raises(ConfigError):
+                build(bad)
+    await pipe.done(started)
+
+
+# -- item 15: ACL negatives ---------------------------------------------------------------------
+
+
+async def test_anonymous_and_wrong_passwords_are_refused(pipe: Pipeline) -> None:
+    """Item 15: no login without a service's own password (a third party's is not one)."""
+    started = now_ms()
+    reader = mqtt_password_file(pipe.stack.secrets_dir, "reader").read_text().strip()
+    for user, password in ((None, None), ("cache-writer", "wrong"), ("nobody", "x"), ("reader", reader)):
+        client_id = owned_client_id(str(user), "x")
+        assert await asyncio.to_thread(raw_connect, pipe.stack, user, password, client_id) == "Not authorized", user
+    await pipe.done(started)
+
+
+# Per user: topics it may not publish on (each refused with 0x87), and the kinds of topic it may read.
+NOT_WRITABLE = {
+    "sensor-reader": ("processed/evil", "alerts/gen-a", "status/device/gen-a", "status/service/monitor/evil"),
+    "preprocessor": ("raw/evil", "health/evil", "alerts/gen-a", "status/device/gen-a"),
+    "cache-writer": ("processed/evil", "raw/evil", "status/service/preprocessor/evil"),
+    "cloud-forwarder": ("processed/evil", "alerts/gen-a", "raw/evil"),
+    "monitor": ("raw/evil", "processed/evil", "health/evil"),
+    TAP: ("raw/evil", "processed/evil", "status/device/gen-a", "alerts/gen-a", "status/service/monitor/evil"),
+}
+READABLE = {
+    "sensor-reader": {"status/service/sensor-reader"},
+    "preprocessor": {"raw", "status/service/preprocessor"},
+    "cache-writer": {"processed", "status/service/cache-writer"},
+    "cloud-forwarder": {"processed", "alerts", "status/service/cloud-forwarder"},
+    "monitor": {"processed", "health", "status/service"},
+}
+
+
+async def test_no_user_publishes_or_reads_outside_its_acl(pipe: Pipeline, keyring: KeyRing) -> None:
+    """Item 15: each service user (its password and the key ring) refused every publish outside its
+    ACL, the read-everything test user refused every publish, and a subscription to everything
+    delivers each user only what its ACL lets it read, while the pipeline carries on."""
+    device = "evil-acl"
+    started = now_ms()
+    before = pipe.snapshot()
+    thieves: dict[str, Insider] = {}
+    try:
+        for user, forbidden in NOT_WRITABLE.items():
+            async with Insider(pipe.stack, user) as insider:
+                for suffix in forbidden:
+                    topic = f"{pipe.topics.root}/{suffix}"
+                    payload = Sealer(keyring, f"{user}/evil").seal(topic, orjson.loads(raw_data(device, now_ms())))
+                    assert await insider.publish(topic, payload) == REFUSED, (user, topic)
+                    assert await insider.publish(topic, b'{"state":"fault"}', retain=True) == REFUSED, (user, topic)
+        for user in READABLE:
+            thieves[user] = thief = Insider(pipe.stack, user)
+            assert await thief.connect() == "Success"
+            assert await thief.subscribe(f"{pipe.topics.root}/#") in (0, 1)  # granted, then filtered
+        subscribed = now_ms()
+        # Until the pipeline carried every kind since, and the users who may read them got some.
+        await wait_until(
+            lambda: pipe.watch.kinds_since(subscribed) >= {"raw", "processed", "health", "status"}, WAIT, "traffic"
+        )
+        await wait_until(
+            lambda: (
+                any("/raw/" in m.topic for m in thieves["preprocessor"].received())
+                and any("/processed/" in m.topic for m in thieves["cache-writer"].received())
+                and any("/health/" in m.topic for m in thieves["monitor"].received())
+            ),
+            WAIT,
+            "the deliveries each user may have",
+        )
+        for user, thief in thieves.items():
+            got = {m.topic.split("/", 2)[2] for m in thief.received()}
+            outside = {t for t in got if not any(t == k or t.startswith(f"{k}/") for k in READABLE[user])}
+            assert not outside, f"{user} read {sorted(outside)[:5]}"
+    finally:
+        for thief in thieves.values():
+            await asyncio.to_thread(thief.client.close)
+    await pipe.refused(before, {})
+    await pipe.done(started, forged=[device])
+
+
+# -- issue 10 cases 1, 2 and 4 against the running pipeline -------------------------------------------
+
+
+async def test_no_user_can_join_the_preprocessors_share_group_and_the_pipeline_loses_nothing(
+    pipe: Pipeline,
+) -> None:
+    """Case 1: users who may read raw data (the test user) or not (other services) subscribe to
+    `$share/preprocessor/<base>/v2/raw/+` while the pipeline runs: refused (0x87), they get nothing,
+    and every raw window published meanwhile reaches Redis and the cloud-sink."""
+    group = f"$share/preprocessor/{pipe.topics.all('raw')}"
+    started = now_ms()
+    thieves = [Insider(pipe.stack, user) for user in (TAP, "monitor", "cache-writer", "sensor-reader")]
+    try:
+        for thief in thieves:
+            assert await thief.connect() == "Success"
+            assert await thief.subscribe(group) == REFUSED
+            assert await thief.subscribe(f"$share/preprocessor-x/{pipe.topics.all('raw')}") == REFUSED
+        await wait_until(
+            lambda: sum(1 for arrived, _p, _d in pipe.watch.raw if arrived > started) >= 4, WAIT, "raw batches"
+        )
+        assert all(not thief.received() for thief in thieves)
+    finally:
+        for thief in thieves:
+            await asyncio.to_thread(thief.client.close)
+    published = {
+        (w["device"], sensor, w["window"]["start"])
+        for arrived, _p, doc in pipe.watch.raw
+        if arrived > started
+        for w in doc["data"]["windows"]
+        for sensor in w["sensors"]
+    }
+
+    async def all_stored() -> bool:
+        for device, sensor, start in published:
+            if not await pipe.redis.zrangebyscore(f"{pipe.base}:series:{device}:{sensor}", start, start):
+                return False
+        uploaded = {
+            (device, r["sensor"], r["start"])
+            for device in GENUINE
+            for r in await pipe.sink_records(device)
+            if r["type"] == "window"
+        }
+        return published <= uploaded
+
+    await wait_until(all_stored, WAIT, f"the {len(published)} windows published meanwhile in Redis and the cloud")
+    await pipe.done(started)
+
+
+async def test_no_user_can_take_the_running_cache_writers_client_id(pipe: Pipeline) -> None:
+    """Case 2: other users connecting as the running cache-writer's client id are refused; the
+    broker never ends its connection (no takeover in its log, no Will), and it keeps writing."""
+    victim = f"cache-writer-{pipe.instance}"
+    started = now_ms()
+    connections = [line for line in pipe.stack.broker.lines if f" as {victim} (" in line]
+    for user in ("sensor-reader", "preprocessor", "monitor", "cloud-forwarder", TAP):
+        intruder = Insider(pipe.stack, user, client_id=victim)
+        try:
+            assert await intruder.connect() == "Not authorized", user
+        finally:
+            await intruder.close()
+    await pipe.done(started)
+    assert not [line for line in pipe.stack.broker.lines if f"{victim} already connected" in line]
+    assert [line for line in pipe.stack.broker.lines if f" as {victim} (" in line] == connections
+    assert "offline" not in pipe.watch.states(f"service/cache-writer/{pipe.instance}")
+    assert health_doc(pipe.workdir, "cache-writer", pipe.instance)["connected"] is True
+
+
+async def test_a_forged_plaintext_fault_status_changes_no_device(pipe: Pipeline) -> None:
+    """Case 4: with the sensor-reader's MQTT password alone, a retained plaintext status claiming a
+    genuine device failing: the monitor shows the status (display only) but publishes no `fault`,
+    sends no fault alert, and the cloud gets none."""
+    forged_topic = pipe.topics.service_status("sensor-reader", "evil")
+    forged = {
+        "state": "online",
+        "client_id": "sensor-reader-evil",
+        "ts": now_ms(),
+        "devices": {"gen-a": {"state": "fault", "reason": "forged"}, "victim": {"state": "fault", "reason": "forged"}},
+    }
+    async with Insider(pipe.stack, "sensor-reader") as insider:
+        assert await insider.publish(forged_topic, orjson.dumps(forged), retain=True) in ACCEPTED
+        try:
+            await wait_until(
+                lambda: "sensor-reader/evil" in health_doc(pipe.workdir, "monitor", pipe.instance).get("services", {}),
+                WAIT,
+                "the monitor to have the forged status",
+            )
+            attacked = now_ms()
+            await pipe.done(attacked, forged=["victim"])
+            await pipe.settled()
+            monitor = health_doc(pipe.workdir, "monitor", pipe.instance)
+            assert monitor["device_states"]["gen-a"] == "online"
+            assert "victim" not in monitor["device_states"]
+            assert monitor["counters"].get("iotpipe_alerts{kind=fault}", 0) == 0
+            assert "fault" not in pipe.watch.states("device/gen-a")
+            alerts = [r for r in await pipe.sink_records("gen-a") if r["type"] == "alert"]
+            assert not [r for r in alerts if r["kind"] == "fault"]
+        finally:
+            await insider.publish(forged_topic, b"", retain=True)
