@@ -24,7 +24,7 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,18 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
-from iotpipe import ConfigError, KeyRing, Opener, PlainMessage, Processed, RawBatch, Sealer, Topics
+from iotpipe import (
+    Alert,
+    ConfigError,
+    HealthReport,
+    KeyRing,
+    Opener,
+    PlainMessage,
+    Processed,
+    RawBatch,
+    Sealer,
+    Topics,
+)
 from iotpipe._envelope import REPLAY_WINDOW
 from iotpipe.devstack import mqtt_password_file, redis_password_file
 from sensor_reader.service import Settings as ReaderSettings
@@ -95,8 +106,6 @@ MODULES = {
 }
 CONSUMERS = ("preprocessor", "cache-writer", "cloud-forwarder", "monitor")
 PROCESSED_CONSUMERS = ("cache-writer", "cloud-forwarder", "monitor")
-# What an attack on each kind of topic is published as, and which services receive it.
-TARGETS = {"raw": ("sensor-reader", ("preprocessor",)), "processed": ("preprocessor", PROCESSED_CONSUMERS)}
 WAIT = 45  # s: generous, the machine is shared
 
 
@@ -192,7 +201,51 @@ def processed_data(device: str, start: int, value: bytes = b"21.5", unit: bytes 
     )
 
 
-DATA = {"raw": (raw_data, RawBatch), "processed": (processed_data, Processed)}
+def health_data(device: str, start: int, value: bytes = b"30000", unit: bytes = b'"bus: no ACK"') -> bytes:
+    """A HealthReport claiming `device` failing, `value` (valid_for) and `unit` (the reason) spliced in."""
+    return b'{"valid_for":%s,"devices":{"%s":{"state":"fault","reason":%s}}}' % (value, device.encode(), unit)
+
+
+def alert_data(device: str, start: int, value: bytes = b"21.5", unit: bytes = b'"s"') -> bytes:
+    """An anomaly alert for `device`, `value` (the mean) and `unit` (the sensor) spliced in."""
+    return b'{"kind":"anomaly","device":"%s","sensor":%s,"start":%d,"end":%d,"mean":%s,"score":-0.2,"ts":%d}' % (
+        device.encode(),
+        unit,
+        start,
+        start + 1000,
+        value,
+        start + 1000,
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kind of sealed topic: the user who may publish on it (whose password the insider holds),
+    the services that receive it, its payload model and an accepted payload for a device."""
+
+    user: str
+    receivers: tuple[str, ...]
+    make: Callable[..., bytes]
+    model: Any
+
+    def topic(self, topics: Topics, kind: str, device: str) -> str:
+        # Alerts name their device in the topic; the others the publishing instance.
+        return topics.alerts(device) if kind == "alerts" else str(getattr(topics, kind)("evil"))
+
+    @staticmethod
+    def device(data: Any) -> str:
+        if isinstance(data, HealthReport):
+            return next(iter(data.devices))
+        return str(data.windows[0].device if hasattr(data, "windows") else data.device)
+
+
+TARGETS = {
+    "raw": Target("sensor-reader", ("preprocessor",), raw_data, RawBatch),
+    "processed": Target("preprocessor", PROCESSED_CONSUMERS, processed_data, Processed),
+    "health": Target("sensor-reader", ("monitor",), health_data, HealthReport),
+    "alerts": Target("monitor", ("cloud-forwarder",), alert_data, Alert),
+}
+KINDS = list(TARGETS)
 
 
 # -- what the tests' read-everything user sees on the wire ------------------------------------------
@@ -291,11 +344,14 @@ class Pipeline:
             now.subtract(before.rejected[service])
             return +now
 
-        await wait_until(
-            lambda: all(delta(s)[r] >= n for s, reasons in expected.items() for r, n in reasons.items()),
-            WAIT,
-            f"the refusals {expected}",
-        )
+        try:
+            await wait_until(
+                lambda: all(delta(s)[r] >= n for s, reasons in expected.items() for r, n in reasons.items()),
+                WAIT,
+                f"the refusals {expected}",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; refused: { {s: dict(delta(s)) for s in CONSUMERS} }") from None
         await self.settled()
         letters = {}
         for service in CONSUMERS:
@@ -446,7 +502,7 @@ async def pipe(stack: Stack, keyring: KeyRing, tmp_path_factory: pytest.TempPath
 def fuzz_cases(kind: str, keyring: KeyRing, topic: str, device: str, secret: str) -> list[tuple[str, bytes, str]]:
     """(what, payload, the reason it is refused for). The sealed ones are valid envelopes around
     plaintexts that differ from an accepted one only where named; `secret` sits in their values."""
-    make, _model = DATA[kind]
+    make = TARGETS[kind].make
     start = now_ms() // WINDOW_MS * WINDOW_MS
     unit = b'"%s"' % secret.encode()
 
@@ -481,56 +537,54 @@ def fuzz_cases(kind: str, keyring: KeyRing, topic: str, device: str, secret: str
     ]
 
 
-@pytest.mark.parametrize("kind", ["raw", "processed"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_fuzzed_payloads_are_refused_by_validation_and_the_stream_flows(
     pipe: Pipeline, keyring: KeyRing, kind: str
 ) -> None:
     """Item 10: malformed JSON, wrong schema, NaN/Infinity, 1e999, deep nesting, invalid UTF-8, both
     as the envelope and inside a valid one: each is refused by the receiving services' validation,
     counted and dead-lettered, and the next genuine message is processed."""
-    user, receivers = TARGETS[kind]
-    topic = getattr(pipe.topics, kind)("evil")
+    target = TARGETS[kind]
     device = f"evil-fuzz-{kind}"
+    topic = target.topic(pipe.topics, kind, device)
     secret = marker()
     pipe.markers.append(secret)
     cases = fuzz_cases(kind, keyring, topic, device, secret)
     # The control: the same plaintext with nothing altered opens.
-    make, model = DATA[kind]
-    good = seal_inner(keyring, inner(topic, make(device, now_ms(), unit=b'"%s"' % secret.encode())))
-    assert Opener(keyring).open(topic, good, model).data.windows[0].device == device
+    good = seal_inner(keyring, inner(topic, target.make(device, now_ms(), unit=b'"%s"' % secret.encode())))
+    assert target.device(Opener(keyring).open(topic, good, target.model).data) == device
     before = pipe.snapshot()
-    async with Insider(pipe.stack, user) as insider:
+    async with Insider(pipe.stack, target.user) as insider:
         for what, payload, _reason in cases:
             assert await insider.publish(topic, payload) in ACCEPTED, what  # the broker cannot look inside
     attacked = now_ms()
     reasons = collections.Counter(reason for _what, _payload, reason in cases)
-    await pipe.refused(before, {r: dict(reasons) for r in receivers}, {topic})
+    await pipe.refused(before, {r: dict(reasons) for r in target.receivers}, {topic})
     await pipe.done(attacked, forged=[device])
 
 
 # -- item 11: oversize ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["raw", "processed"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_an_oversize_message_is_refused_by_size_before_decrypting(
     pipe: Pipeline, keyring: KeyRing, kind: str
 ) -> None:
-    """Over the services' payload limit (1 MiB), under the broker's packet limit (2 MiB): the broker
-    delivers it, and each receiver refuses it by its size alone: it is an authentic envelope padded
-    with JSON whitespace, which would open if the size were not checked first."""
-    user, receivers = TARGETS[kind]
-    topic = getattr(pipe.topics, kind)("evil")
+    """Item 11. Over the services' payload limit (1 MiB), under the broker's packet limit (2 MiB):
+    the broker delivers it, and each receiver refuses it by its size alone: it is an authentic
+    envelope padded with JSON whitespace, which would open if the size were not checked first."""
+    target = TARGETS[kind]
     device = f"evil-big-{kind}"
-    make, model = DATA[kind]
-    genuine = Sealer(keyring, f"{user}/evil").seal(topic, orjson.loads(make(device, now_ms())))
+    topic = target.topic(pipe.topics, kind, device)
+    genuine = Sealer(keyring, f"{target.user}/evil").seal(topic, orjson.loads(target.make(device, now_ms())))
     padded = b" " * ((3 << 19) - len(genuine)) + genuine  # 1.5 MiB
-    assert Opener(keyring, max_bytes=4 << 20).open(topic, padded, model).data.windows[0].device == device
+    assert target.device(Opener(keyring, max_bytes=4 << 20).open(topic, padded, target.model).data) == device
     before = pipe.snapshot()
-    async with Insider(pipe.stack, user) as insider:
+    async with Insider(pipe.stack, target.user) as insider:
         assert await insider.publish(topic, padded) in ACCEPTED
     attacked = now_ms()
-    letters = await pipe.refused(before, {r: {"malformed": 1} for r in receivers}, {topic})
-    for receiver in receivers:
+    letters = await pipe.refused(before, {r: {"malformed": 1} for r in target.receivers}, {topic})
+    for receiver in target.receivers:
         (letter,) = letters[receiver]
         assert "exceeds" in letter["error"] and letter["bytes"] == len(padded)
         assert "payload" not in letter  # too big to keep; its size is
@@ -540,19 +594,19 @@ async def test_an_oversize_message_is_refused_by_size_before_decrypting(
 # -- item 12: tokens that do not authenticate -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["raw", "processed"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_tokens_that_do_not_authenticate_are_refused_and_nothing_secret_is_logged(
     pipe: Pipeline, keyring: KeyRing, kind: str
 ) -> None:
     """Item 12: a wrong key (under the genuine key id), a flipped byte, a truncated and an empty token:
     each counted as undecryptable, no crash, and no log holds a key, a password or the plaintext."""
-    user, receivers = TARGETS[kind]
-    topic = getattr(pipe.topics, kind)("evil")
+    target = TARGETS[kind]
+    user = target.user
     device = f"evil-key-{kind}"
+    topic = target.topic(pipe.topics, kind, device)
     secret = marker()
     pipe.markers.append(secret)
-    make, _model = DATA[kind]
-    data = orjson.loads(make(device, now_ms(), unit=b'"%s"' % secret.encode()))
+    data = orjson.loads(target.make(device, now_ms(), unit=b'"%s"' % secret.encode()))
     stranger = KeyRing([(keyring.primary_kid, Fernet.generate_key())])
     envelope = orjson.loads(Sealer(keyring, f"{user}/evil").seal(topic, data))
     token = bytearray(base64.urlsafe_b64decode(envelope["ct"]))
@@ -568,7 +622,7 @@ async def test_tokens_that_do_not_authenticate_are_refused_and_nothing_secret_is
         for what, payload in payloads.items():
             assert await insider.publish(topic, payload) in ACCEPTED, what
     attacked = now_ms()
-    await pipe.refused(before, {r: {"undecryptable": len(payloads)} for r in receivers}, {topic})
+    await pipe.refused(before, {r: {"undecryptable": len(payloads)} for r in target.receivers}, {topic})
     await pipe.done(attacked, forged=[device])
 
 
