@@ -22,6 +22,7 @@ from ._errors import (
 from ._health import Metrics, check_health, write_health
 from ._logging import RateLimitedLog, configure_logging
 from ._models import (
+    MAX_WINDOW_MS,
     Alert,
     AlertRecord,
     AnomalyAlert,
@@ -38,6 +39,7 @@ from ._models import (
     Series,
     ServiceStatus,
     Window,
+    WindowBounds,
     WindowRecord,
     WindowSpan,
     decode,
@@ -60,6 +62,7 @@ from ._topics import ID_PATTERN, Topics, validate_id
 __all__ = [
     "BUG_RETRIES",
     "ID_PATTERN",
+    "MAX_WINDOW_MS",
     "SHUTDOWN_DRAIN",
     "Alert",
     "AlertRecord",
@@ -106,6 +109,7 @@ __all__ = [
     "Topics",
     "UndecryptableToken",
     "Window",
+    "WindowBounds",
     "WindowRecord",
     "WindowSpan",
     "check_health",
