@@ -516,10 +516,11 @@ class Bus:
             except Exception as exc:  # input we did not foresee must still not kill the consumer
                 self._reject(msg, "malformed", f"unexpected {type(exc).__name__}: {exc}")
                 continue
-            if self.window_bounds is not None and isinstance(item, Opened) and isinstance(item.data, Payload):
-                data, refused = item.data.within(self.window_bounds, now_ms)
+            bounds = self.window_bounds
+            if bounds is not None and isinstance(item, Opened) and isinstance(item.data, Payload):
+                data, refused = item.data.within(bounds, now_ms)
                 if refused:
-                    self._refuse_windows(msg, item, refused, now_ms)
+                    self._refuse_windows(msg, item, refused, bounds, now_ms)
                     if data is None:  # nothing left to handle
                         self._ack(msg)
                         continue
@@ -528,12 +529,16 @@ class Bus:
         return accepted
 
     def _refuse_windows(
-        self, msg: mqtt.MQTTMessage, item: Opened[Any], refused: list[tuple[int, str]], now_ms: int
+        self,
+        msg: mqtt.MQTTMessage,
+        item: Opened[Any],
+        refused: list[tuple[int, str]],
+        bounds: WindowBounds,
+        now_ms: int,
     ) -> None:
-        """Windows dated outside `window_bounds`: counted per window by reason, logged rate-limited,
-        and dead-lettered as one line per reason naming their indexes in the message (the payload
-        as it arrived, still sealed). The caller hands the message's other windows on."""
-        assert self.window_bounds is not None
+        """Windows dated outside `bounds`: counted per window by reason, logged rate-limited, and
+        dead-lettered as one line per reason naming their indexes in the message (the payload as
+        it arrived, still sealed). The caller hands the message's other windows on."""
         windows = item.data.windows
         by_reason: dict[str, list[int]] = {}
         for index, reason in refused:
@@ -543,7 +548,7 @@ class Bus:
             first = windows[indexes[0]]
             error = (
                 f"{len(indexes)} of {len(windows)} window(s) refused; window {indexes[0]} (device {first.device}) "
-                f"{self.window_bounds.explain(first, now_ms)}"
+                f"{bounds.explain(first, now_ms)}"
             )
             self.metrics.rejected.labels(reason).inc(len(indexes))
             self._rejects.warning(reason, "refused windows on %s (%s): %s", msg.topic, reason, error)

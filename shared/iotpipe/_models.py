@@ -80,11 +80,25 @@ class WindowBounds:
         """Why `window` is refused, in words for a log line or a dead letter (times, no data)."""
         start, end = window.span
         if start < now_ms - self.max_age_ms:
-            return f"starts {(now_ms - start) // 1000} s before this host's clock (bound {self.max_age_ms // 1000} s)"
+            oldest = -self.max_age_ms // 1000
+            return f"starts {(start - now_ms) // 1000:+d} s from this host's clock (at least {oldest:+d} s)"
         return (
-            f"starts {(start - now_ms) // 1000} s, ends {(end - now_ms) // 1000} s after this host's clock "
-            f"(bounds {self.max_skew_ms // 1000} s, {(self.max_skew_ms + MAX_WINDOW_MS) // 1000} s)"
+            f"starts {(start - now_ms) // 1000:+d} s and ends {(end - now_ms) // 1000:+d} s from this host's clock "
+            f"(at most {self.max_skew_ms // 1000:+d} s and {(self.max_skew_ms + MAX_WINDOW_MS) // 1000:+d} s)"
         )
+
+
+def _within(
+    payload: Any, windows: Sequence[_Spanned], bounds: WindowBounds, now_ms: int
+) -> tuple[Any, list[tuple[int, str]]]:
+    """`payload` with only its `windows` inside `bounds` (None if none is), and the refused ones."""
+    refused = bounds.refused(windows, now_ms)
+    if not refused:
+        return payload, refused
+    if len(refused) == len(windows):
+        return None, refused
+    out = {index for index, _reason in refused}
+    return msgspec.structs.replace(payload, windows=[w for i, w in enumerate(windows) if i not in out]), refused
 
 
 class Payload(Struct, forbid_unknown_fields=True, frozen=True):
@@ -114,18 +128,6 @@ class DevicePayload(Payload, frozen=True):
 class WindowSpan(Struct, forbid_unknown_fields=True, frozen=True):
     start: UnixMs
     size: Annotated[int, Meta(gt=0, description="window length in ms")]
-
-
-def _within(
-    payload: Any, windows: Sequence[_Spanned], bounds: WindowBounds, now_ms: int
-) -> tuple[Any, list[tuple[int, str]]]:
-    refused = bounds.refused(windows, now_ms)
-    if not refused:
-        return payload, refused
-    if len(refused) == len(windows):
-        return None, refused
-    out = set(index for index, _reason in refused)
-    return msgspec.structs.replace(payload, windows=[w for i, w in enumerate(windows) if i not in out]), refused
 
 
 class Series(Struct, forbid_unknown_fields=True, frozen=True):
