@@ -347,7 +347,8 @@ async def test_forged_processed_windows_are_refused_by_every_consumer(
     async def at_cloud() -> list[str]:
         try:
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{sink_port}/records") as r:
-                return sorted(record["id"] for record in await r.json())
+                # Windows only: an offline alert for d1 or d2 may follow if the test runs long.
+                return sorted(record["id"] for record in await r.json() if record["type"] == "window")
         except aiohttp.ClientError:
             return []
 
