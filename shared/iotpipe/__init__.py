@@ -23,6 +23,7 @@ from ._health import Metrics, check_health, write_health
 from ._logging import RateLimitedLog, configure_logging
 from ._models import (
     MAX_HEALTH_VALID_MS,
+    MAX_WINDOW_MS,
     Alert,
     AlertRecord,
     AnomalyAlert,
@@ -41,6 +42,7 @@ from ._models import (
     Series,
     ServiceStatus,
     Window,
+    WindowBounds,
     WindowRecord,
     WindowSpan,
     decode,
@@ -64,6 +66,7 @@ __all__ = [
     "BUG_RETRIES",
     "ID_PATTERN",
     "MAX_HEALTH_VALID_MS",
+    "MAX_WINDOW_MS",
     "SHUTDOWN_DRAIN",
     "Alert",
     "AlertRecord",
@@ -112,6 +115,7 @@ __all__ = [
     "Topics",
     "UndecryptableToken",
     "Window",
+    "WindowBounds",
     "WindowRecord",
     "WindowSpan",
     "check_health",

@@ -22,7 +22,12 @@ class Metrics:
         self.published = Counter(
             "iotpipe_published", "Messages published and acknowledged by the broker", ["kind"], registry=self.registry
         )
-        self.rejected = Counter("iotpipe_rejected", "Messages rejected, by reason", ["reason"], registry=self.registry)
+        self.rejected = Counter(
+            "iotpipe_rejected",
+            "Messages rejected, by reason (window_future, window_too_old: windows, refused one by one)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.errors = Counter("iotpipe_errors", "Errors while handling, by kind", ["kind"], registry=self.registry)
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:

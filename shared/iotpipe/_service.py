@@ -62,6 +62,7 @@ class Runtime(Generic[S]):
             dead_letter_file=settings.dead_letter_path,
             replay_state_file=settings.replay_state_file,
             status_liveness=STATUS_LIVENESS * settings.status_interval,
+            window_bounds=settings.window_bounds,
         )
 
 
