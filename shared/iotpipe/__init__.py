@@ -45,6 +45,7 @@ from ._models import (
     encode_sorted,
     json_schemas,
 )
+from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
 from ._settings import (
@@ -60,7 +61,9 @@ from ._topics import ID_PATTERN, Topics, validate_id
 __all__ = [
     "BUG_RETRIES",
     "ID_PATTERN",
+    "REDIS_PREFIX",
     "SHUTDOWN_DRAIN",
+    "WRITE_WINDOWS",
     "Alert",
     "AlertRecord",
     "AnomalyAlert",
