@@ -3,7 +3,9 @@
 `ensure_secrets(dir)` creates, only where missing, every secret the stack needs, as files named like
 the compose secrets (/run/secrets/<name>): the Fernet key ring, one MQTT password per broker user
 and mosquitto's hashed password file, the Redis ACL file (hashed) and passwords, a CA with a server
-certificate for the TLS listener, and the cloud bearer token. Nothing here is ever committed.
+certificate for the TLS listener, and the cloud bearer token. The Redis ACL file alone is also
+rewritten when its rules (iotpipe._redis) are out of date, from the same passwords. Nothing here is
+ever committed.
 
 `render_broker_config` / `render_redis_config` turn the committed mosquitto/mosquitto.conf and
 redis/redis.conf (the compose configuration) into local ones: loopback ports and local paths
