@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -399,3 +400,16 @@ def test_the_oldest_acl_file_gets_a_usable_default_line(tmp_path: Path) -> None:
     lines = acl.read_text().splitlines()
     assert re.fullmatch(r"user default on #[0-9a-f]{64} ~\* &\* \+@all", lines[0])
     assert len(lines) == 3 and all(OLD_RULES[u] not in acl.read_text() for u in OLD_RULES)
+
+
+def test_iotpipe_secrets_makes_the_acl_for_another_prefix(tmp_path: Path) -> None:
+    """`iotpipe secrets DIR --redis-prefix P`: for a deployment with IOTPIPE_REDIS_PREFIX=P."""
+    secrets_dir = tmp_path / "secrets"
+    cli = [sys.executable, "-m", "iotpipe.cli", "secrets", str(secrets_dir)]
+    made = subprocess.run([*cli, "--redis-prefix", "plant1"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    acl = (secrets_dir / "redis_users_acl").read_text()
+    assert "%R~plant1:* " in acl and " ~plant1:* " in acl and "iotpipe:" not in acl
+    refused = subprocess.run([*cli, "--redis-prefix", "a*"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--redis-prefix" in refused.stderr
+    assert (secrets_dir / "redis_users_acl").read_text() == acl  # a bad prefix changes nothing
