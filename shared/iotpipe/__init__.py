@@ -50,6 +50,7 @@ from ._models import (
     encode_sorted,
     json_schemas,
 )
+from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
 from ._settings import (
@@ -67,7 +68,9 @@ __all__ = [
     "ID_PATTERN",
     "MAX_HEALTH_VALID_MS",
     "MAX_WINDOW_MS",
+    "REDIS_PREFIX",
     "SHUTDOWN_DRAIN",
+    "WRITE_WINDOWS",
     "Alert",
     "AlertRecord",
     "AnomalyAlert",

@@ -20,6 +20,7 @@ from ._envelope import KeyRing, Opener
 from ._errors import DuplicateMessage, IotpipeError, PermanentError
 from ._health import check_health
 from ._models import Alert, HealthReport, Processed, RawBatch, json_schemas, to_builtins
+from ._redis import REDIS_PREFIX
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .bench import bench_command
@@ -148,10 +149,22 @@ def _silence_stdout() -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("secrets"))
-def secrets(directory: Path) -> None:
-    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY."""
-    ensure_secrets(directory)
-    click.echo(f"dev secrets ready in {directory}/ (existing files kept)")
+@click.option(
+    "--redis-prefix",
+    "redis_prefixes",
+    multiple=True,
+    default=(REDIS_PREFIX,),
+    show_default=True,
+    help="Redis key prefix the ACL lets cache-writer and reader reach (IOTPIPE_REDIS_PREFIX); repeatable",
+)
+def secrets(directory: Path, redis_prefixes: tuple[str, ...]) -> None:
+    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY; bring the Redis ACL
+    file's rules up to date (passwords kept)."""
+    try:
+        ensure_secrets(directory, [validate_id(p, "--redis-prefix") for p in redis_prefixes])
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"dev secrets ready in {directory}/ (existing files kept, Redis ACL rules up to date)")
 
 
 @main.command()
