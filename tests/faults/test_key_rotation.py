@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 from iotpipe import KeyRing
 from iotpipe._envelope import parse_keyring
+from servers import ROOT
 
 from faults.harness import Load, Pipeline, report
-from servers import ROOT
 
 # Light enough for a 2-core machine shared with other work, heavy enough that windows are always
 # in flight (sealed, queued at the broker, in a batch, in the forwarder's outbox) at every step.
