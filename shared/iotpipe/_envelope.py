@@ -60,7 +60,8 @@ _sealed_decoder = msgspec.json.Decoder(_Sealed)
 
 class KeyRing:
     """Named Fernet keys. The first encrypts; every key decrypts (so rotation never needs downtime:
-    add the new key second everywhere, then move it first on producers, then retire the old one)."""
+    add the new key everywhere, then move it first, then retire the old one: iotpipe._keys, where
+    services also re-read their ring file as it changes). Immutable: a new ring replaces it."""
 
     def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
         self._keys = list(keys)
