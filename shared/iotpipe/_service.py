@@ -4,9 +4,10 @@
 key ring, metrics and bus, lets the component register subscriptions, connects, publishes retained
 `online` status with counters every `status_interval` (and the health file a container healthcheck
 reads), re-reads the key ring file as it changes (iotpipe._keys: the new ring is used from the next
-message, and the status goes out at once), and on SIGINT/SIGTERM drains: share groups first (a member of a shared subscription hands
-its share to the live members, iotpipe._share), then the component, then `offline` status (or, having
-left its groups, no status and no session), then disconnect.
+message, and the status goes out at once), and on SIGINT/SIGTERM drains: share groups first (a
+member of a shared subscription hands its share to the live members, iotpipe._share), then the
+component, then `offline` status (or, having left its groups, no status and no session), then
+disconnect.
 """
 
 from __future__ import annotations
