@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from ._bus import Bus
 from ._envelope import KeyRing, parse_keyring
 from ._errors import ConfigError, IotpipeError, SchemaError
 from ._health import Metrics, write_atomically
@@ -149,17 +150,17 @@ class RingFile:
 
     @classmethod
     def read(cls, path: Path) -> RingFile:
-        KeyRing.from_file(path)  # refuse to edit a ring that does not load (errors name the line)
-        ring = cls(path)
-        for line in path.read_text(encoding="utf-8").splitlines():
-            stripped = line.strip()
-            if not stripped or stripped.startswith("#"):
-                if stripped:
-                    ring.comments.append(stripped)
-                continue
-            kid, key = stripped.split()
-            ring.keys.append((kid, key))
-        return ring
+        """The file as it is; a ConfigError (naming the file and line) if it would not load: a
+        broken ring is never edited."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read key ring file {str(path)!r}: {why}") from None
+        keys = parse_keyring(text, str(path))
+        KeyRing(keys)
+        comments = [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
+        return cls(path, comments, [(kid, key.decode("ascii")) for kid, key in keys])
 
     @property
     def kids(self) -> list[str]:
@@ -265,8 +266,6 @@ async def statuses_from_broker(
     file). Retained messages come right after the subscription is acknowledged, and before any
     live one (heartbeats keep coming, without the retain flag): the read ends once no retained
     message has come for `quiet` s (newer live statuses seen by then are used too)."""
-    from ._bus import Bus  # here: the services import this module, and need no second connection
-
     topics = Topics(settings.base_topic)
     prefix = f"{topics.root}/status/service/"
     found: dict[str, ServiceKeys] = {}
