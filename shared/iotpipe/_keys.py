@@ -380,7 +380,10 @@ def status_lines(ring: RingFile, services: Sequence[ServiceKeys] | None, ttl: in
     if services is None:
         return lines
     lines.append("")
-    lines.append(f"{'service/instance':<36} {'state':<8} {'age':>6}  {'holds':<20} {'encrypts':<10} since")
+    if services:
+        lines.append(f"{'service/instance':<36} {'state':<8} {'age':>6}  {'holds':<20} {'encrypts':<10} since")
+    else:
+        lines.append("no service reports its status (none running, or another IOTPIPE_BASE_TOPIC?)")
     for s in services:
         age = f"{max(0, now_ms - s.ts) / 1000:.0f}s" if s.ts else "-"
         if s.keyring is None:

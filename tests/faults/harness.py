@@ -294,10 +294,14 @@ class Wire:
     readings: int = 0  # readings in distinct raw windows
     last_processed: float = 0.0  # monotonic s of the latest processed message
     status: dict[str, str] = field(default_factory=dict)  # "<service>/<instance>" -> state
+    # raw and processed messages by the key id their envelope names (a key rotation's progress)
+    sealed_with: collections.Counter[str] = field(default_factory=collections.Counter)
 
     async def handle(self, messages: Sequence[PlainMessage[Any]]) -> None:
         for m in messages:
             kind = m.topic.split("/")[2]
+            if kind in ("raw", "processed"):
+                self.sealed_with[orjson.loads(m.payload)["kid"]] += 1
             if kind == "raw":
                 inner = unseal(self.keyring, m.payload)
                 for data in inner["data"]["windows"]:

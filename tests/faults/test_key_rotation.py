@@ -152,6 +152,8 @@ async def test_key_rotation_under_load_loses_nothing_and_the_wrong_order_does(
         timings.append(f"retire k1 reached every service in {took:.1f} s")
         assert ring_a.stat().st_mode == ring_b.stat().st_mode == secrets_dir.joinpath("keyring").stat().st_mode
         await p.steady()  # windows sealed with k2 alone, opened by rings of k2 alone, at both sinks
+        # Windows flowed throughout: sealed with k1 before step 2, with k2 since.
+        assert p.wire.sealed_with["k1"] > 0 and p.wire.sealed_with["k2"] > 0, p.wire.sealed_with
 
         # Nothing was refused on the way: no undecryptable message, no key ring file refused.
         rejected = {n: counter(p, n, UNDECRYPTABLE) for n in names(p)}
@@ -174,8 +176,10 @@ async def test_key_rotation_under_load_loses_nothing_and_the_wrong_order_does(
             STEP_TIMEOUT,
             "host B's services rejecting what is sealed with k3",
         )
+        assert p.wire.sealed_with["k3"] > 0
 
-        rows, summary = await p.finish(drain_timeout=20)
+        rows, summary = await p.finish(drain_timeout=20)  # the control's lost windows never come
+        timings.append(f"raw and processed messages by key id: {dict(sorted(p.wire.sealed_with.items()))}")
         text = report("key rotation under load", rows, summary + "\n" + "; ".join(timings))
         rotation, control = rows
         assert rotation.clean and rotation.gaps == 0 and rotation.sensor_windows > 0, text
