@@ -49,8 +49,11 @@ class Runtime(Generic[S]):
         self.topics = Topics(settings.base_topic)
         self.metrics = Metrics()
         # Given a key ring (tests), that one for good; else the file's, re-read as it changes.
-        self.keyring_file = KeyRingFile(settings.keyring_path, self.metrics) if keyring is None else None
-        self.keyring = keyring or self.keyring_file.ring  # type: ignore[union-attr]
+        self.keyring_file: KeyRingFile | None = None
+        if keyring is None:
+            self.keyring_file = KeyRingFile(settings.keyring_path, self.metrics)
+            keyring = self.keyring_file.ring
+        self.keyring = keyring
         self.boot_ts = time.time_ns() // 1_000_000
         self.status_now = asyncio.Event()  # set: publish status now rather than at the next heartbeat
         self.bus = Bus(
@@ -226,7 +229,10 @@ async def _watch_keyring(runtime: Runtime[Any]) -> None:
         return
     while True:
         await asyncio.sleep(KEYRING_POLL)
-        runtime.reload_keyring()
+        try:
+            runtime.reload_keyring()
+        except Exception:  # a bug here must not end the watching, nor the service: the ring in use stays
+            log.exception("re-reading the key ring file failed; keeping the ring in use")
 
 
 def _details(runtime: Runtime[Any], component: Component[Any]) -> dict[str, Any]:
