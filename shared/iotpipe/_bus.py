@@ -294,6 +294,14 @@ class Bus:
             self.connection.subscribe(self.groups.status_filter, self.groups.status_filter, self.groups.on_status)
         await self.connection.start()
 
+    def use_keyring(self, keyring: KeyRing) -> None:
+        """From the next message on, seal with `keyring`'s first key and open with any of its keys
+        (a step of a key rotation, iotpipe._keys)."""
+        if self.sealer is not None:
+            self.sealer.keyring = keyring
+        if self.opener is not None:
+            self.opener.keyring = keyring
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         await self.connection.wait_connected(timeout)
 

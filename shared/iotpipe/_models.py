@@ -289,6 +289,16 @@ class ReaderDeviceHealth(Struct, frozen=True):
     skipped_ticks: int = 0
 
 
+class KeyRingStatus(Struct, frozen=True):
+    """Which keys a service holds (ids only, never key material): every service reports it, so an
+    operator (`iotpipe keys status`) sees each step of a rotation reach every service."""
+
+    kids: list[Id]  # every key it decrypts with, in ring order
+    encrypts: Id  # the one it seals with (the first)
+    since: UnixMs  # when this process began sealing with `encrypts` (its start, or the reload)
+    refused: Reason | None = None  # why the ring file as it is now was not loaded (the ring above is kept)
+
+
 class ServiceStatus(Struct, frozen=True):
     """`<base>/v2/status/service/<service>/<instance>`: birth, heartbeat and Last Will. Services add
     their own details (unknown keys are allowed and ignored by readers that do not know them)."""
@@ -301,6 +311,7 @@ class ServiceStatus(Struct, frozen=True):
     boot_ts: UnixMs | None = None
     counters: dict[str, float] | None = None
     devices: dict[Id, ReaderDeviceHealth] | None = None  # the sensor-reader's devices
+    keyring: KeyRingStatus | None = None
 
 
 DeviceState = Literal["online", "offline", "fault"]
