@@ -9,10 +9,14 @@ from iotpipe import KeyRing
 from iotpipe.devstack import ensure_secrets, redis_password_file
 from servers import Stack, run_servers
 
+# The Redis key prefixes of the tests' own: `base` below (t...) and the fault battery's (f...). The
+# ACL lets the Redis users reach only keys under these, as it lets them reach only `iotpipe:` when shipped.
+TEST_REDIS_PREFIXES = ("t*", "f*")
+
 
 @pytest.fixture(scope="session")
 def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_secrets(tmp_path_factory.mktemp("secrets"))
+    return ensure_secrets(tmp_path_factory.mktemp("secrets"), redis_prefixes=TEST_REDIS_PREFIXES)
 
 
 @pytest.fixture(scope="session")

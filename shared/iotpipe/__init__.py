@@ -23,6 +23,7 @@ from ._health import Metrics, check_health, write_health
 from ._logging import RateLimitedLog, configure_logging
 from ._models import (
     MAX_HEALTH_VALID_MS,
+    MAX_WINDOW_MS,
     Alert,
     AlertRecord,
     AnomalyAlert,
@@ -41,6 +42,7 @@ from ._models import (
     Series,
     ServiceStatus,
     Window,
+    WindowBounds,
     WindowRecord,
     WindowSpan,
     decode,
@@ -48,6 +50,7 @@ from ._models import (
     encode_sorted,
     json_schemas,
 )
+from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
 from ._settings import (
@@ -64,7 +67,10 @@ __all__ = [
     "BUG_RETRIES",
     "ID_PATTERN",
     "MAX_HEALTH_VALID_MS",
+    "MAX_WINDOW_MS",
+    "REDIS_PREFIX",
     "SHUTDOWN_DRAIN",
+    "WRITE_WINDOWS",
     "Alert",
     "AlertRecord",
     "AnomalyAlert",
@@ -112,6 +118,7 @@ __all__ = [
     "Topics",
     "UndecryptableToken",
     "Window",
+    "WindowBounds",
     "WindowRecord",
     "WindowSpan",
     "check_health",

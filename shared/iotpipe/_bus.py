@@ -5,6 +5,8 @@ Delivery (docs/contract.md):
   decoded into the subscriber's model (iotpipe._models) before a handler sees it; a message that
   fails is counted by reason, logged rate-limited, dead-lettered and acknowledged, so bad input can
   neither reach a handler nor block a subscription (a QoS 1 duplicate is only counted);
+- given `window_bounds`, each window of a raw or processed message dated outside them (this host's
+  clock) is refused the same way, alone: the message's other windows go to the handler;
 - a handler receives a batch and makes its effect durable before returning: the batch is then
   acknowledged (`manual_ack`) and recorded in the replay window;
 - what a handler raises decides what happens to its messages (iotpipe._errors):
@@ -26,6 +28,7 @@ the same handlers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import traceback
@@ -41,7 +44,7 @@ from ._envelope import KeyRing, Opened, Opener, Sealer
 from ._errors import ConfigError, DuplicateMessage, PermanentError, RetryableError, SchemaError
 from ._health import Metrics, write_atomically
 from ._logging import RateLimitedLog
-from ._models import decode
+from ._models import Payload, WindowBounds, decode
 from ._mqtt import MqttConnection
 from ._retry import Outage
 from ._settings import MqttSettings, read_secret
@@ -162,10 +165,12 @@ class Bus:
         dead_letter_file: Path | None = None,
         replay_state_file: Path | None = None,
         status_liveness: float | None = None,
+        window_bounds: WindowBounds | None = None,
     ) -> None:
         """`status_liveness`: s after which another member's `online` status, not refreshed by a
         heartbeat, is no longer believed (a member that died while the broker was down leaves an
-        `online` no Will replaces); None believes it until it changes."""
+        `online` no Will replaces); None believes it until it changes. `window_bounds`: how far
+        from this host's clock a window received may lie (None: any time; tools and tests)."""
         self.settings = settings
         self.client_id = client_id
         self.status_topic = status_topic
@@ -181,6 +186,7 @@ class Bus:
         self._tasks: list[asyncio.Task[None]] = []
         self._rejects = RateLimitedLog(log)
         self.status_liveness = status_liveness
+        self.window_bounds = window_bounds
         self.groups: ShareGroups | None = None  # at start(), given a shared subscription and a status topic
         self._adopt_after = ADOPT_AFTER
         self._left: bool | None = None  # whether we left our share groups (None: not tried yet)
@@ -287,6 +293,14 @@ class Bus:
             # Every member's retained status, ours included (the echo that tells leaving is announced).
             self.connection.subscribe(self.groups.status_filter, self.groups.status_filter, self.groups.on_status)
         await self.connection.start()
+
+    def use_keyring(self, keyring: KeyRing) -> None:
+        """From the next message on, seal with `keyring`'s first key and open with any of its keys
+        (a step of a key rotation, iotpipe._keys)."""
+        if self.sealer is not None:
+            self.sealer.keyring = keyring
+        if self.opener is not None:
+            self.opener.keyring = keyring
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         await self.connection.wait_connected(timeout)
@@ -490,6 +504,7 @@ class Bus:
         # The replay window records a message only once its batch is handled, so a duplicate
         # within this same batch (a QoS 1 resend right behind the original) is caught here.
         in_batch: set[tuple[str, str, int]] = set()
+        now_ms = time.time_ns() // 1_000_000
         for msg in batch:
             if self._adopted and self._from_ended_adoption(msg):
                 continue
@@ -513,8 +528,43 @@ class Bus:
             except Exception as exc:  # input we did not foresee must still not kill the consumer
                 self._reject(msg, "malformed", f"unexpected {type(exc).__name__}: {exc}")
                 continue
+            bounds = self.window_bounds
+            if bounds is not None and isinstance(item, Opened) and isinstance(item.data, Payload):
+                data, refused = item.data.within(bounds, now_ms)
+                if refused:
+                    self._refuse_windows(msg, item, refused, bounds, now_ms)
+                    if data is None:  # nothing left to handle
+                        self._ack(msg)
+                        continue
+                    item = dataclasses.replace(item, data=data)
             accepted.append((msg, item))
         return accepted
+
+    def _refuse_windows(
+        self,
+        msg: mqtt.MQTTMessage,
+        item: Opened[Any],
+        refused: list[tuple[int, str]],
+        bounds: WindowBounds,
+        now_ms: int,
+    ) -> None:
+        """Windows dated outside `bounds`: counted per window by reason, logged rate-limited, and
+        dead-lettered as one line per reason naming their indexes in the message (the payload as
+        it arrived, still sealed). The caller hands the message's other windows on."""
+        windows = item.data.windows
+        by_reason: dict[str, list[int]] = {}
+        for index, reason in refused:
+            by_reason.setdefault(reason, []).append(index)
+        sender = {"src": item.src, "boot": item.boot, "seq": item.seq}
+        for reason, indexes in by_reason.items():
+            first = windows[indexes[0]]
+            error = (
+                f"{len(indexes)} of {len(windows)} window(s) refused; window {indexes[0]} (device {first.device}) "
+                f"{bounds.explain(first, now_ms)}"
+            )
+            self.metrics.rejected.labels(reason).inc(len(indexes))
+            self._rejects.warning(reason, "refused windows on %s (%s): %s", msg.topic, reason, error)
+            self.dead_letters.write(reason, error, msg.topic, bytes(msg.payload), windows=indexes, **sender)
 
     def _open(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> Opened[Any] | PlainMessage[Any]:
         payload = bytes(msg.payload)  # already bytes: no copy

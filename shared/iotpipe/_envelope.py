@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -60,7 +60,8 @@ _sealed_decoder = msgspec.json.Decoder(_Sealed)
 
 class KeyRing:
     """Named Fernet keys. The first encrypts; every key decrypts (so rotation never needs downtime:
-    add the new key second everywhere, then move it first on producers, then retire the old one)."""
+    add the new key everywhere, then move it first, then retire the old one: iotpipe._keys, where
+    services also re-read their ring file as it changes). Immutable: a new ring replaces it."""
 
     def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
         self._keys = list(keys)
@@ -86,18 +87,10 @@ class KeyRing:
     def from_file(cls, path: str | os.PathLike[str]) -> KeyRing:
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read key ring file {str(path)!r}: {exc.strerror}") from exc
-        keys = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ConfigError(f"key ring {str(path)!r} line {lineno}: expected '<kid> <fernet key>'")
-            keys.append((parts[0], parts[1].encode("ascii", "replace")))
-        return cls(keys)
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read key ring file {str(path)!r}: {why}") from None
+        return cls(parse_keyring(text, str(path)))
 
     @staticmethod
     def generate_line(kid: str) -> str:
@@ -108,6 +101,21 @@ class KeyRing:
 
     def decrypt(self, token: bytes, ttl: int | None) -> bytes:
         return self._multi.decrypt(token, ttl=ttl)
+
+
+def parse_keyring(text: str, source: str) -> list[tuple[str, bytes]]:
+    """The `(kid, key)` pairs of a key ring file's text, in order: `<kid> <fernet key>` lines, blank
+    lines and `#` comments skipped. Errors name `source` and the line number, never its content."""
+    keys = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(f"key ring {source!r} line {lineno}: expected '<kid> <fernet key>'")
+        keys.append((parts[0], parts[1].encode("ascii", "replace")))
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +175,10 @@ class Sealer:
             "ts": time.time_ns() // 1_000_000,
             "data": data,
         }
-        token = self.keyring.encrypt(encode(inner))
+        ring = self.keyring  # once: a reload may replace it (iotpipe._keys), never mid-message
+        token = ring.encrypt(encode(inner))
         return orjson.dumps(
-            {"v": ENVELOPE_VERSION, "alg": ALGORITHM, "kid": self.keyring.primary_kid, "ct": token.decode("ascii")}
+            {"v": ENVELOPE_VERSION, "alg": ALGORITHM, "kid": ring.primary_kid, "ct": token.decode("ascii")}
         )
 
 
@@ -254,6 +263,9 @@ class Opener:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.guard = ReplayGuard(replay_window)
+        # Called (before decrypting) for an envelope naming a key id the ring lacks: a service
+        # re-reads its key ring file then, so a key promoted elsewhere is picked up at once.
+        self.on_unknown_kid: Callable[[], object] | None = None
 
     def open(self, topic: str, payload: bytes, model: Any = Any) -> Opened[Any]:
         """Verify a sealed message and decode its payload as `model` (one of iotpipe._models; by
@@ -279,6 +291,8 @@ class Opener:
         token = envelope["ct"]
         if not isinstance(token, str) or not isinstance(envelope["kid"], str):
             raise MalformedEnvelope("kid and ct must be strings")
+        if self.on_unknown_kid is not None and envelope["kid"] not in self.keyring.kids:
+            self.on_unknown_kid()
         try:
             plaintext = self.keyring.decrypt(token.encode("ascii"), ttl=self.ttl)
         except (InvalidToken, UnicodeEncodeError) as exc:

@@ -22,7 +22,12 @@ class Metrics:
         self.published = Counter(
             "iotpipe_published", "Messages published and acknowledged by the broker", ["kind"], registry=self.registry
         )
-        self.rejected = Counter("iotpipe_rejected", "Messages rejected, by reason", ["reason"], registry=self.registry)
+        self.rejected = Counter(
+            "iotpipe_rejected",
+            "Messages rejected, by reason (window_future, window_too_old: windows, refused one by one)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.errors = Counter("iotpipe_errors", "Errors while handling, by kind", ["kind"], registry=self.registry)
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -47,12 +52,18 @@ def write_health(path: Path, doc: dict[str, Any]) -> None:
     write_atomically(path, orjson.dumps(doc))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader, or a crash, sees the old file or the new one."""
+def write_atomically(path: Path, data: bytes, like: os.stat_result | None = None) -> None:
+    """Replace `path` with `data` so that a reader, or a crash, sees the old file or the new one.
+    `like`: give the new file that file's mode (and owner, where we may), e.g. the one it replaces
+    (else it is private to us: mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "wb") as fh:
+            if like is not None:
+                os.fchmod(fh.fileno(), like.st_mode & 0o7777)
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.fchown(fh.fileno(), like.st_uid, like.st_gid)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

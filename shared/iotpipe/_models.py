@@ -14,7 +14,9 @@ and numbers that overflow a float, so every float here is finite.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol, Self, TypeVar
 
 import msgspec
 import orjson
@@ -30,6 +32,73 @@ Unit = Annotated[str, Meta(max_length=32)]
 Reason = Annotated[str, Meta(max_length=200)]
 # A window holding more readings per sensor than this is a bug or an attack.
 MAX_SAMPLES_PER_SENSOR = 1_000_000
+# The longest window the sensor-reader closes (its IOTPIPE_WINDOW_MS at most). A clean stop closes
+# the open windows early, so a genuine window may end up to this long after it was published.
+MAX_WINDOW_MS = 3_600_000
+
+# Reasons a window is refused by WindowBounds (counted as `iotpipe_rejected{reason}`, per window).
+WINDOW_FUTURE = "window_future"
+WINDOW_TOO_OLD = "window_too_old"
+
+
+class _Spanned(Protocol):
+    @property
+    def span(self) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WindowBounds:
+    """How far from the receiving host's clock a window may lie, the same rule at every service that
+    consumes windows (the bus applies it to each window of a raw or processed message).
+
+    Future: a window cannot start after the moment it is received, so it may start at most
+    `max_skew_ms` (the clock difference between hosts) after this host's clock, and end at most
+    that plus the longest window after it (a window closed early at a clean stop ends in the
+    future). Without this, one window dated years ahead would pin Redis `latest` for its sensor
+    for good, since `latest` only moves forward.
+    Past: a window may start at most `max_age_ms` before this host's clock. Genuine windows arrive
+    late after an outage (the reader's spool, the broker's queues), each hop bounded by the message
+    TTL, so ServiceSettings keeps this at least two TTLs (raw, then processed) and a margin."""
+
+    max_skew_ms: int
+    max_age_ms: int
+
+    def refused(self, windows: Sequence[_Spanned], now_ms: int) -> list[tuple[int, str]]:
+        """(index, reason) of each window in `windows` that lies outside the bounds at `now_ms`."""
+        oldest, newest = now_ms - self.max_age_ms, now_ms + self.max_skew_ms
+        newest_end = newest + MAX_WINDOW_MS
+        out = []
+        for index, window in enumerate(windows):
+            start, end = window.span
+            if start < oldest:
+                out.append((index, WINDOW_TOO_OLD))
+            elif start > newest or end > newest_end:
+                out.append((index, WINDOW_FUTURE))
+        return out
+
+    def explain(self, window: _Spanned, now_ms: int) -> str:
+        """Why `window` is refused, in words for a log line or a dead letter (times, no data)."""
+        start, end = window.span
+        if start < now_ms - self.max_age_ms:
+            oldest = -self.max_age_ms // 1000
+            return f"starts {(start - now_ms) // 1000:+d} s from this host's clock (at least {oldest:+d} s)"
+        return (
+            f"starts {(start - now_ms) // 1000:+d} s and ends {(end - now_ms) // 1000:+d} s from this host's clock "
+            f"(at most {self.max_skew_ms // 1000:+d} s and {(self.max_skew_ms + MAX_WINDOW_MS) // 1000:+d} s)"
+        )
+
+
+def _within(
+    payload: Any, windows: Sequence[_Spanned], bounds: WindowBounds, now_ms: int
+) -> tuple[Any, list[tuple[int, str]]]:
+    """`payload` with only its `windows` inside `bounds` (None if none is), and the refused ones."""
+    refused = bounds.refused(windows, now_ms)
+    if not refused:
+        return payload, refused
+    if len(refused) == len(windows):
+        return None, refused
+    out = {index for index, _reason in refused}
+    return msgspec.structs.replace(payload, windows=[w for i, w in enumerate(windows) if i not in out]), refused
 
 
 class Payload(Struct, forbid_unknown_fields=True, frozen=True):
@@ -37,6 +106,12 @@ class Payload(Struct, forbid_unknown_fields=True, frozen=True):
 
     def check_topic(self, topic: str) -> None:
         """Rules that need the arrival topic (the model alone cannot see it)."""
+
+    def within(self, bounds: WindowBounds, now_ms: int) -> tuple[Self | None, list[tuple[int, str]]]:
+        """Rules that need the receiver's clock: this payload without its windows outside `bounds`
+        (None when none is left), and (index, reason) of those. Unlike a schema error, these
+        concern one window each, so the others of the message (other devices') still go through."""
+        return self, []
 
 
 class DevicePayload(Payload, frozen=True):
@@ -82,6 +157,11 @@ class RawWindow(Struct, forbid_unknown_fields=True, frozen=True):
             if min(series.t) < start or max(series.t) >= end:
                 raise ValueError("timestamps outside the window")
 
+    @property
+    def span(self) -> tuple[int, int]:
+        """(start, end) in unix ms."""
+        return self.window.start, self.window.start + self.window.size
+
 
 class RawBatch(Payload, frozen=True):
     """`<base>/v2/raw/<source>`: whole windows of one or many devices, as the sensor-reader closed
@@ -89,6 +169,9 @@ class RawBatch(Payload, frozen=True):
     messages per second instead of one per device per window (contract v2)."""
 
     windows: Annotated[list[RawWindow], Meta(min_length=1)]
+
+    def within(self, bounds: WindowBounds, now_ms: int) -> tuple[Self | None, list[tuple[int, str]]]:
+        return _within(self, self.windows, bounds, now_ms)
 
 
 # -- processed: preprocessor -> cache-writer, cloud-forwarder, monitor ----------------------------
@@ -111,11 +194,19 @@ class Window(Struct, forbid_unknown_fields=True, frozen=True):
         if self.end <= self.start:
             raise ValueError("a window must end after it starts")
 
+    @property
+    def span(self) -> tuple[int, int]:
+        """(start, end) in unix ms."""
+        return self.start, self.end
+
 
 class Processed(Payload, frozen=True):
     """`<base>/v2/processed/<source>`: windows of one or many devices, each naming its device."""
 
     windows: Annotated[list[Window], Meta(min_length=1)]
+
+    def within(self, bounds: WindowBounds, now_ms: int) -> tuple[Self | None, list[tuple[int, str]]]:
+        return _within(self, self.windows, bounds, now_ms)
 
 
 # -- health: sensor-reader -> monitor -------------------------------------------------------------
@@ -198,6 +289,16 @@ class ReaderDeviceHealth(Struct, frozen=True):
     skipped_ticks: int = 0
 
 
+class KeyRingStatus(Struct, frozen=True):
+    """Which keys a service holds (ids only, never key material): every service reports it, so an
+    operator (`iotpipe keys status`) sees each step of a rotation reach every service."""
+
+    kids: list[Id]  # every key it decrypts with, in ring order
+    encrypts: Id  # the one it seals with (the first)
+    since: UnixMs  # when this process began sealing with `encrypts` (its start, or the reload)
+    refused: Reason | None = None  # why the ring file as it is now was not loaded (the ring above is kept)
+
+
 class ServiceStatus(Struct, frozen=True):
     """`<base>/v2/status/service/<service>/<instance>`: birth, heartbeat and Last Will. Services add
     their own details (unknown keys are allowed and ignored by readers that do not know them)."""
@@ -210,6 +311,7 @@ class ServiceStatus(Struct, frozen=True):
     boot_ts: UnixMs | None = None
     counters: dict[str, float] | None = None
     devices: dict[Id, ReaderDeviceHealth] | None = None  # the sensor-reader's devices
+    keyring: KeyRingStatus | None = None
 
 
 DeviceState = Literal["online", "offline", "fault"]

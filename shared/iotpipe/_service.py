@@ -3,9 +3,11 @@
 `run_service` owns the process lifecycle so each service only writes its own logic: it builds the
 key ring, metrics and bus, lets the component register subscriptions, connects, publishes retained
 `online` status with counters every `status_interval` (and the health file a container healthcheck
-reads), and on SIGINT/SIGTERM drains: share groups first (a member of a shared subscription hands
-its share to the live members, iotpipe._share), then the component, then `offline` status (or, having
-left its groups, no status and no session), then disconnect.
+reads), re-reads the key ring file as it changes (iotpipe._keys: the new ring is used from the next
+message, and the status goes out at once), and on SIGINT/SIGTERM drains: share groups first (a
+member of a shared subscription hands its share to the live members, iotpipe._share), then the
+component, then `offline` status (or, having left its groups, no status and no session), then
+disconnect.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ._bus import Bus
 from ._envelope import KeyRing
 from ._errors import ConfigError, IotpipeError
 from ._health import Metrics, write_health
+from ._keys import KEYRING_POLL, KeyRingFile, keyring_status
 from ._logging import configure_logging
 from ._settings import ServiceSettings, load_settings_or_exit
 from ._topics import Topics
@@ -45,8 +48,14 @@ class Runtime(Generic[S]):
         self.name = settings.service_name
         self.topics = Topics(settings.base_topic)
         self.metrics = Metrics()
-        self.keyring = keyring or KeyRing.from_file(settings.keyring_path)
+        # Given a key ring (tests), that one for good; else the file's, re-read as it changes.
+        self.keyring_file: KeyRingFile | None = None
+        if keyring is None:
+            self.keyring_file = KeyRingFile(settings.keyring_path, self.metrics)
+            keyring = self.keyring_file.ring
+        self.keyring = keyring
         self.boot_ts = time.time_ns() // 1_000_000
+        self.status_now = asyncio.Event()  # set: publish status now rather than at the next heartbeat
         self.bus = Bus(
             settings.mqtt,
             client_id=f"{self.name}-{settings.instance}",
@@ -62,7 +71,32 @@ class Runtime(Generic[S]):
             dead_letter_file=settings.dead_letter_path,
             replay_state_file=settings.replay_state_file,
             status_liveness=STATUS_LIVENESS * settings.status_interval,
+            window_bounds=settings.window_bounds,
         )
+        if self.keyring_file is not None and self.bus.opener is not None:
+            self.bus.opener.on_unknown_kid = functools.partial(self.reload_keyring, soon=True)
+
+    def reload_keyring(self, soon: bool = False) -> bool:
+        """Use the key ring file's new content if it changed and loads (`soon`: unless it was read
+        within the last second); True if a new ring is now in use. Its status goes out at once, so
+        `iotpipe keys` sees the step reach this service."""
+        if self.keyring_file is None:
+            return False
+        refused = self.keyring_file.refused
+        ring = self.keyring_file.check_soon() if soon else self.keyring_file.check()
+        if ring is None:
+            if self.keyring_file.refused != refused:
+                self.status_now.set()  # a refusal (or its end) is news for the operator too
+            return False
+        self.keyring = ring
+        self.bus.use_keyring(ring)
+        self.status_now.set()
+        return True
+
+    def keyring_status(self) -> dict[str, Any]:
+        if self.keyring_file is not None:
+            return self.keyring_file.status()
+        return keyring_status(self.keyring, self.boot_ts)
 
 
 class Component(Generic[S]):
@@ -148,6 +182,7 @@ async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event |
     log.info("%s %s starting (src %s)", runtime.name, settings.instance, settings.src)
     main = asyncio.create_task(component.run(), name="component")
     status = asyncio.create_task(_report_status(runtime, component), name="status")
+    keys = asyncio.create_task(_watch_keyring(runtime), name="keyring")
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
         done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -155,9 +190,9 @@ async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event |
             raise error
     finally:
         log.info("%s shutting down", runtime.name)
-        for task in (main, status, stopper):
+        for task in (main, status, keys, stopper):
             task.cancel()
-        await asyncio.gather(main, status, stopper, return_exceptions=True)
+        await asyncio.gather(main, status, keys, stopper, return_exceptions=True)
         # First, so a healthcheck never reports a stopping service healthy, however long draining takes.
         _write_health(runtime, component, "offline")
         try:
@@ -172,6 +207,7 @@ async def _report_status(runtime: Runtime[Any], component: Component[Any]) -> No
     """Heartbeat: retained status with counters, and the health file, every `status_interval`."""
     interval = runtime.settings.status_interval
     while True:
+        runtime.status_now.clear()  # before the snapshot: a reload after it is published at once
         details = _details(runtime, component)  # one snapshot for both the file and the topic
         _write_health(runtime, component, "online", details)
         if runtime.bus.connected.is_set():
@@ -181,11 +217,32 @@ async def _report_status(runtime: Runtime[Any], component: Component[Any]) -> No
             except (TimeoutError, IotpipeError) as exc:  # a heartbeat lost to a reconnect is harmless
                 log.debug("heartbeat not published: %s", exc)
         _trim_malloc()
-        await asyncio.sleep(interval)
+        try:
+            async with asyncio.timeout(interval):
+                await runtime.status_now.wait()
+        except TimeoutError:
+            pass
+
+
+async def _watch_keyring(runtime: Runtime[Any]) -> None:
+    """Re-read the key ring file every KEYRING_POLL s: a rotation step needs no restart."""
+    if runtime.keyring_file is None:
+        return
+    while True:
+        await asyncio.sleep(KEYRING_POLL)
+        try:
+            runtime.reload_keyring()
+        except Exception:  # a bug here must not end the watching, nor the service: the ring in use stays
+            log.exception("re-reading the key ring file failed; keeping the ring in use")
 
 
 def _details(runtime: Runtime[Any], component: Component[Any]) -> dict[str, Any]:
-    return {"boot_ts": runtime.boot_ts, "counters": runtime.metrics.snapshot(), **component.health()}
+    return {
+        "boot_ts": runtime.boot_ts,
+        "counters": runtime.metrics.snapshot(),
+        "keyring": runtime.keyring_status(),
+        **component.health(),
+    }
 
 
 def _write_health(

@@ -13,11 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._errors import ConfigError
+from ._models import WindowBounds
 from ._topics import ID_PATTERN
+
+# What the default IOTPIPE_WINDOW_MAX_AGE allows beyond two message TTLs: a window waits at most one
+# TTL as raw (reader spool, broker queue) and one as processed, but starts up to a window length
+# (an hour at most) plus the reader's grace before it is sealed, and hosts' clocks differ.
+WINDOW_AGE_MARGIN = 24 * 3600
 
 
 def read_secret(path: Path | str, what: str) -> str:
@@ -102,6 +108,12 @@ class ServiceSettings(BaseSettings):
     secrets_dir: Path = Field(Path("/run/secrets"), description="where default secret files live")
     keyring_file: Path | None = Field(None, description="default <secrets_dir>/keyring")
     message_ttl: int = Field(7 * 24 * 3600, ge=1, description="s a sealed message stays valid")
+    window_max_skew: float = Field(
+        60.0, ge=0, description="s a window may start after this host's clock (clock difference between hosts)"
+    )
+    window_max_age: float | None = Field(
+        None, gt=0, description="s a window may start before this host's clock; default 2 x message_ttl + 1 day"
+    )
     max_payload_bytes: int = Field(1 << 20, ge=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -120,6 +132,24 @@ class ServiceSettings(BaseSettings):
         if not ID_PATTERN.fullmatch(value):
             raise ValueError(f"must match {ID_PATTERN.pattern}")
         return value
+
+    @field_validator("window_max_age")
+    @classmethod
+    def _covers_outages(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # Smaller would refuse windows the durability promise delivers late (after an outage up to
+        # the message TTL), and they exist nowhere else: lower IOTPIPE_MESSAGE_TTL instead.
+        ttl = info.data.get("message_ttl")
+        if value is not None and ttl is not None and value < 2 * ttl:
+            raise ValueError(
+                f"must be at least twice IOTPIPE_MESSAGE_TTL ({2 * ttl} s): windows after an outage are that old"
+            )
+        return value
+
+    @property
+    def window_bounds(self) -> WindowBounds:
+        """How far from this host's clock a consumed window may lie (iotpipe._models.WindowBounds)."""
+        age = self.window_max_age if self.window_max_age is not None else 2 * self.message_ttl + WINDOW_AGE_MARGIN
+        return WindowBounds(max_skew_ms=round(self.window_max_skew * 1000), max_age_ms=round(age * 1000))
 
     @property
     def src(self) -> str:

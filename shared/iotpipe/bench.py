@@ -35,7 +35,9 @@ at a time, keeps a list per (device, sensor) for the current 1-s window and, whe
 closes (its sensor's first reading of a later window arrives), computes the mean and does a
 blocking redis-py SET of one key per sensor. It runs against the same broker (its own user,
 `bench-naive`, added to a copy of the shipped ACL and to the password file: the services'
-configuration is unchanged) and the same Redis, after the pipeline's services have been stopped.
+configuration is unchanged) and the same Redis (its own user there too, allowed SET on `naive:*`),
+after the pipeline's services have been stopped. The bench reads Redis as `bench-observer`, a user
+of its own that may SCAN and read both prefixes (`reader` may read only the product's keys).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import itertools
 import json
 import os
@@ -89,6 +92,8 @@ MODULES = {
 # The processes whose CPU stands for the product: everything but the cloud-sink (the cloud).
 PIPELINE = (*SERVICES, "mosquitto", "redis-server")
 NAIVE_USER = "bench-naive"
+# The bench's own Redis reader: it lists keys (SCAN) and reads the naive keys, which `reader` may not.
+OBSERVER_USER = "bench-observer"
 NAIVE_PREFIX = "naive"  # its topics (naive/<device>/<sensor>) and Redis keys (naive:<device>:<sensor>)
 NAIVE_SENSORS = ("temperature", "humidity", "pressure", "light")
 NAIVE_HZ = 10.0
@@ -447,6 +452,15 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     return line, end + 2  # + simple string
 
 
+def _add_redis_user(secrets_dir: Path, user: str, rules: str) -> None:
+    """A Redis user of the bench's own (password file and ACL line) in the bench's secrets."""
+    password = redis_password_file(secrets_dir, user)
+    password.write_text(os.urandom(18).hex() + "\n")
+    digest = hashlib.sha256(password.read_text().strip().encode()).hexdigest()
+    with (secrets_dir / "redis_users_acl").open("a") as fh:
+        fh.write(f"user {user} on #{digest} {rules}\n")
+
+
 class RedisConnection:
     """A minimal RESP2 client: commands pipelined on one connection, replies parsed by length.
 
@@ -629,8 +643,16 @@ class Bench:
         self.var = workdir / "var"
         for sub in ("mosquitto", "redis", "log", "health", "cloud-sink", "state", "naive"):
             (self.var / sub).mkdir(parents=True, exist_ok=True)
-        self.secrets = ensure_secrets(workdir / "secrets")
+        self.secrets = ensure_secrets(workdir / "secrets", redis_prefixes=(BASE,))
         self.ports = Ports(mqtt=_free_port(), mqtt_tls=_free_port(), redis=_free_port(), sink=_free_port())
+        # The bench's own Redis users, added to the generated ACL: the services' rules are unchanged.
+        _add_redis_user(self.secrets, NAIVE_USER, f"~{NAIVE_PREFIX}:* resetchannels -@all +set")
+        _add_redis_user(
+            self.secrets,
+            OBSERVER_USER,
+            f"%R~{BASE}:* %R~{NAIVE_PREFIX}:* resetchannels -@all "
+            "+scan +hgetall +mget +zcount +zrangebyscore +zrevrangebyscore",
+        )
         # The naive baseline's own broker user: the shipped ACL and password file plus one user.
         naive_password = mqtt_password_file(self.secrets, NAIVE_USER)
         naive_password.write_text(os.urandom(18).hex() + "\n")
@@ -676,8 +698,8 @@ class Bench:
             self.children[name] = Child(name, [python, "-m", module], env, root, logs)
 
     async def _connect_redis(self) -> RedisConnection:
-        password = redis_password_file(self.secrets, "reader").read_text().strip()
-        connection = RedisConnection(self.ports.redis, "reader", password)
+        password = redis_password_file(self.secrets, OBSERVER_USER).read_text().strip()
+        connection = RedisConnection(self.ports.redis, OBSERVER_USER, password)
         await connection.connect()
         return connection
 
@@ -1163,7 +1185,7 @@ class Bench:
                 "--redis-port",
                 str(self.ports.redis),
                 "--redis-password-file",
-                str(redis_password_file(self.secrets, "cache-writer")),
+                str(redis_password_file(self.secrets, NAIVE_USER)),
             ]
         return Child(role, argv, self.env, self.root, self.var / "log")
 
@@ -1624,7 +1646,7 @@ def naive_subscriber(args: argparse.Namespace) -> None:
     store = redis.Redis(
         host="127.0.0.1",
         port=args.redis_port,
-        username="cache-writer",
+        username=NAIVE_USER,
         password=Path(args.redis_password_file).read_text().strip(),
     )
     client = _naive_client(args, f"{NAIVE_USER}-sub-{os.getpid()}")

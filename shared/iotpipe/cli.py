@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,18 @@ from ._bus import Bus, PlainMessage
 from ._envelope import KeyRing, Opener
 from ._errors import DuplicateMessage, IotpipeError, PermanentError
 from ._health import check_health
+from ._keys import (
+    RingFile,
+    ServiceKeys,
+    key_from,
+    promote_blockers,
+    retire_blockers,
+    status_lines,
+    statuses_from_broker,
+    statuses_from_health,
+)
 from ._models import Alert, HealthReport, Processed, RawBatch, json_schemas, to_builtins
+from ._redis import REDIS_PREFIX
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .bench import bench_command
@@ -34,6 +46,12 @@ class SubscriberSettings(ServiceSettings):
     broker unless told another user (IOTPIPE_MQTT__USERNAME or --user)."""
 
     service_name = "reader"
+
+
+def reader_client_id(user: str = SubscriberSettings.service_name) -> str:
+    """A fresh client id for one of this command's own connections: `<user>-<id>`, as the pipeline
+    broker requires (and harmless on the public one); no one's session is touched."""
+    return f"{user}-sub-{uuid.uuid4().hex[:8]}"
 
 
 @click.group()
@@ -74,7 +92,7 @@ async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int
     bus = Bus(
         mqtt,
         # `<user>-<id>`, as the pipeline broker requires; a fresh id, so no one's session is touched.
-        client_id=f"{user}-sub-{uuid.uuid4().hex[:8]}",
+        client_id=reader_client_id(user),
         keyring=None,
         src=f"{user}/cli",
         username=user,
@@ -148,10 +166,22 @@ def _silence_stdout() -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("secrets"))
-def secrets(directory: Path) -> None:
-    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY."""
-    ensure_secrets(directory)
-    click.echo(f"dev secrets ready in {directory}/ (existing files kept)")
+@click.option(
+    "--redis-prefix",
+    "redis_prefixes",
+    multiple=True,
+    default=(REDIS_PREFIX,),
+    show_default=True,
+    help="Redis key prefix the ACL lets cache-writer and reader reach (IOTPIPE_REDIS_PREFIX); repeatable",
+)
+def secrets(directory: Path, redis_prefixes: tuple[str, ...]) -> None:
+    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY; bring the Redis ACL
+    file's rules up to date (passwords kept)."""
+    try:
+        ensure_secrets(directory, [validate_id(p, "--redis-prefix") for p in redis_prefixes])
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"dev secrets ready in {directory}/ (existing files kept, Redis ACL rules up to date)")
 
 
 @main.command()
@@ -182,6 +212,172 @@ def keygen(kid: str) -> None:
         click.echo(KeyRing.generate_line(validate_id(kid, "key id")))
     except IotpipeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def keys() -> None:
+    """Rotate the payload key without downtime, one checked step at a time (docs/operations.md):
+    `add` a new key, `promote` it once every service holds it, `retire` the old one once nothing
+    sealed with it can still arrive. `status` shows the ring, what each service holds, and the next
+    step. Key material is never printed."""
+
+
+_keyring_option = click.option(
+    "--keyring",
+    "keyring_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the key ring file to show or edit (default: $IOTPIPE_KEYRING_FILE, else $IOTPIPE_SECRETS_DIR/keyring)",
+)
+_health_option = click.option(
+    "--health-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="read the services' reports from their health files here, not from their retained statuses "
+    "(which are read as the read-only MQTT user)",
+)
+_force_option = click.option("--force", is_flag=True, help="do it even though the services' reports say it is unsafe")
+
+
+def _keys_settings(keyring_file: Path | None) -> tuple[SubscriberSettings, Path]:
+    try:
+        settings = SubscriberSettings.load()
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings, keyring_file or settings.keyring_path
+
+
+def _read_ring(path: Path) -> RingFile:
+    try:
+        return RingFile.read(path)
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _reports(settings: SubscriberSettings, health_dir: Path | None) -> tuple[list[ServiceKeys] | None, str]:
+    """The services' key ring reports, or None and why they cannot be seen."""
+    if health_dir is not None:
+        return statuses_from_health(health_dir), f"health files in {health_dir}"
+    try:
+        return asyncio.run(statuses_from_broker(settings, reader_client_id())), "retained statuses"
+    except IotpipeError as exc:
+        return None, str(exc)
+
+
+def _save(ring: RingFile) -> None:
+    try:
+        ring.save()
+    except (IotpipeError, OSError) as exc:
+        raise click.ClickException(f"could not rewrite {ring.path}: {exc}") from None
+
+
+def _refuse(what: str, blockers: list[str], force: bool) -> None:
+    if not blockers:
+        return
+    listed = "".join(f"\n  - {b}" for b in blockers)
+    if force:
+        click.echo(f"--force: {what} although:{listed}", err=True)
+        return
+    raise click.ClickException(
+        f"refusing to {what}:{listed}\n(`iotpipe keys status` shows each service; --force overrides)"
+    )
+
+
+@keys.command("status")
+@_keyring_option
+@_health_option
+def keys_status(keyring_file: Path | None, health_dir: Path | None) -> None:
+    """The key ring (ids, which one encrypts), what each service reports holding, and the next step."""
+    settings, path = _keys_settings(keyring_file)
+    ring = _read_ring(path)
+    services, source = _reports(settings, health_dir)
+    now = time.time_ns() // 1_000_000
+    for line in status_lines(ring, services, settings.message_ttl, now):
+        click.echo(line)
+    if services is None:
+        click.echo(f"\nthe services' reports cannot be seen: {source}")
+
+
+@keys.command("add")
+@click.argument("kid")
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="copy KID's key from this file (another host's key ring, or a line `iotpipe keygen` printed) "
+    "instead of generating a new one",
+)
+@_keyring_option
+def keys_add(kid: str, from_file: Path | None, keyring_file: Path | None) -> None:
+    """Step 1: append a new key KID, decrypt-only (the first key still encrypts)."""
+    _settings, path = _keys_settings(keyring_file)
+    ring = _read_ring(path)
+    try:
+        validate_id(kid, "key id")
+        key = key_from(from_file, kid) if from_file else KeyRing.generate_line(kid).split()[1]
+        ring.add(kid, key)
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    _save(ring)
+    click.echo(
+        f"added {kid} to {path}: every service using it re-reads it within a few seconds and then also decrypts "
+        f"{kid}.\nNext: the same key on every other host's ring (iotpipe keys add {kid} --keyring <its file> "
+        f"--from {path}), then, once `iotpipe keys status` shows every service holding it: iotpipe keys promote {kid}"
+    )
+
+
+@keys.command("promote")
+@click.argument("kid")
+@_keyring_option
+@_health_option
+@_force_option
+def keys_promote(kid: str, keyring_file: Path | None, health_dir: Path | None, force: bool) -> None:
+    """Step 2: make KID the key that encrypts; refused unless every running service holds it."""
+    settings, path = _keys_settings(keyring_file)
+    ring = _read_ring(path)
+    try:
+        ring.key_line(kid)
+    except IotpipeError as exc:
+        raise click.ClickException(f"{exc}: add it first (iotpipe keys add {kid})") from None
+    if ring.kids[0] == kid:
+        click.echo(f"{kid} already encrypts in {path}")
+        return
+    services, why = _reports(settings, health_dir)
+    blockers = promote_blockers(kid, services) if services is not None else [f"cannot see the services: {why}"]
+    _refuse(f"promote {kid}: a service that lacks it cannot open what is sealed with it", blockers, force)
+    old = ring.kids[0]
+    ring.promote(kid)
+    _save(ring)
+    click.echo(
+        f"{kid} now encrypts in {path} ({old} still decrypts). Next: promote it on every other host's ring; "
+        f"once nothing sealed with {old} can still arrive (the message TTL, {settings.message_ttl} s, after every "
+        f"service seals with {kid}): iotpipe keys retire {old}"
+    )
+
+
+@keys.command("retire")
+@click.argument("kid")
+@_keyring_option
+@_health_option
+@_force_option
+def keys_retire(kid: str, keyring_file: Path | None, health_dir: Path | None, force: bool) -> None:
+    """Step 3: remove the old key KID; refused while a message sealed with it may still arrive."""
+    settings, path = _keys_settings(keyring_file)
+    ring = _read_ring(path)
+    try:
+        ring.retire(kid)  # never the key that encrypts, nor a key it does not hold (not even with --force)
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    services, why = _reports(settings, health_dir)
+    now = time.time_ns() // 1_000_000
+    blockers = (
+        retire_blockers(kid, services, settings.message_ttl, now)
+        if services is not None
+        else [f"cannot see the services: {why}"]
+    )
+    _refuse(f"retire {kid}: what is sealed with it could no longer be opened", blockers, force)
+    _save(ring)
+    click.echo(
+        f"retired {kid} from {path}: it holds {', '.join(ring.kids)}. Next: retire it on every other host's ring"
+    )
 
 
 @main.command()

@@ -3,7 +3,9 @@
 `ensure_secrets(dir)` creates, only where missing, every secret the stack needs, as files named like
 the compose secrets (/run/secrets/<name>): the Fernet key ring, one MQTT password per broker user
 and mosquitto's hashed password file, the Redis ACL file (hashed) and passwords, a CA with a server
-certificate for the TLS listener, and the cloud bearer token. Nothing here is ever committed.
+certificate for the TLS listener, and the cloud bearer token. The Redis ACL file alone is also
+rewritten when its rules (iotpipe._redis) are out of date, from the same passwords. Nothing here is
+ever committed.
 
 `render_broker_config` / `render_redis_config` turn the committed mosquitto/mosquitto.conf and
 redis/redis.conf (the compose configuration) into local ones: loopback ports and local paths
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ._envelope import KeyRing
+from ._redis import REDIS_PREFIX, REDIS_USERS, redis_acl_rules
 from ._settings import mqtt_client_cert_file, mqtt_client_key_file, mqtt_password_file, redis_password_file
 
 SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
@@ -54,12 +57,6 @@ MQTT_USERS = (*SERVICES, HEALTH_USER)
 BRIDGE_USER = "bridge"
 # The public broker's users: third-party consumers, read-only (docs/security.md).
 PUBLIC_USERS = ("reader",)
-REDIS_USERS = ("cache-writer", "reader")
-# Broker user -> what the Redis ACL grants it.
-_REDIS_RULES = {
-    "cache-writer": "~* &* +@all -@admin -@dangerous",
-    "reader": "~* resetchannels -@all +@read +@connection",
-}
 _TLS_NAMES = ("localhost", "mosquitto", "broker")
 
 
@@ -92,8 +89,10 @@ def _password_hashes(secrets_dir: Path, passwd: Path, users: Sequence[str]) -> N
     _write(passwd, "\n".join(lines) + "\n", 0o644)
 
 
-def ensure_secrets(secrets_dir: Path) -> Path:
-    """Create whatever is missing in `secrets_dir`; existing files are kept (keys stay stable)."""
+def ensure_secrets(secrets_dir: Path, redis_prefixes: Sequence[str] = (REDIS_PREFIX,)) -> Path:
+    """Create whatever is missing in `secrets_dir`; existing files are kept (keys stay stable), except
+    the Redis ACL file, rewritten when its rules are out of date (passwords never change).
+    `redis_prefixes`: the Redis key prefixes (or globs) the ACL lets the users reach."""
     # The directory keeps other local users out. The files inside are world-readable because docker
     # compose (outside swarm) bind-mounts secret files with their host owner and mode: the services'
     # and the broker's non-root users in the containers must be able to read them.
@@ -111,17 +110,10 @@ def ensure_secrets(secrets_dir: Path) -> Path:
     _password_hashes(secrets_dir, secrets_dir / "mosquitto_passwd", MQTT_USERS)
     _password_hashes(secrets_dir, secrets_dir / "public_mosquitto_passwd", PUBLIC_USERS)
     acl = secrets_dir / "redis_users_acl"
-    if not acl.exists() or acl.read_text().startswith("user default off"):  # the latter: see below
-        # Not `user default off`: Redis replays the append-only file as the default user, and with
-        # that user disabled it refused every MULTI/EXEC block (our multi-write Lua scripts) on
-        # restart, losing them (measured: tests/test_crash_recovery.py). So `default` keeps its
-        # permissions but gets a random password that is thrown away: nobody can log in as it.
-        unknowable = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
-        lines = [f"user default on #{unknowable} ~* &* +@all"]
-        for user in REDIS_USERS:
-            digest = hashlib.sha256(_password(redis_password_file(secrets_dir, user)).encode()).hexdigest()
-            lines.append(f"user {user} on #{digest} {_REDIS_RULES[user]}")
-        _write(acl, "\n".join(lines) + "\n", 0o644)
+    current = acl.read_text() if acl.exists() else ""
+    wanted = _redis_acl(secrets_dir, current, redis_prefixes)
+    if wanted != current:
+        _write(acl, wanted, 0o644)
     token = secrets_dir / "cloud_token"
     if not token.exists():
         _write(token, secrets.token_urlsafe(32) + "\n")
@@ -160,6 +152,29 @@ def _make_client_cert(secrets_dir: Path, user: str) -> None:
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         0o644,  # read by the container's non-root user (see ensure_secrets); the directory is 0700
     )
+
+
+_ACL_HASH = re.compile(r"#[0-9a-f]{64}")
+
+
+def _redis_acl(secrets_dir: Path, current: str, prefixes: Sequence[str]) -> str:
+    """The Redis ACL file `current` should be: our users with today's rules and the hashes of their
+    password files; the `default` user's unknowable hash and any other user's line kept as they are."""
+    lines = {line.split()[1]: line for line in current.splitlines() if len(line.split()) > 1}
+    # Not `user default off`: Redis replays the append-only file as the default user, and with that
+    # user disabled it refused every MULTI/EXEC block (our multi-write Lua scripts) on restart, losing
+    # them (measured: tests/test_crash_recovery.py). So `default` keeps its permissions but gets a
+    # random password that is thrown away: nobody can log in as it. An old `default off` line (or
+    # none) gets a new one; an existing hash is kept, so an up-to-date file is never rewritten.
+    kept = _ACL_HASH.search(lines.get("default", ""))
+    unknowable = kept.group() if kept else "#" + hashlib.sha256(secrets.token_bytes(32)).hexdigest()
+    out = [f"user default on {unknowable} ~* &* +@all"]
+    rules = redis_acl_rules(prefixes)
+    for user in REDIS_USERS:
+        digest = hashlib.sha256(_password(redis_password_file(secrets_dir, user)).encode()).hexdigest()
+        out.append(f"user {user} on #{digest} {rules[user]}")
+    out += [line for user, line in lines.items() if user != "default" and user not in REDIS_USERS]
+    return "\n".join(out) + "\n"
 
 
 def _make_tls(secrets_dir: Path) -> None:

@@ -294,10 +294,14 @@ class Wire:
     readings: int = 0  # readings in distinct raw windows
     last_processed: float = 0.0  # monotonic s of the latest processed message
     status: dict[str, str] = field(default_factory=dict)  # "<service>/<instance>" -> state
+    # raw and processed messages by the key id their envelope names (a key rotation's progress)
+    sealed_with: collections.Counter[str] = field(default_factory=collections.Counter)
 
     async def handle(self, messages: Sequence[PlainMessage[Any]]) -> None:
         for m in messages:
             kind = m.topic.split("/")[2]
+            if kind in ("raw", "processed"):
+                self.sealed_with[orjson.loads(m.payload)["kid"]] += 1
             if kind == "raw":
                 inner = unseal(self.keyring, m.payload)
                 for data in inner["data"]["windows"]:
@@ -402,7 +406,8 @@ class Pipeline:
     `preprocessors`: instance ids of the shared group; `reader_proxy`: the reader reaches the
     broker through a TCP proxy the test can cut (F5); `cloud_proxy`: the forwarder reaches the
     cloud-sink through a CloudProxy (F6); `no_replay`: every publisher's replay switched off (the
-    F1 control); `env`: extra settings for every service; `reader_env`: for the reader alone."""
+    F1 control); `env`: extra settings for every service; `reader_env`: for the reader alone;
+    `service_env`: for others, by service name."""
 
     def __init__(
         self,
@@ -417,6 +422,7 @@ class Pipeline:
         no_replay: bool = False,
         env: dict[str, str] | None = None,
         reader_env: dict[str, str] | None = None,
+        service_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.secrets_dir = secrets_dir
@@ -430,6 +436,7 @@ class Pipeline:
         self.no_replay = no_replay
         self.extra_env = dict(env or {})
         self.reader_extra = dict(reader_env or {})
+        self.service_extra = dict(service_env or {})
         self.services: dict[str, Service] = {}
         self.segments: list[Segment] = []
         self.excused: list[tuple[int, int]] = []  # (from, to) ms: windows a killed reader never sealed
@@ -533,7 +540,8 @@ class Pipeline:
             raise AssertionError("no windows at the sinks within 60 s of every service being online")
 
     def _add(self, service: str, instance: str, common: dict[str, str]) -> None:
-        env = service_env(self.stack, self.base, self.workdir, instance, **common)
+        extra = {**common, **self.service_extra.get(service, {})}
+        env = service_env(self.stack, self.base, self.workdir, instance, **extra)
         module = MODULES[service]
         argv = [sys.executable, "-c", NO_REPLAY.format(module)] if self.no_replay else [sys.executable, "-m", module]
         self.services[f"{service}/{instance}"] = Service(service, instance, env, argv)

@@ -6,9 +6,10 @@ Keys (prefix configurable, default `iotpipe`; see docs/contract.md):
   <prefix>:series:<device>:<sensor>     zset  score = window start (unix ms), member = window JSON,
                                               the newest `history` windows kept
 
-A Lua script makes each window's write atomic and idempotent: a window whose start is already in
-the series changes nothing (a QoS 1 redelivery, a reprocessed raw batch), and an older window
-arriving late (several preprocessor instances) is added to history without overwriting `latest`.
+A Lua script (iotpipe.WRITE_WINDOWS, beside the Redis ACL that pins it) makes each window's write
+atomic and idempotent: a window whose start is already in the series changes nothing (a QoS 1
+redelivery, a reprocessed raw batch), and an older window arriving late (several preprocessor
+instances) is added to history without overwriting `latest`.
 One script call writes up to WINDOWS_PER_CALL windows (one call per window cost a round of client
 packing and script dispatch per window: at 20,000 windows/s that alone took most of a core); all
 the calls of a batch go to Redis in one pipeline round trip.
@@ -26,6 +27,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from iotpipe import (
     ID_PATTERN,
+    REDIS_PREFIX,
+    WRITE_WINDOWS,
     Component,
     Opened,
     Processed,
@@ -41,29 +44,6 @@ from pydantic import Field, field_validator
 
 log = logging.getLogger(__name__)
 
-# KEYS: per window its series, latest and latest_start keys; ARGV: the history length, then per
-# window its start, JSON member, sensor and mean. Returns per window 1 (written) or 0 (already there).
-WRITE_WINDOWS = """
-local history = tonumber(ARGV[1])
-local written = {}
-for i = 1, #KEYS / 3 do
-  local series, latest, latest_start = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local start, member, sensor, mean = ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1]
-  if redis.call('ZCOUNT', series, start, start) > 0 then
-    written[i] = 0
-  else
-    redis.call('ZADD', series, start, member)
-    redis.call('ZREMRANGEBYRANK', series, 0, -(history + 1))
-    local newest = redis.call('HGET', latest_start, sensor)
-    if not newest or tonumber(newest) < tonumber(start) then
-      redis.call('HSET', latest, sensor, mean)
-      redis.call('HSET', latest_start, sensor, start)
-    end
-    written[i] = 1
-  end
-end
-return written
-"""
 # Windows per script call: big enough to amortise the call, small enough that one call never holds
 # Redis (single-threaded) for more than a few milliseconds.
 WINDOWS_PER_CALL = 500
@@ -88,7 +68,7 @@ class Settings(ServiceSettings):
     service_name = "cache-writer"
 
     redis: RedisSettings = RedisSettings()
-    redis_prefix: str = "iotpipe"
+    redis_prefix: str = REDIS_PREFIX
     history: int = Field(1440, ge=1, description="windows kept per sensor")
     retry_max_delay: float = Field(10.0, gt=0, description="cap on the delay between Redis retries")
 
@@ -139,6 +119,13 @@ class CacheWriter(Component[Settings]):
             results = await self._write(rows)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise RetryableError(str(exc) or type(exc).__name__, dependency="Redis") from exc
+        except redis.exceptions.NoPermissionError as exc:
+            # The ACL does not match this writer (a prefix, or a script, it was not generated for):
+            # a deployment to fix, not bad data to dead-letter. Hold the batch until it is fixed.
+            raise RetryableError(
+                f"Redis refused: {exc}; regenerate redis_users_acl (iotpipe secrets) and restart Redis",
+                dependency="Redis",
+            ) from exc
         new = sum(results)
         self.written.inc(new)
         self.duplicates.inc(len(results) - new)

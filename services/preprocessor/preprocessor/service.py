@@ -18,7 +18,7 @@ import numpy as np
 from iotpipe import Component, Opened, Processed, RawBatch, RawWindow, Runtime, ServiceSettings, Window
 from pydantic import Field, field_validator
 
-from .windows import aggregate_array
+from .windows import aggregate_array, round_aggregates
 
 log = logging.getLogger(__name__)
 # Aggregates go out rounded: 53.477 rather than 53.477000000000004 in Redis and at the cloud, and
@@ -65,7 +65,7 @@ def process(raw: Sequence[RawWindow], kernel: int) -> list[Window]:
     counts, stats = aggregate_array(flat, kernel)
     # numpy's round (to the nearest of the value scaled by 10^6) rather than Python's exact decimal
     # round: they differ only for a value within an ulp of a tie, far below any sensor's resolution.
-    rows = iter(zip(counts.tolist(), np.round(stats, AGGREGATE_DECIMALS).tolist(), strict=True))
+    rows = iter(zip(counts.tolist(), round_aggregates(stats, AGGREGATE_DECIMALS).tolist(), strict=True))
     out = []
     for window in raw:
         device, start, end = window.device, window.window.start, window.window.start + window.window.size

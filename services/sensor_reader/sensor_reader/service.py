@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from iotpipe import (
     MAX_HEALTH_VALID_MS,
+    MAX_WINDOW_MS,
     SHUTDOWN_DRAIN,
     Component,
     ConfigError,
@@ -69,7 +70,8 @@ class Settings(ServiceSettings):
     service_name = "sensor-reader"
 
     devices_file: Path = Path("services/sensor_reader/examples/simulated.toml")
-    window_ms: int = Field(1000, ge=10, le=3_600_000, description="tumbling window length")
+    # At most what receivers allow a window to reach into the future (iotpipe.WindowBounds).
+    window_ms: int = Field(1000, ge=10, le=MAX_WINDOW_MS, description="tumbling window length")
     window_grace_ms: int = Field(200, ge=0, description="wait after a window's end for late samples")
     read_timeout: float = Field(2.0, gt=0)
     read_retries: int = Field(2, ge=0)

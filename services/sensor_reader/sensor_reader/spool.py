@@ -69,7 +69,8 @@ DELETE_INTERVAL = 0.1
 ROW_OVERHEAD = 100
 # The WAL file is truncated back to this after a checkpoint (SQLite checkpoints every ~4 MiB).
 WAL_SIZE_LIMIT = 8 << 20
-# A window sealed this close to the message TTL is not published (a receiver would refuse it).
+# A window sealed this close to the message TTL is not published (a receiver would refuse it); a
+# quarter of the TTL when that is shorter (a TTL under 4 minutes, in tests: else nothing is published).
 EXPIRY_MARGIN_MS = 60_000
 # A full spool (or memory) is said once when it fills, and once when it is back under this share.
 FULL_EPISODE_END = 0.9
@@ -319,6 +320,7 @@ class Outbox:
         self.max_in_memory = max(1, max_in_memory)
         self.max_in_flight = max(1, min(max_in_flight, self.max_in_memory))
         self.ttl_ms = ttl_ms
+        self._expires_after = ttl_ms - min(EXPIRY_MARGIN_MS, ttl_ms // 4)  # ms after sealing
         self.commit_interval = commit_interval
         self._publish = publish
         self._connected = connected
@@ -652,7 +654,7 @@ class Outbox:
             window.handed = True
             if self.spool is not None:
                 self._handed.append(window)
-            if window.sealed_at + self.ttl_ms - EXPIRY_MARGIN_MS < _now_ms():
+            if window.sealed_at + self._expires_after < _now_ms():
                 window.done = True
                 window.payload = b""
                 self._drop(window, "expired")
