@@ -21,6 +21,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import math
 import subprocess
 import time
 import uuid
@@ -35,6 +36,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+import redis.exceptions
 from cryptography.fernet import Fernet
 from iotpipe import (
     Alert,
@@ -53,6 +55,7 @@ from iotpipe.devstack import mqtt_password_file, redis_password_file
 from sensor_reader.service import Settings as ReaderSettings
 from servers import (
     TAP,
+    WINDOW_MAX_AGE,
     Stack,
     bus_for,
     free_port,
@@ -69,6 +72,7 @@ from servers import (
 from test_boundary import ACCEPTED, REFUSED, Client
 from test_broker import raw_connect
 from test_message_ttl import primary_key
+from test_redis_acl import DANGEROUS, READER_ONLY, SERVER_REFUSED, WRITER_ONLY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -464,6 +468,7 @@ async def pipe(stack: Stack, keyring: KeyRing, tmp_path_factory: pytest.TempPath
         IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_LOG_DIR=str(workdir / "log"),
     )
+    del env[WINDOW_MAX_AGE]  # the shipped clock bounds (the suite widens the past one for its 1970 dates)
     watch = Watch(keyring, topics, instance)
     tap = bus_for(stack, TAP)
     tap.subscribe(f"{topics.root}/#", watch.handle, sealed=False)
@@ -939,3 +944,159 @@ async def test_a_forged_plaintext_fault_status_changes_no_device(pipe: Pipeline)
             assert not [r for r in alerts if r["kind"] == "fault"]
         finally:
             await insider.publish(forged_topic, b"", retain=True)
+
+
+# -- issue 10 case 3: the Redis users against the running cache-writer --------------------------------
+
+
+def redis_attacks(base: str) -> list[tuple[str, tuple[str, ...], type[Exception]]]:
+    """(user, command, the refusal) for every dangerous command of tests/test_redis_acl.py, aimed at
+    the genuine device's own keys."""
+
+    def aimed(args: tuple[str, ...]) -> tuple[str, ...]:
+        keys = {"{p}:latest:d1": f"{base}:latest:gen-a", "{p}:series:d1:temp": f"{base}:series:gen-a:temperature"}
+        return tuple(keys.get(a, a.replace("{p}", base)) for a in args)
+
+    def refusal(name: str) -> type[Exception]:
+        return redis.exceptions.ResponseError if name in SERVER_REFUSED else redis.exceptions.NoPermissionError
+
+    return [
+        *(
+            (user, aimed(args), refusal(name))
+            for user in ("reader", "cache-writer")
+            for name, args in DANGEROUS.items()
+        ),
+        *(("reader", aimed(args), refusal(name)) for name, args in READER_ONLY.items()),
+        *(("cache-writer", aimed(args), refusal(name)) for name, args in WRITER_ONLY.items()),
+    ]
+
+
+async def test_the_redis_users_cannot_stall_cut_or_rewrite_the_running_pipeline(pipe: Pipeline) -> None:
+    """Case 3: with `reader`'s Redis password (a third party's), then with the cache-writer's, every
+    dangerous command (CLIENT PAUSE/KILL/LIST, KEYS, FLUSHALL, CONFIG, EVAL, writes to the genuine
+    device's keys...) is refused while the pipeline writes; windows keep arriving at once (a 30 s
+    pause would have held them past the wait) and the genuine device's values are untouched."""
+    clients = {
+        user: aioredis.Redis(
+            port=pipe.stack.ports.redis,
+            username=user,
+            password=redis_password_file(pipe.stack.secrets_dir, user).read_text().strip(),
+            socket_timeout=10,
+        )
+        for user in ("reader", "cache-writer")
+    }
+    attacks = redis_attacks(pipe.base)
+    started = now_ms()
+    try:
+        for user, command, refusal in attacks:
+            with pytest.raises(refusal):
+                await clients[user].execute_command(*command)
+            assert await clients[user].ping(), (user, command)  # refused, still connected
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    attacked = now_ms()
+    await pipe.flowing(attacked, timeout=20)
+    await pipe.done(attacked)
+    assert health_doc(pipe.workdir, "cache-writer", pipe.instance)["redis"] == "up"
+    # `latest` is the genuine device's newest window still (it moves with the series, nobody rewrote it).
+    newest = await pipe.redis.zrange(f"{pipe.base}:series:gen-a:temperature", -1, -1, withscores=True)
+    latest = await pipe.redis.hget(f"{pipe.base}:latest_start:gen-a", "temperature")
+    assert int(latest or 0) >= int(newest[0][1]) > started
+    assert len(attacks) > 60
+
+
+# -- issue 10 cases 5 and 6: window times and huge readings -----------------------------------------
+
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+async def test_windows_dated_far_ahead_or_far_back_are_refused_and_latest_keeps_moving(
+    pipe: Pipeline, keyring: KeyRing
+) -> None:
+    """Case 5, with the shipped clock bounds: windows of the genuine device's own sensor dated 10
+    years ahead and 30 days back, raw (the sensor-reader's password and the key ring) and processed
+    (the preprocessor's): each refused by every consumer by reason, and `latest` keeps following the
+    genuine windows instead of being pinned ten years ahead."""
+    now = now_ms() // WINDOW_MS * WINDOW_MS
+    ahead, back = now + 10 * YEAR_MS, now - 30 * 24 * 3600 * 1000
+
+    def raw_window(start: int) -> dict[str, Any]:
+        return {"device": "gen-a", "window": {"start": start, "size": WINDOW_MS},
+                "sensors": {"temperature": {"unit": "degC", "t": [start], "v": [99.0]}}}  # fmt: skip
+
+    def processed_window(start: int) -> dict[str, Any]:
+        return {"device": "gen-a", "sensor": "temperature", "unit": "degC", "start": start, "end": start + WINDOW_MS,
+                "n": 1, "mean": 99.0, "median": 99.0, "min": 99.0, "max": 99.0, "std": 0.0}  # fmt: skip
+
+    raw_topic, processed_topic = pipe.topics.raw("evil"), pipe.topics.processed("evil")
+    before = pipe.snapshot()
+    async with Insider(pipe.stack, "sensor-reader") as reader, Insider(pipe.stack, "preprocessor") as preprocessor:
+        sealed = Sealer(keyring, "sensor-reader/evil").seal(
+            raw_topic, {"windows": [raw_window(ahead), raw_window(back)]}
+        )
+        assert await reader.publish(raw_topic, sealed) in ACCEPTED
+        windows = {"windows": [processed_window(ahead), processed_window(back)]}
+        sealed = Sealer(keyring, "preprocessor/evil").seal(processed_topic, windows)
+        assert await preprocessor.publish(processed_topic, sealed) in ACCEPTED
+    attacked = now_ms()
+    both = {"window_future": 1, "window_too_old": 1}
+    letters = await pipe.refused(before, {service: both for service in CONSUMERS}, {raw_topic, processed_topic})
+    for service in CONSUMERS:
+        assert sorted((x["reason"], x["windows"]) for x in letters[service]) == [
+            ("window_future", [0]),
+            ("window_too_old", [1]),
+        ]
+    await pipe.done(attacked)
+    latest = int(await pipe.redis.hget(f"{pipe.base}:latest_start:gen-a", "temperature") or 0)
+    assert attacked < latest < now_ms() + 60_000
+    series = f"{pipe.base}:series:gen-a:temperature"
+    assert await pipe.redis.zrangebyscore(series, now_ms() + 60_000, "+inf") == []
+    assert await pipe.redis.zrangebyscore(series, "-inf", now - 24 * 3600 * 1000) == []  # the pipeline is younger
+    assert not [r for r in await pipe.sink_records("gen-a") if r.get("start") in (ahead, back)]
+    monitor = health_doc(pipe.workdir, "monitor", pipe.instance)
+    assert monitor["device_states"]["gen-a"] == "online"
+
+
+async def test_huge_readings_give_finite_aggregates_and_their_neighbours_go_through(
+    pipe: Pipeline, keyring: KeyRing
+) -> None:
+    """Case 6: five readings of 1.7e308 (finite, but their sum is not), beside another device's
+    ordinary ones in the same raw message: the preprocessor publishes finite aggregates, no
+    consumer refuses the processed message, and both devices' windows reach Redis and the cloud."""
+    huge, calm = f"huge-{uuid.uuid4().hex[:6]}", f"calm-{uuid.uuid4().hex[:6]}"
+    start = now_ms() // WINDOW_MS * WINDOW_MS
+    stamps = [start + 10 * i for i in range(5)]
+    windows = [
+        {"device": device, "window": {"start": start, "size": WINDOW_MS},
+         "sensors": {"s": {"unit": "u", "t": stamps, "v": values}}}
+        for device, values in ((huge, [1.7e308] * 5), (calm, [1.0, 2.0, 3.0, 4.0, 5.0]))
+    ]  # fmt: skip
+    topic = pipe.topics.raw("evil")
+    before = pipe.snapshot()
+    async with Insider(pipe.stack, "sensor-reader") as insider:
+        sealed = Sealer(keyring, "sensor-reader/evil").seal(topic, {"windows": windows})
+        assert await insider.publish(topic, sealed) in ACCEPTED
+    attacked = now_ms()
+
+    async def stored(device: str) -> list[dict[str, Any]]:
+        return [orjson.loads(m) for m in await pipe.redis.zrange(f"{pipe.base}:series:{device}:s", 0, -1)]
+
+    async def both_stored() -> bool:
+        return bool(await stored(huge)) and bool(await stored(calm))
+
+    await wait_until(both_stored, WAIT, "both devices' windows in Redis")
+    (window,) = await stored(huge)
+    aggregates = [window[k] for k in ("mean", "median", "min", "max", "std")]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in aggregates), window
+    assert window["mean"] == pytest.approx(1.7e308) and window["std"] == 0.0
+    assert [w["mean"] for w in await stored(calm)] == [3.0]
+    await pipe.refused(before, {})  # nobody refused anything
+    await pipe.done(attacked)
+
+    async def at_sink() -> bool:
+        return bool(await pipe.sink_records(huge)) and bool(await pipe.sink_records(calm))
+
+    await wait_until(at_sink, WAIT, "both devices' windows at the cloud-sink")
+    (record,) = await pipe.sink_records(huge)
+    assert all(math.isfinite(record[k]) for k in ("mean", "median", "min", "max", "std"))
