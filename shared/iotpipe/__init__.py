@@ -19,9 +19,10 @@ from ._errors import (
     TopicMismatch,
     UndecryptableToken,
 )
-from ._health import Metrics, check_health, write_health
+from ._health import Metrics, check_health, write_atomically, write_health
 from ._logging import RateLimitedLog, configure_logging
 from ._models import (
+    MAX_SAMPLES_PER_SENSOR,
     Alert,
     AlertRecord,
     AnomalyAlert,
@@ -30,10 +31,13 @@ from ._models import (
     DeviceState,
     DeviceStatus,
     FaultAlert,
+    FloodAlert,
     OfflineAlert,
     Processed,
     RawBatch,
+    RawBatchHead,
     RawWindow,
+    RawWindowHead,
     ReaderDeviceHealth,
     Series,
     ServiceStatus,
@@ -60,6 +64,7 @@ from ._topics import ID_PATTERN, Topics, validate_id
 __all__ = [
     "BUG_RETRIES",
     "ID_PATTERN",
+    "MAX_SAMPLES_PER_SENSOR",
     "SHUTDOWN_DRAIN",
     "Alert",
     "AlertRecord",
@@ -76,6 +81,7 @@ __all__ = [
     "DuplicateMessage",
     "EnvelopeError",
     "FaultAlert",
+    "FloodAlert",
     "IotpipeError",
     "KeyRing",
     "MalformedEnvelope",
@@ -90,7 +96,9 @@ __all__ = [
     "Processed",
     "RateLimitedLog",
     "RawBatch",
+    "RawBatchHead",
     "RawWindow",
+    "RawWindowHead",
     "ReaderDeviceHealth",
     "RedisSettings",
     "ReplayGuard",
@@ -121,5 +129,6 @@ __all__ = [
     "run_service",
     "serve",
     "validate_id",
+    "write_atomically",
     "write_health",
 ]

@@ -69,12 +69,15 @@ class Series(Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError(f"a series needs 1 to {MAX_SAMPLES_PER_SENSOR} readings")
 
 
+Sensors = Annotated[dict[Id, Series], Meta(min_length=1)]
+
+
 class RawWindow(Struct, forbid_unknown_fields=True, frozen=True):
     """One whole tumbling window of one device: every sensor's readings in it."""
 
     device: Id
     window: WindowSpan
-    sensors: Annotated[dict[Id, Series], Meta(min_length=1)]
+    sensors: Sensors
 
     def __post_init__(self) -> None:
         start, end = self.window.start, self.window.start + self.window.size
@@ -89,6 +92,30 @@ class RawBatch(Payload, frozen=True):
     messages per second instead of one per device per window (contract v2)."""
 
     windows: Annotated[list[RawWindow], Meta(min_length=1)]
+
+
+class RawWindowHead(Struct, forbid_unknown_fields=True, frozen=True):
+    """A raw window with its readings not decoded yet: whose, and when. Decoding and checking the
+    readings is most of the cost of a raw window (several µs), so a receiver that may drop the
+    window (the preprocessor's per-device allowance) decides on this first, then calls `full()`."""
+
+    device: Id
+    window: WindowSpan
+    sensors: msgspec.Raw
+
+    def full(self) -> RawWindow:
+        """The window, its readings decoded and checked exactly as RawWindow's (SchemaError if not)."""
+        sensors: dict[str, Series] = decode(self.sensors, Sensors)
+        try:
+            return RawWindow(self.device, self.window, sensors)
+        except ValueError as exc:  # RawWindow's own rules (timestamps within the window)
+            raise SchemaError(str(exc)[:300]) from None
+
+
+class RawBatchHead(Payload, frozen=True):
+    """A RawBatch as it is received when its windows are to be decoded one by one (RawWindowHead)."""
+
+    windows: Annotated[list[RawWindowHead], Meta(min_length=1)]
 
 
 # -- processed: preprocessor -> cache-writer, cloud-forwarder, monitor ----------------------------
@@ -118,7 +145,7 @@ class Processed(Payload, frozen=True):
     windows: Annotated[list[Window], Meta(min_length=1)]
 
 
-# -- alerts: monitor -> cloud-forwarder -----------------------------------------------------------
+# -- alerts: monitor (and the preprocessor's flood alerts) -> cloud-forwarder -----------------------
 class AnomalyAlert(DevicePayload, frozen=True, tag_field="kind", tag="anomaly"):
     """A window whose sensor's model scored it anomalous (decision value < 0)."""
 
@@ -156,7 +183,22 @@ class FaultAlert(_DeviceStateAlert, frozen=True, tag_field="kind", tag="fault"):
         return "fault"
 
 
-Alert = AnomalyAlert | OfflineAlert | FaultAlert
+class FloodAlert(DevicePayload, frozen=True, tag_field="kind", tag="flood"):
+    """The preprocessor shed `shed` windows of the device since `since` (unix ms): it delivered more
+    than its allowance (docs/contract.md, "Per-device fairness"). From the preprocessor, at most one
+    per device per `IOTPIPE_FLOOD_ALERT_INTERVAL`."""
+
+    shed: Annotated[int, Meta(ge=1)]
+    since: UnixMs
+    reason: Reason
+    ts: UnixMs
+
+    @property
+    def kind(self) -> AlertKind:
+        return "flood"
+
+
+Alert = AnomalyAlert | OfflineAlert | FaultAlert | FloodAlert
 
 
 # -- status: plain retained JSON for anyone (Home Assistant, Telegraf, Node-RED...) ---------------
@@ -167,6 +209,7 @@ class ReaderDeviceHealth(Struct, frozen=True):
     errors: dict[str, int] = {}
     reopens: int = 0
     skipped_ticks: int = 0
+    readings_shed: int = 0  # beyond the device's cap of samples per window (sensor_reader.service)
 
 
 class ServiceStatus(Struct, frozen=True):
@@ -184,7 +227,7 @@ class ServiceStatus(Struct, frozen=True):
 
 
 DeviceState = Literal["online", "offline", "fault"]
-AlertKind = Literal["anomaly", "offline", "fault"]
+AlertKind = Literal["anomaly", "offline", "fault", "flood"]
 
 
 class DeviceStatus(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -218,6 +261,8 @@ class AlertRecord(Struct, forbid_unknown_fields=True, frozen=True, tag_field="ty
     score: float | None = None
     reason: str | None = None
     last_seen: UnixMs | None = None
+    shed: int | None = None
+    since: UnixMs | None = None
 
 
 CloudRecord = WindowRecord | AlertRecord
