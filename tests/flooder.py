@@ -40,7 +40,7 @@ async def flood(port: int, secrets: str, topic: str, device: str, seconds: float
 
     bus = Bus(
         MqttSettings(host="127.0.0.1", port=port, session_expiry=0, connect_timeout=15),
-        client_id=f"flooder-{time.monotonic_ns()}",
+        client_id=f"sensor-reader-flooder-{time.monotonic_ns()}",  # <user>-<id>, as the broker may require
         keyring=KeyRing.from_file(Path(secrets) / "keyring"),
         src="sensor-reader/flooder",
         username="sensor-reader",

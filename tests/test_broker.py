@@ -51,7 +51,8 @@ async def test_acl_refuses_publishes_outside_a_users_topics(stack: Stack, keyrin
     topics = Topics(base)
     reader_bus = bus_for(stack, "sensor-reader", keyring=keyring)
     third_party = bus_for(stack, "reader", keyring=keyring)
-    for bus in (reader_bus, third_party):
+    preprocessor = bus_for(stack, "preprocessor", keyring=keyring)
+    for bus in (reader_bus, third_party, preprocessor):
         await bus.start()
         await bus.wait_connected()
     try:
@@ -62,8 +63,14 @@ async def test_acl_refuses_publishes_outside_a_users_topics(stack: Stack, keyrin
             await third_party.publish(topics.raw("d1"), b"{}")
         with pytest.raises(PermanentError, match="refused"):
             await reader_bus.publish(topics.device_status("d1"), b"{}", retain=True)
+        with pytest.raises(PermanentError, match="refused"):
+            await reader_bus.publish_sealed(topics.alerts("d1"), {"forged": 1})
+        # The preprocessor sends flood alerts (per-device fairness), and still publishes no raw data.
+        await preprocessor.publish_sealed(topics.alerts("d1"), {"ok": 1})
+        with pytest.raises(PermanentError, match="refused"):
+            await preprocessor.publish_sealed(topics.raw("d1"), {"forged": 1})
     finally:
-        for bus in (reader_bus, third_party):
+        for bus in (reader_bus, third_party, preprocessor):
             await bus.stop()
 
 

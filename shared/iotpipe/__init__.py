@@ -48,6 +48,7 @@ from ._models import (
     encode,
     encode_sorted,
     json_schemas,
+    raw_windows,
 )
 from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
@@ -124,6 +125,7 @@ __all__ = [
     "json_schemas",
     "load_settings_or_exit",
     "main",
+    "raw_windows",
     "read_secret",
     "redis_password_file",
     "run_service",

@@ -14,6 +14,7 @@ and numbers that overflow a float, so every float here is finite.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -70,6 +71,7 @@ class Series(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 Sensors = Annotated[dict[Id, Series], Meta(min_length=1)]
+_SENSORS_LIST = list[Sensors]
 
 
 class RawWindow(Struct, forbid_unknown_fields=True, frozen=True):
@@ -96,26 +98,32 @@ class RawBatch(Payload, frozen=True):
 
 class RawWindowHead(Struct, forbid_unknown_fields=True, frozen=True):
     """A raw window with its readings not decoded yet: whose, and when. Decoding and checking the
-    readings is most of the cost of a raw window (several µs), so a receiver that may drop the
-    window (the preprocessor's per-device allowance) decides on this first, then calls `full()`."""
+    readings is most of the cost of a raw window, so a receiver that may drop windows unseen (the
+    preprocessor's per-device allowance) decides on this first, then decodes the rest with
+    `raw_windows`."""
 
     device: Id
     window: WindowSpan
     sensors: msgspec.Raw
 
-    def full(self) -> RawWindow:
-        """The window, its readings decoded and checked exactly as RawWindow's (SchemaError if not)."""
-        sensors: dict[str, Series] = decode(self.sensors, Sensors)
-        try:
-            return RawWindow(self.device, self.window, sensors)
-        except ValueError as exc:  # RawWindow's own rules (timestamps within the window)
-            raise SchemaError(str(exc)[:300]) from None
-
 
 class RawBatchHead(Payload, frozen=True):
-    """A RawBatch as it is received when its windows are to be decoded one by one (RawWindowHead)."""
+    """A RawBatch as it is received when its windows' readings are decoded later (`raw_windows`)."""
 
     windows: Annotated[list[RawWindowHead], Meta(min_length=1)]
+
+
+def raw_windows(heads: Sequence[RawWindowHead]) -> list[RawWindow]:
+    """The windows of `heads` with their readings, decoded and checked exactly as RawBatch's would be
+    (SchemaError if one breaks the contract). All readings in one decoder call: one call per window
+    cost a fifth more than decoding the whole RawBatch in one pass; this, about a twentieth."""
+    if not heads:
+        return []
+    every: list[dict[str, Series]] = decode(b"[" + b",".join(h.sensors for h in heads) + b"]", _SENSORS_LIST)
+    try:
+        return [RawWindow(h.device, h.window, sensors) for h, sensors in zip(heads, every, strict=True)]
+    except ValueError as exc:  # RawWindow's own rules (timestamps within the window)
+        raise SchemaError(str(exc)[:300]) from None
 
 
 # -- processed: preprocessor -> cache-writer, cloud-forwarder, monitor ----------------------------
@@ -209,7 +217,6 @@ class ReaderDeviceHealth(Struct, frozen=True):
     errors: dict[str, int] = {}
     reopens: int = 0
     skipped_ticks: int = 0
-    readings_shed: int = 0  # beyond the device's cap of samples per window (sensor_reader.service)
 
 
 class ServiceStatus(Struct, frozen=True):

@@ -34,6 +34,7 @@ from iotpipe import (
     Runtime,
     ServiceSettings,
     Window,
+    raw_windows,
     write_atomically,
 )
 from pydantic import Field, field_validator
@@ -147,7 +148,7 @@ class Preprocessor(Component[Settings]):
     async def handle(self, messages: Sequence[Opened[RawBatchHead]]) -> None:
         # A window whose readings break the contract makes its message a schema rejection (as it
         # would have been had the bus decoded it whole): the bus dead-letters that one alone.
-        raw = [head.full() for m in messages for head in self._admitted(m)]
+        raw = [window for m in messages for window in raw_windows(self._admitted(m))]
         windows = process(raw, self.settings.median_kernel) if raw else []
         bus, topic = self.runtime.bus, self.runtime.topics.processed(self.settings.instance)
         # Returning acknowledges the raw batches: only after every processed message is at the broker.
