@@ -14,7 +14,7 @@ import pytest
 from iotpipe import FloodAlert, KeyRing, Opened, RawBatchHead, Runtime, Topics, decode
 from preprocessor.fairness import DeviceBuckets
 from preprocessor.service import Preprocessor, Settings
-from servers import Stack, bus_for, wait_until
+from servers import Stack, bus_for, service_counters, service_env, spawn, stop_all, wait_online, wait_until
 
 T0 = 1_795_533_424.0  # unix s
 TTL = 7 * 24 * 3600
@@ -212,3 +212,46 @@ def test_no_limit_when_the_rate_is_zero(
     component = preprocessor(stack, keyring, base, tmp_path, monkeypatch, IOTPIPE_FLOOD_RATE="0")
     message = opened(base, 1, [raw_window("flood", 1_795_533_424_000 - i * 1000) for i in range(50)])
     assert component.buckets is None and len(component._admitted(message)) == 50
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+async def test_a_window_breaking_the_contract_still_rejects_its_whole_message(
+    stack: Stack, keyring: KeyRing, base: str, tmp_path: Path
+) -> None:
+    """The preprocessor decodes a window's readings only once admitted; one that breaks the contract
+    makes its message a counted, dead-lettered schema rejection as before, its batch-mates handled."""
+    topics = Topics(base)
+    proc = spawn("preprocessor", service_env(stack, base, tmp_path, "strict", IOTPIPE_STATUS_INTERVAL="1"), tmp_path)
+    processed: list[dict[str, Any]] = []
+
+    async def on_processed(messages: Sequence[Opened[Any]]) -> None:
+        processed.extend(w for m in messages for w in m.data["windows"])
+
+    watcher = bus_for(stack, "cloud-forwarder", keyring=keyring)
+    watcher.subscribe(topics.all("processed"), on_processed)
+    producer = bus_for(stack, "sensor-reader", keyring=keyring)
+    start = 1_795_533_424_000
+    bad = raw_window("g9", start) | {"sensors": {"t": {"unit": "degC", "t": [start + 5000], "v": [1.0]}}}
+    try:
+        for bus in (watcher, producer):
+            await bus.start()
+            await bus.wait_connected()
+        await asyncio.wait_for(watcher.subscribed.wait(), 10)
+        await wait_online(stack, topics.service_status("preprocessor", "strict"))
+        for windows in ([raw_window("g1", start)], [raw_window("g2", start), bad], [raw_window("g3", start)]):
+            await producer.publish_sealed(topics.raw("r1"), {"windows": windows})
+        await wait_until(lambda: len(processed) == 2, 30, "the two valid messages processed")
+        assert sorted(w["device"] for w in processed) == ["g1", "g3"]
+        await wait_until(lambda: (tmp_path / "dead.jsonl").exists(), 10, "the dead letter")
+        (dead,) = [orjson.loads(line) for line in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+        assert dead["reason"] == "schema" and "outside the window" in dead["error"] and dead["seq"] == 2
+        await wait_until(
+            lambda: service_counters(tmp_path, "preprocessor", "strict").get("iotpipe_rejected{reason=schema}") == 1,
+            10,
+            "the rejection counted",
+        )
+    finally:
+        for bus in (watcher, producer):
+            await bus.stop()
+        stop_all([proc])

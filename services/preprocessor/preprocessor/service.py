@@ -1,15 +1,16 @@
 """preprocessor: raw windows in, filtered window aggregates out.
 
-Stateless by design: a raw message holds whole windows (the reader publishes each device's window
-whole, in one message), so instances in the `$share/preprocessor` group never need each other's
-state. The windows of a whole handler batch (several raw messages, many devices) are filtered and
+No window state by design: a raw message holds whole windows (the reader publishes each device's
+window whole, in one message), so instances in the `$share/preprocessor` group never need each
+other's state. The windows of a whole handler batch (several raw messages, many devices) are filtered and
 aggregated together and go out in as few processed messages as fit the payload limit. A raw
 message is acknowledged only after the processed messages holding its windows were acknowledged by
 the broker.
 
-Before any of that work, each window is charged to its device's allowance (preprocessor.fairness):
-a device delivering more than it could (a flood, by an insider holding the key ring) has the excess
-shed, counted, logged and reported in a sealed `flood` alert, so it cannot delay the others.
+Before any of that work, each window is charged to its device's allowance (preprocessor.fairness,
+the one state an instance keeps, saved across restarts): a device delivering more than it could (a
+flood, by an insider holding the key ring) has the excess shed, counted, logged and reported in a
+sealed `flood` alert, so it cannot delay the others.
 """
 
 from __future__ import annotations
