@@ -19,18 +19,15 @@ WINDOW_MS = 1000
 
 
 def batch(device: str, first: int, windows: int, now_ms: int) -> dict[str, object]:
-    """`windows` distinct one-reading windows of `device`, in the last day (what a reader replaying
-    its spool would send): they pass every check but the device's allowance."""
+    """`windows` distinct windows of `device` (two sensors, one reading each) in the last day (what
+    a reader replaying its spool would send): they pass every check but the device's allowance."""
     latest = now_ms - now_ms % WINDOW_MS - 10 * WINDOW_MS
     out = []
     for i in range(first, first + windows):
         start = latest - (i % 86_400) * WINDOW_MS
+        reading = {"unit": "1", "t": [start], "v": [float(i % 10)]}
         out.append(
-            {
-                "device": device,
-                "window": {"start": start, "size": WINDOW_MS},
-                "sensors": {"s": {"unit": "1", "t": [start], "v": [float(i % 10)]}},
-            }
+            {"device": device, "window": {"start": start, "size": WINDOW_MS}, "sensors": {"a": reading, "b": reading}}
         )
     return {"windows": out}
 

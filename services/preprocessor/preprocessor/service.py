@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -170,15 +171,13 @@ class Preprocessor(Component[Settings]):
         if admitted is None:
             now = time.time()
             admit = self.buckets.admit
-            admitted = []
-            shed: dict[str, int] = {}
-            for w in message.data.windows:
-                if admit(w.device, w.window.size, now):
-                    admitted.append(w)
-                else:
-                    shed[w.device] = shed.get(w.device, 0) + 1
-            for device, count in shed.items():
-                self._count_shed(device, count)
+            windows = message.data.windows
+            verdicts = [admit(w.device, w.window.size, now) for w in windows]
+            admitted = list(itertools.compress(windows, verdicts))
+            if len(admitted) < len(windows):
+                shed = collections.Counter(w.device for w, ok in zip(windows, verdicts, strict=True) if not ok)
+                for device, count in shed.items():
+                    self._count_shed(device, count)
             self._decided[key] = admitted
             if len(self._decided) > DECISIONS_KEPT:
                 self._decided.popitem(last=False)
@@ -247,7 +246,8 @@ class Preprocessor(Component[Settings]):
     def health(self) -> dict[str, Any]:
         if self.buckets is None:
             return {}
-        return {"devices": {"tracked": len(self.buckets), "evicted": self.buckets.evicted}}
+        # Not "devices": in a service status that key is the sensor-reader's (ServiceStatus.devices).
+        return {"fairness": {"devices": len(self.buckets), "evicted": self.buckets.evicted}}
 
     async def close(self) -> None:
         self._save_table()
