@@ -26,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opened, Topics
 from servers import ROOT, Stack, bus_for, service_counters, service_env, spawn, stop_all, wait_online, wait_until
+from test_reader_outage import Proxy
 
 WINDOW_MS = 500
 DEVICES = [f"g{i}" for i in range(4)]
@@ -217,4 +218,93 @@ async def test_a_flood_from_one_device_does_not_delay_the_others(
             poller.cancel()
         stop_all(procs)
         await watcher.stop()
+        await client.aclose()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+async def test_catch_up_after_an_outage_and_after_a_restart_is_not_shed(
+    stack: Stack, base: str, tmp_path: Path, redis_reader_password: str
+) -> None:
+    """What legitimately arrives all at once passes whole: the windows a reader cut off from the broker
+    replays from its spool, and those the broker queued while the preprocessor restarted. The
+    allowance is set small here (a burst of 3, 5 windows/s, genuine devices delivering 2/s), so only
+    the credit a device's silence earns lets the backlogs through; the test checks they did arrive
+    faster than burst and rate alone would have let them."""
+    burst, rate = 3, 5
+    topics = Topics(base)
+    devices = tmp_path / "devices.toml"
+    devices.write_text(DEVICES_FILE)
+    env = service_env(
+        stack,
+        base,
+        tmp_path,
+        "cu",
+        IOTPIPE_DEVICES_FILE=str(devices),
+        IOTPIPE_WINDOW_MS=str(WINDOW_MS),
+        IOTPIPE_STATUS_INTERVAL="1",
+        IOTPIPE_FLOOD_RATE=str(rate),
+        IOTPIPE_FLOOD_BURST=str(burst),
+    )
+    proxy = Proxy(stack.ports.mqtt)
+    await proxy.start()
+    procs = {m: spawn(m, env, tmp_path) for m in ("preprocessor", "cache_writer")}
+    client = aioredis.Redis(port=stack.ports.redis, username="reader", password=redis_reader_password)
+    lag = Lag(client, base)
+    poller: asyncio.Task[None] | None = None
+    series = len(DEVICES) * len(SENSORS)
+
+    async def caught_up(what: str) -> float:
+        now = time.time() * 1000
+        await wait_until(lambda: len(lag.of(now - WINDOW_MS, now)) == series, 60, what)
+        return now
+
+    def backlog_pace(ended_from: float, ended_to: float) -> tuple[int, float]:
+        """Windows of one device's sensor that ended in the interval, and over how long they arrived."""
+        arrived = [
+            t
+            for (d, s, start), t in lag.seen.items()
+            if (d, s) == ("g0", SENSORS[0]) and ended_from <= start + WINDOW_MS < ended_to
+        ]
+        return len(arrived), (max(arrived) - min(arrived)) / 1000
+
+    try:
+        await wait_online(stack, topics.service_status("preprocessor", "cu"))
+        await wait_online(stack, topics.service_status("cache-writer", "cu"))
+        procs["sensor_reader"] = spawn("sensor_reader", {**env, "IOTPIPE_MQTT__PORT": str(proxy.port)}, tmp_path)
+        poller = asyncio.create_task(lag.poll())
+        await wait_until(lambda: len(lag.seen) >= 3 * series, 30, "genuine windows in Redis")
+
+        # The reader cut off from the broker for 6 s: its spool holds the windows, then replays them.
+        cut = time.time() * 1000
+        proxy.cut()
+        await wait_until(lambda: time.time() * 1000 >= cut + 6000, 10, "the outage")
+        proxy.restore()
+        restored = time.time() * 1000
+        await caught_up("the reader's backlog in Redis")
+        count, spread = backlog_pace(cut, restored)
+        assert count >= 10 and count > burst + rate * spread + 1, (count, spread)
+
+        # The preprocessor stopped for 6 s: the broker queues the raw windows for its session.
+        procs["preprocessor"].terminate()
+        assert procs["preprocessor"].wait(30) == 0
+        stopped = time.time() * 1000
+        await wait_until(lambda: time.time() * 1000 >= stopped + 6000, 10, "the preprocessor away")
+        procs["preprocessor"] = spawn("preprocessor", env, tmp_path)
+        restarted = time.time() * 1000
+        await caught_up("the broker's backlog in Redis")
+        count, spread = backlog_pace(stopped, restarted)
+        assert count >= 10 and count > burst + rate * spread + 1, (count, spread)
+
+        settled = await caught_up("a window more")
+        assert lag.gaps(settled) == []
+        await wait_until(lambda: service_counters(tmp_path, "preprocessor", "cu"), 10, "the preprocessor's counters")
+        counters = service_counters(tmp_path, "preprocessor", "cu")
+        assert not [k for k in counters if k.startswith("iotpipe_windows_shed")], counters
+        assert "flooding" not in (tmp_path / "preprocessor.out").read_text()
+    finally:
+        if poller is not None:
+            poller.cancel()
+        stop_all(procs.values())
+        await proxy.close()
         await client.aclose()
