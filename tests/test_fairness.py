@@ -42,6 +42,14 @@ def test_a_live_device_is_never_shed_and_a_flood_is_shed_beyond_burst_and_rate()
     assert deliver(b, "live", 10, T0 + 3700, per_second=1) == 0
 
 
+def test_a_clock_stepping_back_neither_grants_nor_stops_the_refill() -> None:
+    b = buckets(rate=200, burst=100)
+    assert deliver(b, "d", 60, T0, per_second=1) == 0
+    # The wall clock steps back an hour; the device goes on at one window a second for two hours.
+    assert deliver(b, "d", 7200, T0 - 3600, per_second=1) == 0
+    assert deliver(b, "d", 1000, T0 + 3600, per_second=1e6) == pytest.approx(1000 - 100, abs=1)  # and it still holds
+
+
 def test_a_forged_new_device_gets_its_burst_only() -> None:
     b = buckets(rate=200, burst=100)
     assert deliver(b, "forged", 5000, T0, per_second=1e6) == 5000 - 100

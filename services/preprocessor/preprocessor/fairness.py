@@ -1,6 +1,6 @@
 """Per-device fairness: one token bucket per device on raw windows, so that one device's flood is
-shed before it costs the pipeline anything but its decryption, and the other devices' windows keep
-their pace (docs/contract.md, "Per-device fairness").
+shed before it costs the pipeline anything but its decryption and a look at whose it is, and the
+other devices' windows keep their pace (docs/contract.md, "Per-device fairness").
 
 What a device may deliver, and why. Every window costs about the same downstream (aggregation,
 sealing, a Redis write, an outbox row, a score: about 90 µs of CPU in all), so the unit is the
@@ -51,7 +51,7 @@ class Shed:
 class DeviceBuckets:
     """The per-device allowances of one preprocessor. Times are unix seconds (the table is saved and
     restored across restarts, so a monotonic clock would not do); a clock stepping back grants
-    nothing."""
+    nothing and takes nothing (counting starts again from the new time)."""
 
     def __init__(self, rate: float, burst: int, max_devices: int, max_silence: float) -> None:
         """`max_silence`: s of silence credited at most (the message TTL: an older window is
@@ -71,8 +71,8 @@ class DeviceBuckets:
         return len(self._table)
 
     def admit(self, device: str, size_ms: int, now: float) -> bool:
-        """Charge one window of `device` (its length `size_ms`) at `now`; False: shed it. About
-        0.5 µs for a device seen before (it runs for every window)."""
+        """Charge one window of `device` (its length `size_ms`) at `now`; False: shed it. Under a
+        microsecond for a device seen before (it runs for every window)."""
         entry = self._table.get(device)
         if entry is None:
             entry = self._add(device, size_ms, now)
@@ -88,6 +88,8 @@ class DeviceBuckets:
                 refilled = tokens + elapsed * self.rate
                 cap = self.burst + elapsed / entry[_PERIOD]
                 entry[_TOKENS] = refilled if refilled <= cap else (cap if cap > tokens else tokens)
+                entry[_LAST] = now
+            elif elapsed < 0:
                 entry[_LAST] = now
         if entry[_TOKENS] >= 1.0:
             entry[_TOKENS] -= 1.0
