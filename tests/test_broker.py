@@ -52,7 +52,8 @@ async def test_acl_refuses_publishes_outside_a_users_topics(stack: Stack, keyrin
     topics = Topics(base)
     reader_bus = bus_for(stack, "sensor-reader", keyring=keyring)
     tap = bus_for(stack, TAP, keyring=keyring)  # read-only
-    for bus in (reader_bus, tap):
+    preprocessor = bus_for(stack, "preprocessor", keyring=keyring)
+    for bus in (reader_bus, tap, preprocessor):
         await bus.start()
         await bus.wait_connected()
     try:
@@ -63,8 +64,14 @@ async def test_acl_refuses_publishes_outside_a_users_topics(stack: Stack, keyrin
             await tap.publish(topics.raw("d1"), b"{}")
         with pytest.raises(PermanentError, match="refused"):
             await reader_bus.publish(topics.device_status("d1"), b"{}", retain=True)
+        with pytest.raises(PermanentError, match="refused"):
+            await reader_bus.publish_sealed(topics.alerts("d1"), {"forged": 1})
+        # The preprocessor sends flood alerts (per-device fairness), and still publishes no raw data.
+        await preprocessor.publish_sealed(topics.alerts("d1"), {"ok": 1})
+        with pytest.raises(PermanentError, match="refused"):
+            await preprocessor.publish_sealed(topics.raw("d1"), {"forged": 1})
     finally:
-        for bus in (reader_bus, tap):
+        for bus in (reader_bus, tap, preprocessor):
             await bus.stop()
 
 

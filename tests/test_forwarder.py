@@ -28,6 +28,7 @@ from cloud_sink.app import Settings as SinkSettings
 from cloud_sink.app import make_app
 from iotpipe import (
     CloudBatch,
+    FloodAlert,
     KeyRing,
     OfflineAlert,
     Opened,
@@ -325,6 +326,15 @@ def test_alert_and_window_records() -> None:
     batch = decode(body, CloudBatch)  # the body built from stored JSON is a valid CloudBatch
     assert batch.batch_id == batch_id(window_records(windows)) and batch.records == window_records(windows)
     assert (rows[0].topic, rows[0].src, rows[0].boot, rows[0].seq) == ("b/v2/processed/d1", "p/x", "boot", 7)
+
+
+def test_a_flood_alert_goes_to_the_cloud_with_its_count() -> None:
+    flood = FloodAlert(device="d1", shed=4000, since=5, reason="over its allowance", ts=6)
+    record = alert_record(Opened("b/v2/alerts/d1", "preprocessor/x", "boot", 3, 0, flood))
+    body = batch_body(batch_id([record]), outbox_rows(Opened("t", "s", "b", 1, 0, None), [record]))
+    (uploaded,) = decode(body, CloudBatch).records
+    assert uploaded == record and (record.kind, record.shed, record.since) == ("flood", 4000, 5)
+    assert record.id == "d1/alert/preprocessor/x/boot/3"
 
 
 # --- the outbox on its own ------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from ._errors import (
     TopicMismatch,
     UndecryptableToken,
 )
-from ._health import Metrics, check_health, write_health
+from ._health import Metrics, check_health, write_atomically, write_health
 from ._logging import RateLimitedLog, configure_logging
 from ._models import (
     MAX_HEALTH_VALID_MS,
+    MAX_SAMPLES_PER_SENSOR,
     MAX_WINDOW_MS,
     Alert,
     AlertRecord,
@@ -33,11 +34,14 @@ from ._models import (
     DeviceState,
     DeviceStatus,
     FaultAlert,
+    FloodAlert,
     HealthReport,
     OfflineAlert,
     Processed,
     RawBatch,
+    RawBatchHead,
     RawWindow,
+    RawWindowHead,
     ReaderDeviceHealth,
     Series,
     ServiceStatus,
@@ -49,6 +53,7 @@ from ._models import (
     encode,
     encode_sorted,
     json_schemas,
+    raw_windows,
 )
 from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._retry import Outage
@@ -67,6 +72,7 @@ __all__ = [
     "BUG_RETRIES",
     "ID_PATTERN",
     "MAX_HEALTH_VALID_MS",
+    "MAX_SAMPLES_PER_SENSOR",
     "MAX_WINDOW_MS",
     "REDIS_PREFIX",
     "SHUTDOWN_DRAIN",
@@ -87,6 +93,7 @@ __all__ = [
     "DuplicateMessage",
     "EnvelopeError",
     "FaultAlert",
+    "FloodAlert",
     "HealthReport",
     "IotpipeError",
     "KeyRing",
@@ -102,7 +109,9 @@ __all__ = [
     "Processed",
     "RateLimitedLog",
     "RawBatch",
+    "RawBatchHead",
     "RawWindow",
+    "RawWindowHead",
     "ReaderDeviceHealth",
     "RedisSettings",
     "ReplayGuard",
@@ -129,10 +138,12 @@ __all__ = [
     "json_schemas",
     "load_settings_or_exit",
     "main",
+    "raw_windows",
     "read_secret",
     "redis_password_file",
     "run_service",
     "serve",
     "validate_id",
+    "write_atomically",
     "write_health",
 ]

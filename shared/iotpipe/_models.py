@@ -144,12 +144,16 @@ class Series(Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError(f"a series needs 1 to {MAX_SAMPLES_PER_SENSOR} readings")
 
 
+Sensors = Annotated[dict[Id, Series], Meta(min_length=1)]
+_SENSORS_LIST = list[Sensors]
+
+
 class RawWindow(Struct, forbid_unknown_fields=True, frozen=True):
     """One whole tumbling window of one device: every sensor's readings in it."""
 
     device: Id
     window: WindowSpan
-    sensors: Annotated[dict[Id, Series], Meta(min_length=1)]
+    sensors: Sensors
 
     def __post_init__(self) -> None:
         start, end = self.window.start, self.window.start + self.window.size
@@ -172,6 +176,44 @@ class RawBatch(Payload, frozen=True):
 
     def within(self, bounds: WindowBounds, now_ms: int) -> tuple[Self | None, list[tuple[int, str]]]:
         return _within(self, self.windows, bounds, now_ms)
+
+
+class RawWindowHead(Struct, forbid_unknown_fields=True, frozen=True):
+    """A raw window with its readings not decoded yet: whose, and when. Decoding and checking the
+    readings is most of the cost of a raw window, so a receiver that may drop windows unseen (the
+    preprocessor's per-device allowance) decides on this first, then decodes the rest with
+    `raw_windows`."""
+
+    device: Id
+    window: WindowSpan
+    sensors: msgspec.Raw
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(start, end) in unix ms."""
+        return self.window.start, self.window.start + self.window.size
+
+
+class RawBatchHead(Payload, frozen=True):
+    """A RawBatch as it is received when its windows' readings are decoded later (`raw_windows`)."""
+
+    windows: Annotated[list[RawWindowHead], Meta(min_length=1)]
+
+    def within(self, bounds: WindowBounds, now_ms: int) -> tuple[Self | None, list[tuple[int, str]]]:
+        return _within(self, self.windows, bounds, now_ms)
+
+
+def raw_windows(heads: Sequence[RawWindowHead]) -> list[RawWindow]:
+    """The windows of `heads` with their readings, decoded and checked exactly as RawBatch's would be
+    (SchemaError if one breaks the contract). All readings in one decoder call: one call per window
+    cost a fifth more than decoding the whole RawBatch in one pass; this, about a twentieth."""
+    if not heads:
+        return []
+    every: list[dict[str, Series]] = decode(b"[" + b",".join(h.sensors for h in heads) + b"]", _SENSORS_LIST)
+    try:
+        return [RawWindow(h.device, h.window, sensors) for h, sensors in zip(heads, every, strict=True)]
+    except ValueError as exc:  # RawWindow's own rules (timestamps within the window)
+        raise SchemaError(str(exc)[:300]) from None
 
 
 # -- processed: preprocessor -> cache-writer, cloud-forwarder, monitor ----------------------------
@@ -234,7 +276,7 @@ class HealthReport(Payload, frozen=True):
     devices: Annotated[dict[Id, DeviceHealth], Meta(min_length=1)]
 
 
-# -- alerts: monitor -> cloud-forwarder -----------------------------------------------------------
+# -- alerts: monitor (and the preprocessor's flood alerts) -> cloud-forwarder -----------------------
 class AnomalyAlert(DevicePayload, frozen=True, tag_field="kind", tag="anomaly"):
     """A window whose sensor's model scored it anomalous (decision value < 0)."""
 
@@ -273,7 +315,22 @@ class FaultAlert(_DeviceStateAlert, frozen=True, tag_field="kind", tag="fault"):
         return "fault"
 
 
-Alert = AnomalyAlert | OfflineAlert | FaultAlert
+class FloodAlert(DevicePayload, frozen=True, tag_field="kind", tag="flood"):
+    """The preprocessor shed `shed` windows of the device since `since` (unix ms): it delivered more
+    than its allowance (docs/contract.md, "Per-device fairness"). From the preprocessor, at most one
+    per device per `IOTPIPE_FLOOD_ALERT_INTERVAL`."""
+
+    shed: Annotated[int, Meta(ge=1)]
+    since: UnixMs
+    reason: Reason
+    ts: UnixMs
+
+    @property
+    def kind(self) -> AlertKind:
+        return "flood"
+
+
+Alert = AnomalyAlert | OfflineAlert | FaultAlert | FloodAlert
 
 
 # -- status: plain retained JSON for anyone (Home Assistant, Telegraf, Node-RED...) ---------------
@@ -315,7 +372,7 @@ class ServiceStatus(Struct, frozen=True):
 
 
 DeviceState = Literal["online", "offline", "fault"]
-AlertKind = Literal["anomaly", "offline", "fault"]
+AlertKind = Literal["anomaly", "offline", "fault", "flood"]
 
 
 class DeviceStatus(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -349,6 +406,8 @@ class AlertRecord(Struct, forbid_unknown_fields=True, frozen=True, tag_field="ty
     score: float | None = None
     reason: str | None = None
     last_seen: UnixMs | None = None
+    shed: int | None = None
+    since: UnixMs | None = None
 
 
 CloudRecord = WindowRecord | AlertRecord

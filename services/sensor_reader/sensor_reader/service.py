@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ from typing import Any, Literal
 
 from iotpipe import (
     MAX_HEALTH_VALID_MS,
+    MAX_SAMPLES_PER_SENSOR,
     MAX_WINDOW_MS,
     SHUTDOWN_DRAIN,
     Component,
     ConfigError,
     IotpipeError,
+    RateLimitedLog,
     Runtime,
     ServiceSettings,
 )
@@ -62,6 +65,8 @@ HEALTH_VALID_HEARTBEATS = 3
 # Upper bound of the JSON of one device's health entry besides its id and reason (keys, state,
 # punctuation); a reason may grow six-fold when its control characters are escaped.
 HEALTH_ENTRY_BYTES = 48
+# A device over its cap of samples per window is said at most once per this many seconds.
+SHED_LOG_INTERVAL = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,12 @@ class Settings(ServiceSettings):
     spool_synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="FULL also survives a power loss: one fsync per commit tick that wrote windows"
     )
+    sample_cap_factor: float = Field(
+        4.0,
+        ge=1,
+        description="a device's window keeps at most this many times the samples per sensor its polling "
+        "yields (the rest shed and counted)",
+    )
 
     @property
     def spool_path(self) -> Path:
@@ -107,6 +118,7 @@ class _Window:
     units: Mapping[str, str]
     t: dict[str, list[int]] = field(init=False)
     v: dict[str, list[float]] = field(init=False)
+    samples: int = 0  # samples taken into the window (each one reading per sensor at most)
 
     def __post_init__(self) -> None:
         self.t = {sensor: [] for sensor in self.units}
@@ -117,6 +129,7 @@ class _Window:
         for sensor, value in sample.items():
             t[sensor].append(ts)
             v[sensor].append(value)
+        self.samples += 1
 
     def add_block(self, t: list[int], values: Mapping[str, list[float]], lo: int, hi: int) -> None:
         """Samples lo..hi-1 of a block whose timestamps are `t`."""
@@ -124,6 +137,7 @@ class _Window:
         for sensor, column in values.items():
             self.t[sensor].extend(stamps)
             self.v[sensor].extend(column[lo:hi])
+        self.samples += hi - lo
 
     @property
     def readings(self) -> int:
@@ -147,6 +161,13 @@ class _Window:
     def bound(self, sensors: list[str]) -> int:
         """Most bytes these of the window's sensors can encode to."""
         return WINDOW_BYTES + sum(SENSOR_BYTES + READING_BYTES * len(self.v[s]) for s in sensors)
+
+
+def sample_cap(expected: float, settings: Settings) -> int:
+    """Samples per sensor a device's window keeps: `sample_cap_factor` times what its polling yields
+    (`expected`, from its driver), never more than the contract allows (a window over that would
+    have the preprocessor refuse the whole message, every other device's windows in it too)."""
+    return max(1, min(MAX_SAMPLES_PER_SENSOR, math.ceil(expected * settings.sample_cap_factor)))
 
 
 def pack(windows: list[_Window], size: int, budget: int) -> Iterator[list[dict[str, Any]]]:
@@ -217,9 +238,16 @@ class SensorReader(Component[Settings]):
             on_spool_error=runtime.metrics.errors.labels("spool").inc,
         )
         self.late = runtime.metrics.counter("iotpipe_late_samples", "Samples for an already closed window")
+        self.shed = runtime.metrics.counter(
+            "iotpipe_readings_shed", "Readings beyond a device's cap of samples per window, by device", ("device",)
+        )
+        self._shed_log = RateLimitedLog(log, SHED_LOG_INTERVAL)
+        self._shed_by_device: dict[str, int] = {}
+        self._caps: dict[str, int] = {}
         self._bus_threads = BusThreads()
         for device, driver in self.devices:
             self._units[device.id] = driver.sensors
+            self._caps[device.id] = sample_cap(driver.samples_per_window(s.window_ms, device.interval), s)
             thread = self._bus_threads.for_driver(driver) if driver.blocking else None
             self.pollers[device.id] = DevicePoller(
                 driver, device.interval, self._sampler(device.id), self._stater(device.id), policy, thread=thread
@@ -229,6 +257,7 @@ class SensorReader(Component[Settings]):
 
     def _sampler(self, device: str) -> Callable[[int, Sample], None]:
         size = self.settings.window_ms
+        cap = self._caps[device]
 
         def window_for(start: int) -> _Window | None:
             window = self._open.get(device)
@@ -245,6 +274,8 @@ class SensorReader(Component[Settings]):
                 window = window_for(ts - ts % size)
                 if window is None:
                     self.late.inc()
+                elif window.samples >= cap:
+                    self._shed_samples(device, cap, len(sample))
                 else:
                     window.add(ts, sample)
                 return
@@ -263,10 +294,28 @@ class SensorReader(Component[Settings]):
                 if window is None:
                     self.late.inc(hi - lo)
                 else:
-                    window.add_block(t, values, lo, hi)
+                    keep = min(hi, lo + max(0, cap - window.samples))
+                    if keep > lo:
+                        window.add_block(t, values, lo, keep)
+                    if keep < hi:
+                        self._shed_samples(device, cap, (hi - keep) * len(values))
                 lo = hi
 
         return on_sample
+
+    def _shed_samples(self, device: str, cap: int, readings: int) -> None:
+        """Readings of a device over its cap of samples per window: counted, said once a minute."""
+        self.shed.labels(device).inc(readings)
+        total = self._shed_by_device[device] = self._shed_by_device.get(device, 0) + readings
+        self._shed_log.warning(
+            device,
+            "device %s returned more samples than its window may hold (%d per sensor per %d ms window): "
+            "%d reading(s) shed so far (a driver gone wrong?)",
+            device,
+            cap,
+            self.settings.window_ms,
+            total,
+        )
 
     def _stater(self, device: str) -> Callable[[str, str | None], None]:
         def on_state(state: str, reason: str | None) -> None:
@@ -386,7 +435,12 @@ class SensorReader(Component[Settings]):
     def health(self) -> dict[str, Any]:
         return {
             "devices": {
-                device: {"state": p.state, "reason": p.reason, **p.stats.snapshot()}
+                device: {
+                    "state": p.state,
+                    "reason": p.reason,
+                    **p.stats.snapshot(),
+                    "readings_shed": self._shed_by_device.get(device, 0),
+                }
                 for device, p in self.pollers.items()
             },
             "spool": self.outbox.stats(),

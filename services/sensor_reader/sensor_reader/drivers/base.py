@@ -101,6 +101,13 @@ class Driver(abc.ABC):
         """The physical bus this device sits on: devices with the same key share one worker thread."""
         return f"{self.name}:{self.device_id}"
 
+    def samples_per_window(self, window_ms: int, interval: float) -> float:
+        """How many samples of each sensor a window of `window_ms` holds when this device is polled
+        every `interval` s: one per read by default. The reader caps each window at a multiple of
+        it (a driver gone wrong must not flood the pipeline); a driver returning Blocks says how
+        many it returns."""
+        return window_ms / 1000 / interval
+
     @abc.abstractmethod
     def read(self) -> Sample:
         """One sample (sensor id -> value in the unit of `sensors`) or a Block of them. Raises

@@ -73,6 +73,10 @@ class SimulatedDriver(Driver):
     def sensors(self) -> Mapping[str, str]:
         return {s: p[0] for s, p in zip(self.params.sensors, self._profiles, strict=True)}
 
+    def samples_per_window(self, window_ms: int, interval: float) -> float:
+        rate = self.params.sample_rate
+        return rate * window_ms / 1000 if rate is not None else super().samples_per_window(window_ms, interval)
+
     def read(self) -> Sample:
         if self.params.sample_rate is not None:
             return self._read_block(self.params.sample_rate)

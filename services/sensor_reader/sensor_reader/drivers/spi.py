@@ -140,6 +140,9 @@ class MCP3008Driver(Driver):
             raise BusError(f"open /dev/spidev{p.bus}.{p.chip_select}: {exc}") from exc
         self._spi = spi
 
+    def samples_per_window(self, window_ms: int, interval: float) -> float:
+        return super().samples_per_window(window_ms, interval) * self.params.samples_per_read
+
     def read(self) -> Sample:
         """One conversion per channel, or with `samples_per_read` > 1 a burst: that many rounds of
         conversions back to back in one read (at 1 MHz one conversion takes about 30 µs, so a poll
