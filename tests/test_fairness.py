@@ -92,6 +92,18 @@ def test_the_table_is_bounded_whatever_the_number_of_forged_ids() -> None:
         assert b.admit(f"genuine-{i}", 1000, T0 + 10_001)
 
 
+def test_a_flood_is_reported_even_when_forged_ids_fill_the_table_after_it() -> None:
+    """A flood, then more new ids than the table holds before the next alert round: evicting the
+    flooding device would drop its unreported shed windows, and its flood alert with them."""
+    b = buckets(rate=1, burst=10, devices=100)
+    assert deliver(b, "flood", 1000, T0, per_second=1e6) == 990
+    for i in range(500):
+        b.admit(f"forged-{i}", 1000, T0 + 0.5 + i / 1000)
+        assert len(b) <= 100
+    assert b.evicted >= 400
+    assert [(s.device, s.windows) for s in b.due(T0 + 1, interval=60, limit=10)] == [("flood", 990)]
+
+
 def test_shed_windows_are_reported_once_per_device_per_interval() -> None:
     b = buckets(rate=1, burst=1)
     assert deliver(b, "x", 11, T0, per_second=1e6) == 10

@@ -111,6 +111,10 @@ MODULES = {
 CONSUMERS = ("preprocessor", "cache-writer", "cloud-forwarder", "monitor")
 PROCESSED_CONSUMERS = ("cache-writer", "cloud-forwarder", "monitor")
 WAIT = 45  # s: generous, the machine is shared
+# The preprocessor's per-device allowance, smaller than shipped (200 windows/s, a burst of 3,600,
+# 50,000 devices) so that a flood of a few thousand windows is shed: still 10x what a genuine device
+# delivers here (2 windows/s).
+FLOOD_RATE, FLOOD_BURST, FLOOD_DEVICES = 20, 400, 100
 
 
 def now_ms() -> int:
@@ -464,6 +468,9 @@ async def pipe(stack: Stack, keyring: KeyRing, tmp_path_factory: pytest.TempPath
         IOTPIPE_BATCH_LINGER="0.2",
         IOTPIPE_CHECK_INTERVAL="0.5",
         IOTPIPE_MESSAGE_TTL=str(MESSAGE_TTL),
+        IOTPIPE_FLOOD_RATE=str(FLOOD_RATE),
+        IOTPIPE_FLOOD_BURST=str(FLOOD_BURST),
+        IOTPIPE_FLOOD_DEVICES=str(FLOOD_DEVICES),
         IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_LOG_DIR=str(workdir / "log"),
@@ -786,7 +793,7 @@ async def test_anonymous_and_wrong_passwords_are_refused(pipe: Pipeline) -> None
 # Per user: topics it may not publish on (each refused with 0x87), and the kinds of topic it may read.
 NOT_WRITABLE = {
     "sensor-reader": ("processed/evil", "alerts/gen-a", "status/device/gen-a", "status/service/monitor/evil"),
-    "preprocessor": ("raw/evil", "health/evil", "alerts/gen-a", "status/device/gen-a"),
+    "preprocessor": ("raw/evil", "health/evil", "status/device/gen-a", "status/service/monitor/evil"),
     "cache-writer": ("processed/evil", "raw/evil", "status/service/preprocessor/evil"),
     "cloud-forwarder": ("processed/evil", "alerts/gen-a", "raw/evil"),
     "monitor": ("raw/evil", "processed/evil", "health/evil"),
@@ -1100,3 +1107,81 @@ async def test_huge_readings_give_finite_aggregates_and_their_neighbours_go_thro
     await wait_until(at_sink, WAIT, "both devices' windows at the cloud-sink")
     (record,) = await pipe.sink_records(huge)
     assert all(math.isfinite(record[k]) for k in ("mean", "median", "min", "max", "std"))
+
+
+# -- item 16 and issue 10 case 7: a flood from one device -------------------------------------------
+
+
+async def test_a_flood_from_one_device_is_shed_and_alerted_and_the_others_keep_their_pace(
+    pipe: Pipeline, keyring: KeyRing
+) -> None:
+    """Item 16, case 7: with the sensor-reader's password and the key ring, 4,000 valid windows of one
+    device in a burst of messages, then 300 windows of as many new device ids. The preprocessor
+    admits the device's allowance and sheds the rest, counted under its name (neither refused nor
+    dead-lettered: every window is either in Redis or counted shed), with one sealed flood alert that
+    reaches the cloud; its device table stays within its bound; and every genuine window published
+    during the flood reaches Redis, those after it at the usual pace."""
+    flood, spray = f"flood-{uuid.uuid4().hex[:6]}", f"spray-{uuid.uuid4().hex[:4]}"
+    topic = pipe.topics.raw("evil")
+    start = now_ms() // WINDOW_MS * WINDOW_MS - 60_000
+
+    def window(device: str, begin: int) -> dict[str, Any]:
+        return {"device": device, "window": {"start": begin, "size": WINDOW_MS},
+                "sensors": {"s": {"unit": "u", "t": [begin], "v": [1.0]}}}  # fmt: skip
+
+    sent = 4_000
+    messages = [
+        {"windows": [window(flood, start - (i + j) * WINDOW_MS) for j in range(100)]} for i in range(0, sent, 100)
+    ]
+    messages += [{"windows": [window(f"{spray}-{i + j}", start) for j in range(100)]} for i in range(0, 300, 100)]
+    sealer = Sealer(keyring, "sensor-reader/evil")
+    before = pipe.snapshot()
+    began = now_ms()
+    async with Insider(pipe.stack, "sensor-reader") as insider:
+        for message in messages:
+            assert await insider.publish(topic, sealer.seal(topic, message)) in ACCEPTED
+    ended = now_ms()
+
+    def shed() -> int:
+        return int(service_counters(pipe.workdir, "preprocessor", pipe.instance).get(
+            f"iotpipe_windows_shed{{device={flood}}}", 0))  # fmt: skip
+
+    async def admitted() -> int:
+        return len(await pipe.redis.zrange(f"{pipe.base}:series:{flood}:s", 0, -1))
+
+    async def accounted() -> bool:
+        return shed() + await admitted() == sent
+
+    await wait_until(accounted, WAIT, f"each of the {sent} flood windows in Redis or counted shed")
+    allowance = FLOOD_BURST + FLOOD_RATE * ((ended - began) / 1000 + 5)
+    assert FLOOD_BURST <= await admitted() <= allowance, (await admitted(), shed())
+    await pipe.refused(before, {})  # shed, not refused: no dead letter either
+
+    async def alerted() -> list[dict[str, Any]]:
+        return [r for r in await pipe.sink_records(flood) if r["type"] == "alert" and r["kind"] == "flood"]
+
+    await wait_until(alerted, WAIT, "the flood alert at the cloud-sink")
+    (alert,) = await alerted()
+    assert alert["shed"] >= 1 and f"alerts/{flood}" in {t.split("/", 2)[2] for _a, t in pipe.watch.seen}
+    fairness = health_doc(pipe.workdir, "preprocessor", pipe.instance)["fairness"]
+    assert fairness["devices"] <= FLOOD_DEVICES and fairness["evicted"] >= 300 - FLOOD_DEVICES, fairness
+
+    # The genuine devices: every window the reader published during the flood is in Redis, and one
+    # started after it arrives within a few windows' time.
+    during = {
+        (w["device"], sensor, w["window"]["start"])
+        for arrived, _p, doc in pipe.watch.raw
+        if began <= arrived <= ended
+        for w in doc["data"]["windows"]
+        for sensor in w["sensors"]
+    }
+
+    async def all_stored() -> bool:
+        for device, sensor, begin in during:
+            if not await pipe.redis.zrangebyscore(f"{pipe.base}:series:{device}:{sensor}", begin, begin):
+                return False
+        return True
+
+    await wait_until(all_stored, WAIT, f"the {len(during)} genuine windows published during the flood in Redis")
+    await pipe.flowing(ended, timeout=15)
+    await pipe.done(ended)

@@ -26,7 +26,8 @@ shed with the flood's). And one who spreads a flood over many forged device ids 
 for each: per-device limits bound one device; the table's size bounds memory, not that.
 
 The table holds at most `max_devices` devices; when full, the least recently seen tenth is evicted
-(an evicted device that comes back starts again with `burst`).
+(an evicted device that comes back starts again with `burst`), devices whose shed windows are not
+reported yet last.
 """
 
 from __future__ import annotations
@@ -111,9 +112,13 @@ class DeviceBuckets:
 
     def _evict(self) -> None:
         """Make room: the least recently seen tenth of the table goes (in one sort, so that a flood
-        of forged ids costs a fraction of a microsecond per id, not a scan each)."""
+        of forged ids costs a fraction of a microsecond per id, not a scan each). Devices with shed
+        windows not yet reported go last: evicted, their flood alert would be lost, and a flood
+        followed by a spray of new ids would never be reported. (Each of them delivered more than
+        its burst, so they are few; the table stays bounded even if every one of them has some.)"""
         count = max(1, self.max_devices // 10)
-        oldest = sorted(self._table.items(), key=lambda item: item[1][_LAST])[:count]
+        unreported = self._unreported
+        oldest = sorted(self._table.items(), key=lambda item: (item[0] in unreported, item[1][_LAST]))[:count]
         for device, _entry in oldest:
             del self._table[device]
             self._unreported.pop(device, None)
