@@ -400,8 +400,15 @@ class Pipeline:
             if sink:
                 await wait_until(at_sink, timeout, f"a genuine window started after {after} at the cloud-sink")
         except AssertionError:
-            raise AssertionError(f"genuine data stopped flowing; services: {self.exits()}") from None
+            raise AssertionError(f"genuine data stopped flowing; services: {self.exits()}\n{self.tails()}") from None
         self.alive()
+
+    def tails(self, lines: int = 10) -> str:
+        """The end of each service's output, for a failure's message."""
+        return "\n".join(
+            f"== {name}\n" + "\n".join((self.workdir / f"{name}.out").read_text(errors="replace").splitlines()[-lines:])
+            for name in self.procs
+        )
 
     def exits(self) -> dict[str, int | None]:
         return {name: proc.poll() for name, proc in self.procs.items()}
