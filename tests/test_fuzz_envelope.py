@@ -82,7 +82,8 @@ def refusal(exc: BaseException) -> str:
     parts = []
     while exc is not None:
         parts += [str(exc), repr(exc)]
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        # What a traceback shows: the cause, or the context unless `raise ... from None` hid it.
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)  # type: ignore[assignment]
     return " | ".join(parts)
 
 
@@ -380,3 +381,17 @@ def test_a_replay_state_file_with_an_integer_past_64_bits_is_refused() -> None:
         ReplayGuard().load(b'[["s","b","1000000000000000000000000","1"]]')
     with pytest.raises(ValueError):
         ReplayGuard().load(b'[["s","b",1e300,"1"]]')
+
+
+def test_a_sealed_alert_with_a_27_digit_last_seen_is_a_schema_error() -> None:
+    """Found by the atheris harness (`make fuzz`, mode 2: a key holder's sealed `data`, alerts
+    subscription) within 14,000 inputs: this alert opened, and re-encoding it for Redis or the
+    cloud (orjson, 64-bit integers) raised "Integer exceeds 64-bit range"."""
+    data = (
+        b'{"kind":"fault","device":"greenhouse-1","reason":"bus: timeout",'
+        b'"last_seen":999999999999991795988855000,"ts":1795988855702}'
+    )
+    topic = "iotpipe/v2/alerts/greenhouse-1"
+    plaintext = dumps(inner(topic=topic, data=None)).replace(b'"data": null', b'"data": ' + data)
+    with pytest.raises(SchemaError, match=r"<= 9007199254740991 - at `\$\.last_seen`"):
+        Opener(KEYS).open(topic, sealed_plaintext(plaintext), SCHEMAS["alert"])
