@@ -260,6 +260,9 @@ def test_an_unknown_key_with_a_line_break_is_not_quoted_into_the_log(name: str, 
         ("device-status", b'{"state": "\xc2\xa4canary\xc2\xa4"}', "Invalid enum value - at `$.state`"),
         ("raw", b'{"\xc2\xa4canary\xc2\xa4": 1}', "Object contains unknown field"),
         ("device-status", b'{"extra_field": 1}', "Object contains unknown field `extra_field`"),
+        # A key that forges a path of its own, line break included: only a well-formed path is kept.
+        ("device-status", b'{" - at `$.x\\nFAKE`": 1}', "Object contains unknown field"),
+        ("raw", b'{"windows": [{" - at `$.x`\\n": 1}]}', "Object contains unknown field - at `$.windows[0]`"),
     ],
 )
 def test_a_refusal_names_the_rule_and_path_never_the_value(name: str, payload: bytes, message: str) -> None:

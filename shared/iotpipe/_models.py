@@ -264,16 +264,24 @@ def decode(payload: bytes | msgspec.Raw, model: type[T] | Any, topic: str | None
 # which no log line or dead letter may hold, and a quoted key can carry line breaks that forge log
 # lines: the rule and the path stay (the path names only the model's own fields), a value goes, and
 # a key stays only if it is a plain name (a newer producer's field, worth seeing when debugging).
-_QUOTED_VALUE = re.compile(r"^(Invalid (?:enum )?value) .*?((?: - at `[^`]*`)?)$", re.DOTALL)
-_UNKNOWN_KEY = re.compile(r"^Object contains unknown field `(.*?)`((?: - at `[^`]*`)?)$", re.DOTALL)
+_QUOTING_VALUE = ("Invalid enum value ", "Invalid value ")
+_UNKNOWN_KEY = "Object contains unknown field `"
+_AT = " - at `"
+# msgspec's path: field names of the model, list indices, `[...]` for a dict's values.
+_PATH = re.compile(r"\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\]|\[\.\.\.\])*")
 
 
 def validation_message(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
     """What msgspec found wrong, as a SchemaError says it: the rule and the path, never a value."""
-    text = _QUOTED_VALUE.sub(r"\1\2", str(exc))
-    unknown = _UNKNOWN_KEY.match(text)
-    if unknown is not None and not ID_PATTERN.fullmatch(unknown[1]):
-        text = f"Object contains unknown field{unknown[2]}"
+    text = str(exc)
+    at = text.rfind(_AT)  # the path comes last: "... - at `$.windows[0].device`"
+    path = text[at:] if at >= 0 and text.endswith("`") and _PATH.fullmatch(text, at + len(_AT), len(text) - 1) else ""
+    for rule in _QUOTING_VALUE:
+        if text.startswith(rule):
+            return f"{rule.rstrip()}{path}"
+    if text.startswith(_UNKNOWN_KEY):
+        key = text[len(_UNKNOWN_KEY) : len(text) - len(path) - 1]
+        return f"{_UNKNOWN_KEY}{key}`{path}" if ID_PATTERN.fullmatch(key) else f"{_UNKNOWN_KEY[:-2]}{path}"
     return text[:300]
 
 
