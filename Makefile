@@ -12,13 +12,15 @@ BUILD_OS_PACKAGES := gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 BUILD_PROOF := cc /usr/include/mosquitto_broker.h /usr/include/mosquitto.h /usr/include/openssl/x509.h
 TEST_OS_PACKAGES := docker-compose
 
-.PHONY: help deps test-deps venv secrets run test test-faults bench bench-bus logs lint clean
+.PHONY: help deps test-deps venv secrets run test test-faults fuzz bench bench-bus logs lint clean
 
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
 	@echo "make test           run the test suite (starts its own mosquitto and redis)"
 	@echo "make test-faults    the whole fault battery under load (about 30 min; F4_SECONDS=600 F5_SECONDS=120"
 	@echo "                    F6_SECONDS=30 F1_KILLS=5; ARGS=\"-k f4\" for one fault)"
+	@echo "make fuzz           coverage-guided fuzzing (atheris) of envelope + payload decoding for FUZZ_SECONDS"
+	@echo "                    (default 60); corpus and any crash in var/fuzz/ (ARGS: more libFuzzer flags)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
 	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
 	@echo "make bench          stepped sustained-load benchmark of the whole pipeline and a naive baseline"
@@ -79,6 +81,13 @@ test-faults: test-deps venv
 	  IOTPIPE_FAULTS_F5_SECONDS=$(F5_SECONDS) IOTPIPE_FAULTS_F6_SECONDS=$(F6_SECONDS) \
 	  IOTPIPE_FAULTS_REPORT=$(CURDIR)/var/faults-report.txt \
 	  $(UV) run --frozen pytest tests/faults -m "faults_fast or faults_full" -rA -s $(ARGS)
+
+# Bounded: libFuzzer stops after FUZZ_SECONDS, or at the first failing input, which it saves in
+# var/fuzz/crashes/ (replay: uv run python tests/fuzz/envelope_payload.py <file>). The corpus grows
+# across runs in var/fuzz/corpus/. The property tests in tests/test_fuzz_*.py run in `make test`.
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(UV) run --frozen python tests/fuzz/envelope_payload.py --seconds $(FUZZ_SECONDS) $(ARGS)
 
 # Figures, never assertions: the operator's own hardware. iotpipe.bench says what is measured and how.
 bench: deps venv

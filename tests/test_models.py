@@ -123,7 +123,7 @@ def test_alerts_are_one_union_tagged_by_kind() -> None:
     wire = orjson.loads(encode(alert))
     assert wire == {"kind": "offline", "device": "d1", "reason": "no data for 30s", "last_seen": 5, "ts": 6}
     assert decode(encode(alert), Alert, "iotpipe/v2/alerts/d1") == alert
-    with pytest.raises(SchemaError, match="Invalid value 'party'"):
+    with pytest.raises(SchemaError, match=r"^Invalid value - at `\$\.kind`$"):
         decode(orjson.dumps({**wire, "kind": "party"}), Alert)
     with pytest.raises(SchemaError, match="does not match the topic"):
         decode(encode(alert), Alert, "iotpipe/v2/alerts/d2")
@@ -132,7 +132,7 @@ def test_alerts_are_one_union_tagged_by_kind() -> None:
 def test_status_and_cloud_payloads() -> None:
     status = DeviceStatus(state="online", device="d1", last_seen=1, ts=2)
     assert orjson.loads(encode(status)) == {"state": "online", "device": "d1", "last_seen": 1, "ts": 2}
-    with pytest.raises(SchemaError, match="Invalid enum value 'sleepy'"):
+    with pytest.raises(SchemaError, match=r"^Invalid enum value - at `\$\.state`$"):
         decode(orjson.dumps({"state": "sleepy", "device": "d1", "last_seen": 1, "ts": 2}), DeviceStatus)
     with pytest.raises(SchemaError, match="matching regex"):
         decode(orjson.dumps({"batch_id": "not-hex", "records": []}), CloudBatch)

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 import orjson
@@ -34,7 +34,7 @@ from ._errors import (
     TopicMismatch,
     UndecryptableToken,
 )
-from ._models import decode, encode
+from ._models import MAX_INT, UnixMs, decode, encode, validation_message
 from ._topics import ID_PATTERN
 
 ENVELOPE_VERSION = 1
@@ -50,8 +50,8 @@ class _Sealed(msgspec.Struct, forbid_unknown_fields=True):
     topic: str
     src: str
     boot: str
-    seq: int
-    ts: int
+    seq: Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]  # a Sealer counts from 1; ReplayGuard.dump needs <2**64
+    ts: UnixMs
     data: msgspec.Raw
 
 
@@ -210,6 +210,9 @@ class ReplayGuard:
             )
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             raise ValueError(f"not a replay window: {exc}") from exc
+        if not all(0 <= high <= MAX_INT for high, _mask in state.values()):
+            # A sequence number no Sealer reaches, and `dump` (orjson: 64-bit integers) could not save.
+            raise ValueError(f"not a replay window: a sequence number outside 0..{MAX_INT}")
         while len(state) > self.max_senders:
             state.popitem(last=False)
         self._state = state
@@ -300,7 +303,11 @@ class Opener:
         try:
             inner = _sealed_decoder.decode(plaintext)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise MalformedEnvelope(f"sealed content is not topic/src/boot/seq/ts/data: {str(exc)[:200]}") from None
+            raise MalformedEnvelope(
+                f"sealed content is not topic/src/boot/seq/ts/data: {validation_message(exc)}"
+            ) from None
+        except RecursionError:  # skipping `data` recurses per nesting level, like decoding it
+            raise MalformedEnvelope("sealed content nested too deeply") from None
         if inner.topic != topic:
             raise TopicMismatch(f"sealed for {inner.topic[:200]!r}, arrived on {topic!r}")
         self.guard.check(inner.src, inner.boot, inner.seq)

@@ -14,6 +14,7 @@ and numbers that overflow a float, so every float here is finite.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, Self, TypeVar
@@ -27,7 +28,12 @@ from ._topics import ID_PATTERN
 
 # Ids become topic levels, Redis keys and ACL patterns: one pattern for all of them.
 Id = Annotated[str, Meta(pattern=ID_PATTERN.pattern)]
-UnixMs = Annotated[int, Meta(ge=0, description="unix time in milliseconds")]
+# The largest integer every consumer holds exactly: a double, as Redis keeps sorted-set scores
+# (window starts) and JavaScript reads every JSON number. JSON itself has no bound, so without this
+# an integer of 400 digits passes decoding and breaks the first encoder or Redis write downstream.
+MAX_INT = 2**53 - 1
+UnixMs = Annotated[int, Meta(ge=0, le=MAX_INT, description="unix time in milliseconds")]
+Count = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Unit = Annotated[str, Meta(max_length=32)]
 Reason = Annotated[str, Meta(max_length=200)]
 # A window holding more readings per sensor than this is a bug or an attack.
@@ -127,7 +133,7 @@ class DevicePayload(Payload, frozen=True):
 # -- raw: sensor-reader -> preprocessor -----------------------------------------------------------
 class WindowSpan(Struct, forbid_unknown_fields=True, frozen=True):
     start: UnixMs
-    size: Annotated[int, Meta(gt=0, description="window length in ms")]
+    size: Annotated[int, Meta(gt=0, le=MAX_INT, description="window length in ms")]
 
 
 class Series(Struct, forbid_unknown_fields=True, frozen=True):
@@ -157,6 +163,8 @@ class RawWindow(Struct, forbid_unknown_fields=True, frozen=True):
 
     def __post_init__(self) -> None:
         start, end = self.window.start, self.window.start + self.window.size
+        if end > MAX_INT:  # the processed window's `end` must be a valid UnixMs too
+            raise ValueError(f"window end exceeds {MAX_INT}")
         for series in self.sensors.values():
             if min(series.t) < start or max(series.t) >= end:
                 raise ValueError("timestamps outside the window")
@@ -225,7 +233,7 @@ class Window(Struct, forbid_unknown_fields=True, frozen=True):
     unit: Unit
     start: UnixMs
     end: UnixMs
-    n: Annotated[int, Meta(ge=1)]
+    n: Annotated[int, Meta(ge=1, le=MAX_SAMPLES_PER_SENSOR)]
     mean: float
     median: float
     min: float
@@ -340,10 +348,10 @@ class ReaderDeviceHealth(Struct, frozen=True):
 
     state: Literal["starting", "online", "fault"]
     reason: str | None = None
-    reads: int = 0
-    errors: dict[str, int] = {}
-    reopens: int = 0
-    skipped_ticks: int = 0
+    reads: Count = 0
+    errors: dict[str, Count] = {}
+    reopens: Count = 0
+    skipped_ticks: Count = 0
 
 
 class KeyRingStatus(Struct, frozen=True):
@@ -433,10 +441,38 @@ def decode(payload: bytes | msgspec.Raw, model: type[T] | Any, topic: str | None
     try:
         value: T = decoder.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise SchemaError(str(exc)[:300]) from None
+        raise SchemaError(validation_message(exc)) from None
+    except RecursionError:  # msgspec recurses per nesting level (`[[[...` a hundred thousand deep)
+        raise SchemaError("JSON nested too deeply") from None
     if topic is not None and isinstance(value, Payload):
         value.check_topic(topic)
     return value
+
+
+# msgspec quotes the offending value in a few messages ("Invalid enum value 'x'") and names an
+# unknown key ("Object contains unknown field `x`"). A sealed payload's values are decrypted data,
+# which no log line or dead letter may hold, and a quoted key can carry line breaks that forge log
+# lines: the rule and the path stay (the path names only the model's own fields), a value goes, and
+# a key stays only if it is a plain name (a newer producer's field, worth seeing when debugging).
+_QUOTING_VALUE = ("Invalid enum value ", "Invalid value ")
+_UNKNOWN_KEY = "Object contains unknown field `"
+_AT = " - at `"
+# msgspec's path: field names of the model, list indices, `[...]` for a dict's values.
+_PATH = re.compile(r"\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\]|\[\.\.\.\])*")
+
+
+def validation_message(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    """What msgspec found wrong, as a SchemaError says it: the rule and the path, never a value."""
+    text = str(exc)
+    at = text.rfind(_AT)  # the path comes last: "... - at `$.windows[0].device`"
+    path = text[at:] if at >= 0 and text.endswith("`") and _PATH.fullmatch(text, at + len(_AT), len(text) - 1) else ""
+    for rule in _QUOTING_VALUE:
+        if text.startswith(rule):
+            return f"{rule.rstrip()}{path}"
+    if text.startswith(_UNKNOWN_KEY):
+        key = text[len(_UNKNOWN_KEY) : len(text) - len(path) - 1]
+        return f"{_UNKNOWN_KEY}{key}`{path}" if ID_PATTERN.fullmatch(key) else f"{_UNKNOWN_KEY[:-2]}{path}"
+    return text[:300]
 
 
 encode = msgspec.json.Encoder().encode

@@ -22,7 +22,8 @@ from .drivers import DRIVERS, Driver
 
 
 class DeviceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has inf and nan literals; no setting of a device means either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str
     driver: str
@@ -55,6 +56,8 @@ def load_devices(path: Path) -> list[tuple[DeviceConfig, Driver]]:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read devices file {str(path)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text; a ValueError, not an OSError
+        raise ConfigError(f"devices file {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"devices file {str(path)!r} is not valid TOML: {exc}") from exc
     unknown = set(doc) - {"devices"}

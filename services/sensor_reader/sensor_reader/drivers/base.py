@@ -56,9 +56,10 @@ class DeviceIdentityError(DriverError):
 
 
 class DriverParams(BaseModel):
-    """Per-driver parameters from the devices file; unknown keys are a config error."""
+    """Per-driver parameters from the devices file; unknown keys are a config error, and so are
+    TOML's inf and nan (no driver parameter means either)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

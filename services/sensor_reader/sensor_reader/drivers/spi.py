@@ -10,6 +10,7 @@ when wetter) needs no sign arithmetic: `raw_min` may be larger than `raw_max`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ class SpiDevLike(Protocol):
 
 
 class ChannelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     channel: int = Field(ge=0, le=7)
     unit: str = Field(min_length=1, max_length=16)
@@ -57,6 +58,14 @@ class ChannelConfig(BaseModel):
             raise ValueError("raw_min and raw_max must differ")
         if self.min == self.max:
             raise ValueError("min and max must differ")
+        # Finite min and max can still overflow: (max - min) * count is infinite for a span near
+        # 1e308, and an infinite value would pass `plausible` and poison the device's whole window.
+        # The conversion is linear, so the two ends of the ADC's range are its extremes.
+        ends = (self.convert(0), self.convert(_FULL_SCALE))
+        low, high = sorted((self.min, self.max))
+        slack = (high - low) * self.margin
+        if not all(math.isfinite(v) for v in (*ends, low - slack, high + slack)):
+            raise ValueError("min, max and margin extrapolate beyond the float range over raw 0..1023")
         return self
 
     def convert(self, raw: int) -> float:
