@@ -35,7 +35,16 @@ from ._redis import REDIS_PREFIX
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .bench import bench_command
-from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
+from .devstack import (
+    Ports,
+    ensure_secrets,
+    missing_secrets,
+    prepare_local_stack,
+    read_procfile,
+    share_secrets,
+    stack_running,
+    supervise,
+)
 
 # The models of the sealed topics, by the topic level after `<base>/v2/`.
 SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "health": HealthReport, "alerts": Alert}
@@ -174,14 +183,37 @@ def _silence_stdout() -> None:
     show_default=True,
     help="Redis key prefix the ACL lets cache-writer and reader reach (IOTPIPE_REDIS_PREFIX); repeatable",
 )
-def secrets(directory: Path, redis_prefixes: tuple[str, ...]) -> None:
-    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY; bring the Redis ACL
-    file's rules up to date (passwords kept)."""
+@click.option(
+    "--share",
+    "share_root",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="then copy into each ROOT/<compose service>/ exactly the secrets that container holds",
+)
+@click.option(
+    "--create/--no-create",
+    default=True,
+    show_default=True,
+    envvar="IOTPIPE_SECRETS_CREATE",
+    help="create what is missing; --no-create (or IOTPIPE_SECRETS_CREATE=false) changes nothing in "
+    "DIRECTORY and fails naming each missing file (your own secrets, in production)",
+)
+def secrets(directory: Path, redis_prefixes: tuple[str, ...], share_root: Path | None, create: bool) -> None:
+    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY; bring the files derived
+    from the passwords (Redis ACL, hashed password files) up to date. No existing secret is replaced."""
     try:
-        ensure_secrets(directory, [validate_id(p, "--redis-prefix") for p in redis_prefixes])
+        if create:
+            ensure_secrets(directory, [validate_id(p, "--redis-prefix") for p in redis_prefixes])
+            click.echo(f"secrets ready in {directory}/ (missing ones created, existing ones kept)")
+        else:
+            missing = missing_secrets(directory)
+            if missing:
+                raise click.ClickException(f"{directory}/ lacks {', '.join(missing)} (and --no-create is set)")
+            click.echo(f"secrets ready in {directory}/ (nothing created: --no-create)")
+        if share_root is not None:
+            for service, written in share_secrets(directory, share_root).items():
+                click.echo(f"{service}: {', '.join(written) if written else 'up to date'}")
     except IotpipeError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"dev secrets ready in {directory}/ (existing files kept, Redis ACL rules up to date)")
 
 
 @main.command()
