@@ -777,6 +777,11 @@ def test_redis_config_is_durable_and_acl_protected(services: dict[str, dict[str,
     data = next(source for source, target in mounts(redis) if target == conf["dir"])
     assert is_named(data), "Redis data on a named volume"
     assert int(conf["port"]) == int(env_of(services["cache-writer"])["IOTPIPE_REDIS__PORT"])
+    # Published for `reader` on this host only; the public broker alone is published on every interface.
+    assert redis["ports"] == [f"127.0.0.1:{conf['port']}:{conf['port']}"]
+    for name, svc in services.items():
+        if name != "mosquitto-public":
+            assert all(str(port).startswith("127.0.0.1:") for port in svc.get("ports", [])), name
 
 
 def test_broker_and_redis_use_declared_named_volumes(
