@@ -390,6 +390,8 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -
     for path in (
         "secrets",
         "secrets/keyring",
+        "mosquitto/mosquitto.conf",
+        "mosquitto/acl",
         ".venv",
         "var",
         ".git",
@@ -408,6 +410,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -
         "services",
         "services/preprocessor/pyproject.toml",
         "services/sensor_reader/sensor_reader/service.py",
+        "mosquitto/iotpipe_guard.c",
     ):
         assert not ignored(path), f".dockerignore must keep {path} (the image build needs it)"
 
@@ -547,6 +550,10 @@ def test_service_settings_read_every_compose_variable(
             assert [f"{settings.port}"] == [p.split(":")[-1] for p in svc.get("ports", [])]
             continue
         assert settings.service_name == name, f"the healthcheck and health file use {settings.service_name}"
+        # What must outlive the container, writable by its unprivileged user: on its volume.
+        volumes = [PurePosixPath(t) for s, t in mounts(svc) if is_named(s) and t != str(RUN_SECRETS)]
+        for path in (settings.state_dir, settings.dead_letter_path):
+            assert any(PurePosixPath(path).is_relative_to(v) for v in volumes), f"{name}: {path} is on no volume"
         assert str(settings.keyring_path) in mounted
         assert str(settings.mqtt_password_path) in mounted
         assert settings.mqtt.host == "mosquitto" and settings.mqtt.tls

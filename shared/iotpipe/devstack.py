@@ -156,9 +156,9 @@ def ensure_secrets(secrets_dir: Path, redis_prefixes: Sequence[str] = (REDIS_PRE
     """Create whatever is missing in `secrets_dir`; existing files are kept (keys stay stable), except
     the Redis ACL file, rewritten when its rules are out of date (passwords never change).
     `redis_prefixes`: the Redis key prefixes (or globs) the ACL lets the users reach."""
-    # The directory keeps other local users out. The files inside are world-readable because docker
-    # compose (outside swarm) bind-mounts secret files with their host owner and mode: the services'
-    # and the broker's non-root users in the containers must be able to read them.
+    # The directory keeps other local users out; the files inside are readable by all who get that far
+    # (the local stack's broker and Redis may run as other users; compose's containers read copies,
+    # see share_secrets).
     secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
     keyring = secrets_dir / "keyring"

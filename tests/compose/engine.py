@@ -134,14 +134,14 @@ class Podman:
         return f"unix://{self.socket}"
 
     def ping(self) -> bool:
+        conn = _UnixHTTPConnection(str(self.socket))
         try:
-            conn = _UnixHTTPConnection(str(self.socket))
             conn.request("GET", "/_ping")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
+            return conn.getresponse().status == 200
         except OSError:
             return False
+        finally:
+            conn.close()
 
     @contextlib.contextmanager
     def api(self) -> Iterator[Podman]:
@@ -299,7 +299,12 @@ class Compose:
         # The caller's IOTPIPE_* (a developer's shell) must not leak into the compose file's
         # interpolation, nor COMPOSE_*/DOCKER_* point it elsewhere.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTPIPE_", "COMPOSE_", "DOCKER_"))}
-        self.env |= {"DOCKER_HOST": podman.docker_host, "COMPOSE_PROJECT_NAME": project}
+        # Builds through the API (docker-py), not the docker CLI.
+        self.env |= {
+            "DOCKER_HOST": podman.docker_host,
+            "COMPOSE_PROJECT_NAME": project,
+            "COMPOSE_DOCKER_CLI_BUILD": "0",
+        }
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(

@@ -303,6 +303,12 @@ def anonymous_refused(ca: Path) -> dict[str, str]:
     return let_in
 
 
+def log_lines(compose: Compose, service: str) -> list[str]:
+    """`docker compose logs <service>`, each line without its `<container> | ` prefix."""
+    out = compose("logs", "--no-color", service).stdout.splitlines()
+    return [line.split("| ", 1)[1] for line in out if "| " in line]
+
+
 def kill_process(compose: Compose, container: str) -> int:
     """SIGKILL the container's process from the host (a process cannot SIGKILL its own PID 1)."""
     pid = int(compose.inspect(container)["State"]["Pid"])
@@ -314,7 +320,7 @@ def kill_process(compose: Compose, container: str) -> int:
 async def test_docker_compose_up_for_real(system: System) -> None:
     compose, report, project_dir = system.compose, system.report, system.project_dir
     secrets_dir = project_dir / "secrets"
-    containers = 1 + 2 + 1 + 1 + len(SERVICES)  # brokers, redis, cloud-sink, the services (not the one-shot)
+    containers = len(SERVICES) + 4  # and the two brokers, Redis, the cloud-sink (not the one-shot)
 
     # 1 + 2: build and bring up, with one command, from a clean checkout.
     cold = not project_images(compose)
@@ -358,6 +364,11 @@ async def test_docker_compose_up_for_real(system: System) -> None:
         await wait_until(lambda: sink("/stats")["records"] > 0, 120, "records at the cloud-sink")
         for device in DEVICES:
             assert any(r["type"] == "window" for r in sink(f"/records?device={device}")), device
+        # And from inside, so far: nothing but JSON lines, no error, from any Python service.
+        for service in (*SERVICES, "cloud-sink"):
+            lines = log_lines(compose, service)
+            bad = [line for line in lines if not line.startswith("{") or '"level":"ERROR"' in line]
+            assert lines and not bad, f"{service} logged: {bad[:5]}"
         report.add(
             f"from outside: anonymous refused (MQTT 1883, 8883, Redis, the sink's ingest); {len(SERVICES)} "
             f"services online on the public broker; latest values of {len(DEVICES)} devices in Redis; "
@@ -454,8 +465,8 @@ async def test_docker_compose_up_for_real(system: System) -> None:
         assert all(t.clean for t in redeployed.values()), redeployed
 
         # 6: `docker compose logs <service>`: its JSON lines, only its.
-        logs = compose("logs", "--no-color", "cache-writer").stdout.splitlines()
-        docs = [json.loads(line.split("|", 1)[1]) for line in logs if "|" in line]
+        logs = log_lines(compose, "cache-writer")
+        docs = [json.loads(line) for line in logs]
         assert docs and {d["service"] for d in docs} == {"cache-writer"}, logs[:5]
         assert all({"ts", "level", "msg"} <= set(d) for d in docs)
         report.add(f"`logs cache-writer`: {len(docs)} JSON lines, all the cache-writer's")
