@@ -1,12 +1,16 @@
 """`iotpipe secrets` (iotpipe.devstack): what it creates, that it never replaces a secret someone put
-there (bring your own), and how it shares each compose container's own secrets out
-(`--share`, the one-shot `secrets` service of docker-compose.yml)."""
+there (bring your own), and how it shares each compose container's own secrets out (`--share`, the
+one-shot `secrets` service of docker-compose.yml). And the images' `iotpipe health`."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +185,38 @@ def test_cli_creates_and_shares_or_with_no_create_only_checks(tmp_path: Path) ->
     again = runner.invoke(main, ["secrets", str(empty), "--no-create", "--share", str(root)])
     assert again.exit_code == 0 and "redis: up to date" in again.output, again.output
     assert os.stat(empty).st_mode & 0o077 == 0, "the store keeps other local users out"
+
+
+def test_health_without_a_service_checks_the_images_own(tmp_path: Path) -> None:
+    """The images' HEALTHCHECK is `iotpipe health` alone: the service named by the image
+    (IOTPIPE_SERVICE_MODULE); the cloud-sink by its /healthz."""
+    runner = CliRunner()
+    assert runner.invoke(main, ["health"], env={"IOTPIPE_SERVICE_MODULE": ""}).exit_code == 2
+
+    health = tmp_path / "health"
+    health.mkdir()
+    env = {"IOTPIPE_SERVICE_MODULE": "cache_writer", "IOTPIPE_HEALTH_DIR": str(health), "IOTPIPE_INSTANCE": "1"}
+    assert runner.invoke(main, ["health"], env=env).exit_code == 1, "no health file yet"
+    doc = {"state": "online", "connected": True, "ts": int(time.time() * 1000)}
+    (health / "cache-writer-1.json").write_text(json.dumps(doc))
+    assert runner.invoke(main, ["health"], env=env).exit_code == 0
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("localhost", 0), Healthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        sink = {"IOTPIPE_SERVICE_MODULE": "cloud_sink", "IOTPIPE_SINK_PORT": str(server.server_address[1])}
+        assert runner.invoke(main, ["health"], env=sink).exit_code == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused = runner.invoke(main, ["health"], env=sink)
+    assert refused.exit_code == 1 and "cloud-sink on port" in refused.output

@@ -124,8 +124,8 @@ class ServiceSettings(BaseSettings):
     state_dir: Path = Field(Path("var/state"), description="what must survive a restart (the replay window)")
     dead_letter_file: Path | None = Field(
         None,
-        description="messages given up on, as JSON lines; default <state_dir>/../dead-letter/<service>-<instance>.jsonl "
-        "(var/dead-letter/...)",
+        description="messages given up on, as JSON lines; default "
+        "<state_dir>/../dead-letter/<service>-<instance>.jsonl (var/dead-letter/...)",
     )
 
     @field_validator("base_topic", "instance")

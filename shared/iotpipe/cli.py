@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -412,16 +413,39 @@ def keys_retire(kid: str, keyring_file: Path | None, health_dir: Path | None, fo
     )
 
 
+# The service an image runs (services/Dockerfile sets it): `iotpipe health` without SERVICE checks it.
+IMAGE_SERVICE_ENV = "IOTPIPE_SERVICE_MODULE"
+CLOUD_SINK = "cloud-sink"
+
+
 @main.command()
-@click.argument("service")
+@click.argument("service", required=False)
 @click.option("--instance", default=None, help="default: $IOTPIPE_INSTANCE or the host name")
 @click.option("--max-age", type=float, default=30.0, show_default=True)
-def health(service: str, instance: str | None, max_age: float) -> None:
-    """Exit 0 if SERVICE's health file is fresh and online (container healthchecks use this)."""
-    settings = ServiceSettings.load(**({"instance": instance} if instance else {}))
-    ok, why = check_health(health_file_for(settings.health_dir, service, settings.instance), max_age)
+def health(service: str | None, instance: str | None, max_age: float) -> None:
+    """Exit 0 if SERVICE's health file is fresh and online (container healthchecks use this). Without
+    SERVICE: the service of this image ($IOTPIPE_SERVICE_MODULE); the cloud-sink, which keeps no health
+    file, answers on its /healthz ($IOTPIPE_SINK_PORT)."""
+    if service is None:
+        module = os.environ.get(IMAGE_SERVICE_ENV)
+        if not module:
+            raise click.UsageError(f"name the SERVICE (or set {IMAGE_SERVICE_ENV}, as the images do)")
+        service = module.replace("_", "-")
+    if service == CLOUD_SINK:
+        ok, why = _sink_answers(int(os.environ.get("IOTPIPE_SINK_PORT", "8080")))
+    else:
+        settings = ServiceSettings.load(**({"instance": instance} if instance else {}))
+        ok, why = check_health(health_file_for(settings.health_dir, service, settings.instance), max_age)
     click.echo(why)
     sys.exit(0 if ok else 1)
+
+
+def _sink_answers(port: int) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"http://localhost:{port}/healthz", timeout=4) as response:
+            return response.status == 200, f"cloud-sink answered {response.status}"
+    except (OSError, ValueError) as exc:
+        return False, f"cloud-sink on port {port}: {exc}"
 
 
 @main.command()
