@@ -329,8 +329,9 @@ async def test_docker_compose_up_for_real(system: System) -> None:
     up_returned = time.monotonic() - started
     await all_healthy(compose, containers, 300, "every container healthy after the first up")
     first_up = time.monotonic() - started
+    how = "cold: every image built" if cold else "images of an earlier run there, rebuilt where changed"
     report.add(
-        f"first `up --build` ({'cold: every image built' if cold else 'images cached'}): "
+        f"first `up --build` ({how}): "
         f"{first_up:.0f} s to all {containers} containers healthy (the command returned after {up_returned:.0f} s)"
     )
     one_shot = compose.containers("secrets")
