@@ -21,7 +21,7 @@ help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
 	@echo "make test           run the test suite (starts its own mosquitto and redis)"
 	@echo "make test-compose   build the images and bring docker-compose.yml up for real under podman: checked"
-	@echo "                    from outside, scaled, killed, torn down (about 10 min cold; root; SHORT=1 observes less)"
+	@echo "                    from outside, scaled, killed, torn down (about 7 min cold, 5 warm; root; SHORT=1 observes less)"
 	@echo "make test-faults    the whole fault battery under load (about 30 min; F4_SECONDS=600 F5_SECONDS=120"
 	@echo "                    F6_SECONDS=30 F1_KILLS=5; ARGS=\"-k f4\" for one fault)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"

@@ -1,7 +1,7 @@
 """docker-compose.yml brought up for real on a machine with no Docker engine and no registry.
 
 - The engine: rootful podman, whose Docker-compatible API (`podman system service`, on a socket of
-  the test's own) docker-compose (Debian's 1.29, the `docker compose` of Compose file format 3)
+  the test's own) docker-compose (Debian's 1.29; Docker users run Compose v2 on the same file)
   drives through DOCKER_HOST. A containers.conf of our own sets the ulimits containers here need
   ("error setting rlimit type 7" without them).
 - Healthchecks: podman 4.3 schedules them with systemd timers, and PID 1 here is not systemd, so
