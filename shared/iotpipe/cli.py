@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,16 @@ from ._redis import REDIS_PREFIX
 from ._settings import ServiceSettings, health_file_for
 from ._topics import validate_id
 from .bench import bench_command
-from .devstack import Ports, ensure_secrets, prepare_local_stack, read_procfile, stack_running, supervise
+from .devstack import (
+    Ports,
+    ensure_secrets,
+    missing_secrets,
+    prepare_local_stack,
+    read_procfile,
+    share_secrets,
+    stack_running,
+    supervise,
+)
 
 # The models of the sealed topics, by the topic level after `<base>/v2/`.
 SEALED_KINDS: dict[str, Any] = {"raw": RawBatch, "processed": Processed, "health": HealthReport, "alerts": Alert}
@@ -174,14 +184,37 @@ def _silence_stdout() -> None:
     show_default=True,
     help="Redis key prefix the ACL lets cache-writer and reader reach (IOTPIPE_REDIS_PREFIX); repeatable",
 )
-def secrets(directory: Path, redis_prefixes: tuple[str, ...]) -> None:
-    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY; bring the Redis ACL
-    file's rules up to date (passwords kept)."""
+@click.option(
+    "--share",
+    "share_root",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="then copy into each ROOT/<compose service>/ exactly the secrets that container holds",
+)
+@click.option(
+    "--create/--no-create",
+    default=True,
+    show_default=True,
+    envvar="IOTPIPE_SECRETS_CREATE",
+    help="create what is missing; --no-create (or IOTPIPE_SECRETS_CREATE=false) changes nothing in "
+    "DIRECTORY and fails naming each missing file (your own secrets, in production)",
+)
+def secrets(directory: Path, redis_prefixes: tuple[str, ...], share_root: Path | None, create: bool) -> None:
+    """Create missing dev secrets (keys, passwords, TLS material) in DIRECTORY; bring the files derived
+    from the passwords (Redis ACL, hashed password files) up to date. No existing secret is replaced."""
     try:
-        ensure_secrets(directory, [validate_id(p, "--redis-prefix") for p in redis_prefixes])
+        if create:
+            ensure_secrets(directory, [validate_id(p, "--redis-prefix") for p in redis_prefixes])
+            click.echo(f"secrets ready in {directory}/ (missing ones created, existing ones kept)")
+        else:
+            missing = missing_secrets(directory)
+            if missing:
+                raise click.ClickException(f"{directory}/ lacks {', '.join(missing)} (and --no-create is set)")
+            click.echo(f"secrets ready in {directory}/ (nothing created: --no-create)")
+        if share_root is not None:
+            for service, written in share_secrets(directory, share_root).items():
+                click.echo(f"{service}: {', '.join(written) if written else 'up to date'}")
     except IotpipeError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"dev secrets ready in {directory}/ (existing files kept, Redis ACL rules up to date)")
 
 
 @main.command()
@@ -380,16 +413,39 @@ def keys_retire(kid: str, keyring_file: Path | None, health_dir: Path | None, fo
     )
 
 
+# The service an image runs (services/Dockerfile sets it): `iotpipe health` without SERVICE checks it.
+IMAGE_SERVICE_ENV = "IOTPIPE_SERVICE_MODULE"
+CLOUD_SINK = "cloud-sink"
+
+
 @main.command()
-@click.argument("service")
+@click.argument("service", required=False)
 @click.option("--instance", default=None, help="default: $IOTPIPE_INSTANCE or the host name")
 @click.option("--max-age", type=float, default=30.0, show_default=True)
-def health(service: str, instance: str | None, max_age: float) -> None:
-    """Exit 0 if SERVICE's health file is fresh and online (container healthchecks use this)."""
-    settings = ServiceSettings.load(**({"instance": instance} if instance else {}))
-    ok, why = check_health(health_file_for(settings.health_dir, service, settings.instance), max_age)
+def health(service: str | None, instance: str | None, max_age: float) -> None:
+    """Exit 0 if SERVICE's health file is fresh and online (container healthchecks use this). Without
+    SERVICE: the service of this image ($IOTPIPE_SERVICE_MODULE); the cloud-sink, which keeps no health
+    file, answers on its /healthz ($IOTPIPE_SINK_PORT)."""
+    if service is None:
+        module = os.environ.get(IMAGE_SERVICE_ENV)
+        if not module:
+            raise click.UsageError(f"name the SERVICE (or set {IMAGE_SERVICE_ENV}, as the images do)")
+        service = module.replace("_", "-")
+    if service == CLOUD_SINK:
+        ok, why = _sink_answers(int(os.environ.get("IOTPIPE_SINK_PORT", "8080")))
+    else:
+        settings = ServiceSettings.load(**({"instance": instance} if instance else {}))
+        ok, why = check_health(health_file_for(settings.health_dir, service, settings.instance), max_age)
     click.echo(why)
     sys.exit(0 if ok else 1)
+
+
+def _sink_answers(port: int) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"http://localhost:{port}/healthz", timeout=4) as response:
+            return response.status == 200, f"cloud-sink answered {response.status}"
+    except (OSError, ValueError) as exc:
+        return False, f"cloud-sink on port {port}: {exc}"
 
 
 @main.command()

@@ -1,11 +1,15 @@
 """Development secrets and the local (no-Docker) stack.
 
-`ensure_secrets(dir)` creates, only where missing, every secret the stack needs, as files named like
-the compose secrets (/run/secrets/<name>): the Fernet key ring, one MQTT password per broker user
-and mosquitto's hashed password file, the Redis ACL file (hashed) and passwords, a CA with a server
-certificate for the TLS listener, and the cloud bearer token. The Redis ACL file alone is also
-rewritten when its rules (iotpipe._redis) are out of date, from the same passwords. Nothing here is
-ever committed.
+`ensure_secrets(dir)` creates, only where missing, every secret the stack needs, as files named as
+the services find them (/run/secrets/<name>): the Fernet key ring, one MQTT password per broker user
+and mosquitto's hashed password files, the Redis ACL file (hashed) and passwords, a CA with a server
+certificate for the TLS listeners and client certificates, and the cloud bearer token. No existing
+secret is ever replaced; only the files derived from the passwords (the Redis ACL file, the hashed
+password files) are brought up to date from the same passwords. Nothing here is ever committed.
+
+`share_secrets(dir, root)` gives each container of docker-compose.yml its own copy of exactly the
+secrets it holds (`CONTAINER_SECRETS`), in `root/<service>/`: the compose file's one-shot `secrets`
+service runs both (`iotpipe secrets /secrets --share /shares`).
 
 `render_broker_config` / `render_redis_config` turn the committed mosquitto/mosquitto.conf and
 redis/redis.conf (the compose configuration) into local ones: loopback ports and local paths
@@ -21,6 +25,7 @@ follows those files and prints every line prefixed by its program's name, as hon
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import getpass
 import hashlib
@@ -45,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ._envelope import KeyRing
+from ._errors import ConfigError
 from ._redis import REDIS_PREFIX, REDIS_USERS, redis_acl_rules
 from ._settings import mqtt_client_cert_file, mqtt_client_key_file, mqtt_password_file, redis_password_file
 
@@ -60,12 +66,59 @@ PUBLIC_USERS = ("reader",)
 _TLS_NAMES = ("localhost", "mosquitto", "broker")
 
 
+def _pipeline_service(service: str, *more: str) -> tuple[str, ...]:
+    return ("keyring", "ca_crt", mqtt_password_file(Path(), service).name, *more)
+
+
+# Which secrets each container of docker-compose.yml holds: the one-shot `secrets` service copies
+# exactly these into that container's own volume (`secrets-<service>`, its /run/secrets), so no
+# container can read another's (docs/security.md, "Who holds which secret"). `ca_key` is nobody's.
+CONTAINER_SECRETS: dict[str, tuple[str, ...]] = {
+    "mosquitto": (
+        "mosquitto_passwd",
+        "ca_crt",
+        "server_crt",
+        "server_key",
+        mqtt_password_file(Path(), HEALTH_USER).name,  # its healthcheck's login (no topic granted)
+    ),
+    "mosquitto-public": (
+        "public_mosquitto_passwd",
+        "ca_crt",
+        "server_crt",
+        "server_key",
+        mqtt_client_cert_file(Path(), BRIDGE_USER).name,
+        mqtt_client_key_file(Path(), BRIDGE_USER).name,
+        mqtt_password_file(Path(), "reader").name,  # its healthcheck's login
+    ),
+    "redis": ("redis_users_acl", redis_password_file(Path(), "reader").name),  # the latter: its healthcheck's
+    "cloud-sink": ("cloud_token",),
+    "sensor-reader": _pipeline_service("sensor-reader"),
+    "preprocessor": _pipeline_service("preprocessor"),
+    "cache-writer": _pipeline_service("cache-writer", redis_password_file(Path(), "cache-writer").name),
+    "cloud-forwarder": _pipeline_service("cloud-forwarder", "cloud_token"),
+    "monitor": _pipeline_service("monitor"),
+}
+
+
 def _write(path: Path, content: str | bytes, mode: int = 0o644) -> None:
+    """Replace `path` by rename: a reader (a service re-reading its key ring) sees the old file or the
+    new one, never a half-written one."""
     data = content.encode() if isinstance(content, str) else content
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left by an interrupted run
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
-    os.chmod(path, mode)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    if os.geteuid() == 0:
+        # Run as root (compose's one-shot `secrets` service, writing into the bind-mounted ./secrets):
+        # a new file belongs to whoever owns the directory, so the user who cloned the repository
+        # can read it on the host. Where the file system will not (some desktop VMs' shares), the
+        # file stays root's, which changes nothing inside the containers.
+        owner = path.parent.stat()
+        with contextlib.suppress(OSError):
+            os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def mosquitto_hash(password: str) -> str:
@@ -82,20 +135,30 @@ def _password(path: Path) -> str:
     return path.read_text().strip()
 
 
-def _password_hashes(secrets_dir: Path, passwd: Path, users: Sequence[str]) -> None:
-    if passwd.exists() and [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == list(users):
-        return
-    lines = [f"{user}:{mosquitto_hash(_password(mqtt_password_file(secrets_dir, user)))}" for user in users]
-    _write(passwd, "\n".join(lines) + "\n", 0o644)
+def _password_hashes(secrets_dir: Path, passwd: Path, users: Sequence[str], keep_others: bool) -> None:
+    """Bring a mosquitto password file up to date: a line for each of `users` (an existing line kept
+    as it is, a missing one hashed from its password file) and, with `keep_others`, the lines of the
+    users an operator added (third parties on the public broker); without, those are dropped (the
+    pipeline broker admits our users only). Rewritten only if that changes it."""
+    current = passwd.read_text().splitlines() if passwd.exists() else []
+    lines = {line.split(":", 1)[0]: line for line in current if ":" in line}
+    wanted = [
+        lines.get(user) or f"{user}:{mosquitto_hash(_password(mqtt_password_file(secrets_dir, user)))}"
+        for user in users
+    ]
+    if keep_others:
+        wanted += [line for user, line in lines.items() if user not in users]
+    if wanted != current:
+        _write(passwd, "\n".join(wanted) + "\n", 0o644)
 
 
 def ensure_secrets(secrets_dir: Path, redis_prefixes: Sequence[str] = (REDIS_PREFIX,)) -> Path:
     """Create whatever is missing in `secrets_dir`; existing files are kept (keys stay stable), except
     the Redis ACL file, rewritten when its rules are out of date (passwords never change).
     `redis_prefixes`: the Redis key prefixes (or globs) the ACL lets the users reach."""
-    # The directory keeps other local users out. The files inside are world-readable because docker
-    # compose (outside swarm) bind-mounts secret files with their host owner and mode: the services'
-    # and the broker's non-root users in the containers must be able to read them.
+    # The directory keeps other local users out; the files inside are readable by all who get that far
+    # (the local stack's broker and Redis may run as other users; compose's containers read copies,
+    # see share_secrets).
     secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
     keyring = secrets_dir / "keyring"
@@ -107,8 +170,8 @@ def ensure_secrets(secrets_dir: Path, redis_prefixes: Sequence[str] = (REDIS_PRE
         )
     # Hashes only; the broker's user must read them. A file whose users differ from today's (an older
     # layout, where the pipeline broker also had `reader`) is rewritten; passwords are kept.
-    _password_hashes(secrets_dir, secrets_dir / "mosquitto_passwd", MQTT_USERS)
-    _password_hashes(secrets_dir, secrets_dir / "public_mosquitto_passwd", PUBLIC_USERS)
+    _password_hashes(secrets_dir, secrets_dir / "mosquitto_passwd", MQTT_USERS, keep_others=False)
+    _password_hashes(secrets_dir, secrets_dir / "public_mosquitto_passwd", PUBLIC_USERS, keep_others=True)
     acl = secrets_dir / "redis_users_acl"
     current = acl.read_text() if acl.exists() else ""
     wanted = _redis_acl(secrets_dir, current, redis_prefixes)
@@ -117,22 +180,90 @@ def ensure_secrets(secrets_dir: Path, redis_prefixes: Sequence[str] = (REDIS_PRE
     token = secrets_dir / "cloud_token"
     if not token.exists():
         _write(token, secrets.token_urlsafe(32) + "\n")
-    if not (secrets_dir / "server_crt").exists():
-        _make_tls(secrets_dir)
-    # Client certificates from the same CA: the bridge's (its identity on the pipeline broker's
-    # bridge listener) and one per service (the mTLS option, a second factor beside its password).
+    # A CA only where there is none; certificates only where missing, issued by the CA that is there
+    # (its key is needed then, and only then: bring your own CA's certificates and keep its key away).
+    if not _pair_present(secrets_dir / "ca_crt", secrets_dir / "ca_key"):
+        _make_ca(secrets_dir)
+    if not _pair_present(secrets_dir / "server_crt", secrets_dir / "server_key"):
+        _make_server_cert(secrets_dir)
+    # Client certificates: the bridge's (its identity on the pipeline broker's bridge listener) and
+    # one per service (the mTLS option, a second factor beside its password).
     for user in (BRIDGE_USER, *SERVICES):
-        if not mqtt_client_cert_file(secrets_dir, user).exists():
+        if not _pair_present(mqtt_client_cert_file(secrets_dir, user), mqtt_client_key_file(secrets_dir, user)):
             _make_client_cert(secrets_dir, user)
     return secrets_dir
+
+
+def _pair_present(cert: Path, key: Path) -> bool:
+    """Whether a certificate is there (its key too, or, for the CA, perhaps kept elsewhere). A key
+    without its certificate, or a leaf certificate without its key, is refused: creating the other half
+    would replace a secret someone put there."""
+    if cert.exists():
+        if not key.exists() and key.name != "ca_key":
+            raise ConfigError(f"{cert} is there but {key.name} is not: add it, or remove both to have them created")
+        return True
+    if key.exists():
+        raise ConfigError(f"{key} is there but {cert.name} is not: add it, or remove both to have them created")
+    return False
+
+
+def _ca(secrets_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA that issues a missing certificate: its certificate and key from `secrets_dir`."""
+    if not (secrets_dir / "ca_key").exists():
+        raise ConfigError(
+            f"a certificate is missing in {secrets_dir} and so is ca_key, the CA's key that would issue it: "
+            "add the certificate and its key yourself, or the CA's key"
+        )
+    ca_cert = x509.load_pem_x509_certificate((secrets_dir / "ca_crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((secrets_dir / "ca_key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{secrets_dir / 'ca_key'}: not an EC private key")
+    return ca_cert, ca_key
+
+
+def missing_secrets(secrets_dir: Path, services: Sequence[str] = tuple(CONTAINER_SECRETS)) -> list[str]:
+    """The secrets the given compose services hold that `secrets_dir` lacks."""
+    wanted = dict.fromkeys(name for service in services for name in CONTAINER_SECRETS[service])
+    return [name for name in wanted if not (secrets_dir / name).is_file()]
+
+
+def share_secrets(secrets_dir: Path, root: Path) -> dict[str, list[str]]:
+    """Into each directory `root/<service>` (a compose service of CONTAINER_SECRETS; any other name is
+    refused), copy exactly that service's secrets from `secrets_dir` and remove any other file.
+
+    Each copy replaces the old one by rename (a service re-reading its key ring every 2 s takes a new
+    ring at once, never half of one); an unchanged file is left alone. Files are 0444
+    (what Docker gives swarm secrets): the volume is that one container's, whose unprivileged user
+    must read them. Returns the files written (changed or new) per service."""
+    services = sorted(p.name for p in root.iterdir() if p.is_dir())
+    unknown = [name for name in services if name not in CONTAINER_SECRETS]
+    if unknown:
+        raise ConfigError(
+            f"{root}: no container is called {', '.join(unknown)} (known: {', '.join(CONTAINER_SECRETS)})"
+        )
+    missing = missing_secrets(secrets_dir, services)
+    if missing:
+        raise ConfigError(f"{secrets_dir} lacks {', '.join(missing)}")
+    written: dict[str, list[str]] = {}
+    for service in services:
+        target = root / service
+        names = CONTAINER_SECRETS[service]
+        for stale in [p for p in target.iterdir() if p.name not in names]:
+            stale.unlink()
+        written[service] = []
+        for name in names:
+            data = (secrets_dir / name).read_bytes()
+            if (target / name).is_file() and (target / name).read_bytes() == data:
+                continue
+            _write(target / name, data, 0o444)
+            written[service].append(name)
+    return written
 
 
 def _make_client_cert(secrets_dir: Path, user: str) -> None:
     """A client certificate whose common name is the broker user it belongs to."""
     pem = serialization.Encoding.PEM
-    ca_cert = x509.load_pem_x509_certificate((secrets_dir / "ca_crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((secrets_dir / "ca_key").read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert, ca_key = _ca(secrets_dir)
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -177,7 +308,7 @@ def _redis_acl(secrets_dir: Path, current: str, prefixes: Sequence[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _make_tls(secrets_dir: Path) -> None:
+def _make_ca(secrets_dir: Path) -> None:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iotpipe dev CA")])
@@ -206,13 +337,26 @@ def _make_tls(secrets_dir: Path) -> None:
         )
         .sign(ca_key, hashes.SHA256())
     )
+    pem = serialization.Encoding.PEM
+    _write(secrets_dir / "ca_crt", ca_cert.public_bytes(pem), 0o644)
+    _write(
+        secrets_dir / "ca_key",
+        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,  # never mounted anywhere: only `iotpipe secrets` uses it
+    )
+
+
+def _make_server_cert(secrets_dir: Path) -> None:
+    """The brokers' certificate (both brokers, every name a client uses to reach them)."""
+    ca_cert, ca_key = _ca(secrets_dir)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in _TLS_NAMES]
     names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -222,12 +366,6 @@ def _make_tls(secrets_dir: Path) -> None:
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    _write(secrets_dir / "ca_crt", ca_cert.public_bytes(pem), 0o644)
-    _write(
-        secrets_dir / "ca_key",
-        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        0o600,  # never mounted anywhere: only `iotpipe secrets` uses it
-    )
     _write(secrets_dir / "server_crt", cert.public_bytes(pem), 0o644)
     _write(
         secrets_dir / "server_key",
