@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,13 @@ def run_servers(workdir: Path, secrets_dir: Path) -> Iterator[Stack]:
         for server in (broker, public, redis):
             server.start()
             running.callback(server.stop)
+        # The public broker's bridge connects on its own after the broker is up: tests that read
+        # the public broker start once the pipeline broker has seen it.
+        deadline = time.monotonic() + 30
+        while not any(" as bridge (" in line for line in list(broker.lines)):
+            if time.monotonic() > deadline or broker.proc is None or broker.proc.poll() is not None:
+                raise RuntimeError("the public broker's bridge did not connect:\n" + "\n".join(public.lines[-30:]))
+            threading.Event().wait(0.05)  # wait-ok: polling the broker's log lines, bounded by the deadline
         yield Stack(ports, secrets_dir, broker, redis, public)
 
 

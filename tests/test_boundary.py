@@ -175,11 +175,13 @@ def test_the_public_broker_never_carries_raw_or_processed_data(stack: Stack, key
             processed = Sealer(keyring, "preprocessor/x").seal(topics.processed(base), {})
             assert preprocessor.publish(topics.processed(base), processed) in ACCEPTED
             # A status published after both: once it reached the third party, so would they have.
+            # Retained, so it arrives even if the bridge is (re)subscribing just now.
             marker = topics.device_status("marker")
-            assert monitor.publish(marker, b'{"state": "online"}') in ACCEPTED
+            assert monitor.publish(marker, b'{"state": "online"}', retain=True) in ACCEPTED
             wait_until_sync(
-                lambda: any(m.topic == marker for m in list(third_party.messages.queue)), 15, "the bridged status"
+                lambda: any(m.topic == marker for m in list(third_party.messages.queue)), 30, "the bridged status"
             )
+            monitor.publish(marker, b"", retain=True)
         seen = {m.topic for m in drain(third_party.messages)}
         assert not [t for t in seen if "/raw/" in t or "/processed/" in t], seen
     finally:
