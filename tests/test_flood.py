@@ -65,7 +65,7 @@ class Lag:
                 for _member, score in found:
                     self.seen.setdefault((*key, int(score)), now)
                     self._after[key] = max(self._after[key], int(score))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # wait-ok: the lag sampler's poll period (arrival times' resolution)
 
     def of(self, ended_from: float, ended_to: float) -> list[float]:
         """Lags (ms) of the windows that ended in [ended_from, ended_to) (unix ms), sorted."""

@@ -121,7 +121,7 @@ class Broker:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise SystemExit("mosquitto did not start:\n" + self.log.read_text(errors="replace")[-3000:])
-            time.sleep(0.02)
+            time.sleep(0.02)  # wait-ok: polling the broker's log, bounded by the deadline
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -160,7 +160,7 @@ class Podman:
             while not self.ping():
                 if self._service.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"podman system service did not answer (log: {log.name})")
-                time.sleep(0.2)
+                time.sleep(0.2)  # wait-ok: polling podman's API socket, bounded by the deadline
             yield self
         finally:
             self._service.terminate()

@@ -206,7 +206,7 @@ class Windows:
             tally = self.tally(t0, t1)
             if all(t.clean for t in tally.values()) or time.monotonic() > deadline:
                 return tally
-            await asyncio.sleep(1)
+            await asyncio.sleep(1)  # wait-ok: re-tallying until clean, bounded by the deadline
 
 
 # --- the run ---------------------------------------------------------------------------------------
