@@ -291,7 +291,7 @@ async def test_home_assistant_discovery_describes_every_simulated_sensor_and_goe
     sub = PublicSub(stack, f"{prefix}/sensor/+/+/config", f"{topics.root}/devices/#", topics.exporter_state)
     try:
         async with Rig(
-            stack, keyring, base, workdir, IOTPIPE_HA_DISCOVERY="true", IOTPIPE_FORGET_AFTER="4"
+            stack, keyring, base, workdir, IOTPIPE_HA_DISCOVERY="true", IOTPIPE_FORGET_AFTER="6"
         ) as rig:
             rig.start()
             await rig.online(sub)

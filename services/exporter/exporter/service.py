@@ -77,7 +77,6 @@ class PublicMqttSettings(MqttSettings):
     """The public broker, where the projection goes. No durable session: we subscribe to nothing
     there, and a retained message is the whole state."""
 
-    port: int = Field(1883, ge=1, le=65535)
     session_expiry: int = Field(0, ge=0, description="s the public broker keeps our (empty) session")
 
 
@@ -120,6 +119,14 @@ class Device:
     sensors_out: set[str] = field(default_factory=set)  # every sensor with retained topics (across restarts)
     online: bool | None = None  # availability last published (None: not by this process)
 
+    def forget_published(self) -> None:
+        """Publish all of it again (the public broker may have lost it)."""
+        self.changed |= set(self.values)
+        self.next_state = 0.0
+        self.published_units = None
+        self.discovered.clear()
+        self.online = None
+
 
 class Exporter(Component[Settings]):
     def __init__(self, runtime: Runtime[Settings]) -> None:
@@ -147,8 +154,9 @@ class Exporter(Component[Settings]):
             username=s.public.username or "exporter",
             password=read_secret(password_file, "public broker MQTT password"),
             will=lambda: (bridge_state, OFFLINE),
-            birth=lambda: (bridge_state, ONLINE),
+            birth=self._on_public_connect,
         )
+        self._republish = False  # set at each connect to the public broker
         self._started = False
         self._load_table()
         runtime.bus.subscribe(self.topics.all("processed"), self.on_processed, model=Processed, batch=64)
@@ -161,7 +169,7 @@ class Exporter(Component[Settings]):
             for w in message.data.windows:
                 if w.sensor == TS:
                     self.ignored.labels("reserved_name").inc()
-                    self._problems.warning("ts", "sensor %r of device %s is not projected: `ts` is reserved", TS, w.device)
+                    self._problems.warning("ts", "device %s: a sensor named %r is not projected (reserved)", w.device, TS)
                     continue
                 device = self.devices.get(w.device)
                 if device is None:
@@ -190,6 +198,13 @@ class Exporter(Component[Settings]):
             self.alerts.append((message.data.device, encode(message.data)))
         self.wake.set()
 
+    def _on_public_connect(self) -> tuple[str, bytes]:
+        """At every connect to the public broker: our birth message, and everything again at the next
+        flush (a public broker restarted without its store has lost every retained topic)."""
+        self._republish = True
+        self.wake.set()
+        return self.topics.exporter_state, ONLINE
+
     # -- the one loop that publishes ----------------------------------------------------------------
     async def run(self) -> None:
         await self.public.start()
@@ -212,6 +227,10 @@ class Exporter(Component[Settings]):
         """Publish what is due; the seconds until something next will be."""
         s = self.settings
         delay = s.check_interval
+        if self._republish:
+            self._republish = False
+            for device in self.devices.values():
+                device.forget_published()
         for name, device in list(self.devices.items()):
             silent = time.time() - device.seen
             if silent > s.forget_after:
@@ -291,6 +310,9 @@ class Exporter(Component[Settings]):
         for topic in clear:
             if not await self._send(topic, b"", "cleared"):
                 return  # tried again at the next check
+        if time.time() - device.seen <= self.settings.forget_after:
+            device.forget_published()  # a window came while we cleared: it is back
+            return
         del self.devices[name]
         self._table_changed = True
         self.forgotten.inc()
