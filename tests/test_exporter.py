@@ -7,6 +7,7 @@ goes away."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import shutil
@@ -22,7 +23,7 @@ import orjson
 import pytest
 from iotpipe import KeyRing, Topics
 from iotpipe.devstack import mqtt_password_file
-from servers import TAP, Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_until
+from servers import TAP, Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_online, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto_sub (make deps)")
 
@@ -123,8 +124,6 @@ class Rig:
     async def online(self, sub: PublicSub) -> None:
         """The exporter is up on both brokers: its retained state on the public broker says online
         (so `sub` is subscribed too), and its status on the pipeline broker (so it has subscribed)."""
-        from servers import wait_online
-
         await wait_until(lambda: sub.latest(self.topics.exporter_state) == "online", 30, "the exporter online")
         await wait_online(self.stack, self.topics.service_status("exporter", "t1"))
 
@@ -154,6 +153,8 @@ async def test_a_third_party_reads_each_device_state_within_5_s_of_its_window_cl
     tap = bus_for(stack, TAP)
     tap.subscribe(f"{base}/#", on_any, sealed=False)
     await tap.start()
+    await tap.wait_connected()
+    await asyncio.wait_for(tap.subscribed.wait(), 10)
     try:
         async with Rig(stack, keyring, base, workdir, IOTPIPE_STATE_INTERVAL="0.2") as rig:
             rig.start()
@@ -301,6 +302,7 @@ async def test_home_assistant_discovery_describes_every_simulated_sensor_and_goe
             configs = {s: f"{prefix}/sensor/sim/{s}/config" for s in SIMULATED}
             await wait_until(lambda: all(sub.latest(t) for t in configs.values()), 15, "every discovery config")
             await wait_until(lambda: sub.latest(topics.device("sim", "state")), 10, "the state")
+            await wait_until(lambda: sub.latest(topics.device("sim", "availability")) == "online", 10, "availability")
             retained: dict[str, str] = {}
             for _, _, topic, payload in sub.messages:
                 retained[topic] = payload
