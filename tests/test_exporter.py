@@ -432,29 +432,47 @@ async def test_the_exporter_restarted_still_forgets_a_device_that_went_away(
         sub.close()
 
 
-def test_the_public_broker_lets_the_exporter_write_its_projection_only() -> None:
-    """The ACL itself (the broker applies it; tests/test_deploy.py checks its shape): `reader` reads
-    the projection and discovery and writes nothing; the exporter writes nothing the bridge brings."""
-    root = Path(__file__).resolve().parents[1]
-    sections: dict[str, list[tuple[str, str]]] = {}
-    user = ""
-    for line in (root / "mosquitto/public-acl").read_text().splitlines():
-        words = line.split()
-        if words and words[0] == "user":
-            user = words[1]
-            sections[user] = []
-        elif words and words[0] == "topic":
-            sections[user].append((words[1], words[2]))
-    assert ("read", "+/sensor/+/+/config") in sections["reader"]
-    assert all(access == "read" for access, _ in sections["reader"])
-    written = {topic for access, topic in sections["exporter"] if access == "write"}
-    topics = Topics("b")
-    for topic in (topics.device("d", "state"), topics.device_sensor("d", "s"), topics.exporter_state):
-        assert any(_matches(f, topic) for f in written), topic
-    for topic in (topics.service_status("x", "y"), topics.alerts("d"), topics.device_status("d")):
-        assert not any(_matches(f, topic) for f in written), topic
+def public_bus(stack: Stack, user: str) -> Any:
+    """A Bus logged in to the PUBLIC broker as `user` (not started)."""
+    from iotpipe import Bus, MqttSettings
+
+    settings = MqttSettings(host="127.0.0.1", port=stack.ports.public, session_expiry=0, connect_timeout=15)
+    return Bus(
+        settings,
+        client_id=f"{user}-test-{uuid.uuid4().hex[:8]}",
+        keyring=None,
+        src=f"{user}/test",
+        username=user,
+        password_file=mqtt_password_file(stack.secrets_dir, user),
+    )
 
 
-def _matches(topic_filter: str, topic: str) -> bool:
-    f, t = topic_filter.split("/"), topic.split("/")
-    return len(f) == len(t) and all(a in ("+", b) for a, b in zip(f, t, strict=True))
+async def test_on_the_public_broker_only_the_exporter_writes_and_only_its_projection(stack: Stack, base: str) -> None:
+    """A third party cannot forge the projection; the exporter's password writes nothing but it (not
+    the statuses or alerts the bridge brings, not discovery under another level layout)."""
+    from iotpipe import PermanentError
+
+    topics = Topics(base)
+    reader, exporter = public_bus(stack, "reader"), public_bus(stack, "exporter")
+    for bus in (reader, exporter):
+        await bus.start()
+        await bus.wait_connected()
+    try:
+        for topic in (topics.device("d", "state"), topics.device_sensor("d", "s"), topics.exporter_state):
+            with pytest.raises(PermanentError, match="refused"):
+                await reader.publish(topic, b"1", retain=True)
+            await exporter.publish(topic, b"", retain=True)  # accepted (an empty retained: leaves nothing)
+        await exporter.publish(f"{base}ha/sensor/d/s/config", b"", retain=True)
+        for topic in (
+            topics.service_status("monitor", "x"),
+            topics.device_status("d"),
+            topics.alerts("d"),
+            topics.processed("x"),
+            f"{base}ha/sensor/d/s/other",
+            f"{topics.root}/devices/d/s",
+        ):
+            with pytest.raises(PermanentError, match="refused"):
+                await exporter.publish(topic, b"{}", retain=True)
+    finally:
+        for bus in (reader, exporter):
+            await bus.stop()
