@@ -214,15 +214,16 @@ async def test_a_third_party_reads_each_device_state_within_5_s_of_its_window_cl
 # Home Assistant's rules, from its source (homeassistant/components/sensor/const.py: DEVICE_CLASS_UNITS
 # and DEVICE_CLASS_STATE_CLASSES; homeassistant/const.py for the unit strings), for the classes a
 # simulated (or real) iotpipe sensor can have.
+MICRO_CUBIC = "\u03bcg/m\u00b3"  # Greek small letter mu, as Home Assistant spells micro since 2025
 HA_UNITS = {
     "temperature": {"°C", "°F", "K"},
     "humidity": {"%"},
     "moisture": {"%"},
     "illuminance": {"lx"},
     "pressure": {"mPa", "Pa", "hPa", "kPa", "bar", "cbar", "mbar", "mmHg", "inHg", "inH₂O", "psi"},
-    "pm1": {"µg/m³"},
-    "pm25": {"µg/m³"},
-    "pm10": {"µg/m³"},
+    "pm1": {MICRO_CUBIC},
+    "pm25": {MICRO_CUBIC},
+    "pm10": {MICRO_CUBIC},
 }
 HA_STATE_CLASSES = dict.fromkeys(HA_UNITS, {"measurement"})
 # homeassistant/components/mqtt/schemas.py (MQTT_ENTITY_COMMON_SCHEMA, availability), config.py
@@ -250,9 +251,9 @@ SIMULATED = {
     "pressure": ("hPa", "pressure", "hPa"),
     "soil_moisture": ("%", "moisture", "%"),
     "light": ("lx", "illuminance", "lx"),
-    "pm2_5": ("ug/m3", "pm25", "µg/m³"),
-    "pm1_0": ("ug/m3", "pm1", "µg/m³"),
-    "pm10": ("ug/m3", "pm10", "µg/m³"),
+    "pm2_5": ("ug/m3", "pm25", MICRO_CUBIC),
+    "pm1_0": ("ug/m3", "pm1", MICRO_CUBIC),
+    "pm10": ("ug/m3", "pm10", MICRO_CUBIC),
     "level": ("1", None, None),
 }
 

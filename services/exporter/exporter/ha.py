@@ -6,12 +6,14 @@ schemas.py, config.py; homeassistant/components/sensor/const.py), and so what th
   device's state JSON;
 - `device_class` must be one of SensorDeviceClass, and its `unit_of_measurement` one of that class's
   DEVICE_CLASS_UNITS (e.g. temperature: °C, °F, K; humidity and moisture: %; illuminance: lx;
-  pm1/pm25/pm10: µg/m³; pressure: Pa, hPa, kPa, bar, cbar, mbar, mmHg, inHg, psi), else Home Assistant
+  pm1/pm25/pm10: μg/m³; pressure: Pa, hPa, kPa, bar, cbar, mbar, mmHg, inHg, psi), else Home Assistant
   flags the entity; `state_class` must be allowed for that class (DEVICE_CLASS_STATE_CLASSES:
   `measurement` for every class used here);
 - `availability` is a list of `{topic, payload_available, payload_not_available}` with
   `availability_mode` all/any/latest; the `device` block needs at least one of `identifiers` or
   `connections`; `origin` needs a `name`; `unique_id` is any string.
+Micro is the Greek small letter mu (U+03BC), as Home Assistant spells it since core PR #144853
+(2025; its sensor platform converts the MICRO SIGN U+00B5, which it used before).
 A unit we do not recognise is passed through as `unit_of_measurement` with no device class (Home
 Assistant then shows the number with that unit and graphs it, which is all it can do with it).
 
@@ -53,14 +55,15 @@ _BY_UNIT: dict[str, Kind] = {
 }
 # Particulate matter: the unit alone does not say which size; the sensor's name does.
 _PM = {"pm1": "pm1", "pm1_0": "pm1", "pm2_5": "pm25", "pm25": "pm25", "pm10": "pm10"}
-_MICROGRAMS = {"ug/m3", "µg/m³", "μg/m³"}
+MICROGRAMS_PER_CUBIC_METER = "\u03bcg/m\u00b3"  # Home Assistant's CONCENTRATION_MICROGRAMS_PER_CUBIC_METER
+_MICROGRAMS = {"ug/m3", "\u00b5g/m\u00b3", MICROGRAMS_PER_CUBIC_METER}
 _MOISTURE = ("moisture",)
 
 
 def kind_of(sensor: str, unit: str) -> Kind:
     """The Home Assistant view of a sensor named `sensor` reporting in the pipeline unit `unit`."""
     if unit in _MICROGRAMS:
-        return Kind(_PM.get(sensor.lower()), "µg/m³")
+        return Kind(_PM.get(sensor.lower()), MICROGRAMS_PER_CUBIC_METER)
     if unit == "%":
         return Kind("moisture" if any(word in sensor.lower() for word in _MOISTURE) else None, "%")
     if unit in ("", "1"):  # dimensionless (the simulator's generic profile)
