@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,9 +149,12 @@ class Exporter(Component[Settings]):
         self.forgotten = m.counter("iotpipe_projection_forgotten", "Devices removed after forget_after")
         password_file = s.public.password_file or mqtt_password_file(s.secrets_dir, s.public.username or "exporter")
         bridge_state = self.topics.exporter_state
+        # The public broker has no client-id rule (third parties choose their own ids): a fixed id
+        # would let any third party connect under it and end our connection. A random suffix per
+        # process cannot be guessed, and nothing is lost with the old id: we keep no session there.
         self.public = MqttConnection(
             s.public,
-            f"exporter-{s.instance}",
+            f"exporter-{s.instance}-{secrets.token_hex(8)}",
             username=s.public.username or "exporter",
             password=read_secret(password_file, "public broker MQTT password"),
             will=lambda: (bridge_state, OFFLINE),
