@@ -8,6 +8,7 @@ goes away."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 import shutil
@@ -46,7 +47,7 @@ class PublicSub:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            retained, topic, payload = (line.rstrip("\n").split(" ", 2) + ["", ""])[:3]
+            retained, topic, payload = ([*line.rstrip("\n").split(" ", 2), "", ""])[:3]
             self.messages.append((time.time(), retained == "1", topic, payload))
 
     def on(self, topic: str) -> list[str]:
@@ -225,7 +226,7 @@ HA_UNITS = {
     "pm25": {MICRO_CUBIC},
     "pm10": {MICRO_CUBIC},
 }
-HA_STATE_CLASSES = dict.fromkeys(HA_UNITS, {"measurement"})
+HA_STATE_CLASSES = {key: {"measurement"} for key in HA_UNITS}
 # homeassistant/components/mqtt/schemas.py (MQTT_ENTITY_COMMON_SCHEMA, availability), config.py
 # (MQTT_RO_SCHEMA) and sensor.py (_PLATFORM_SCHEMA_BASE): every key a sensor's discovery config may have
 # (a misspelt one would be dropped silently by Home Assistant's REMOVE_EXTRA).
@@ -292,13 +293,13 @@ async def test_home_assistant_discovery_describes_every_simulated_sensor_and_goe
     prefix = f"{base}ha"
     sub = PublicSub(stack, f"{prefix}/sensor/+/+/config", f"{topics.root}/devices/#", topics.exporter_state)
     try:
-        async with Rig(
-            stack, keyring, base, workdir, IOTPIPE_HA_DISCOVERY="true", IOTPIPE_FORGET_AFTER="6"
-        ) as rig:
+        async with Rig(stack, keyring, base, workdir, IOTPIPE_HA_DISCOVERY="true", IOTPIPE_FORGET_AFTER="6") as rig:
             rig.start()
             await rig.online(sub)
             end = _now_ms()
-            await rig.send(*(window("sim", s, unit, end, 10.0 + i) for i, (s, (unit, *_)) in enumerate(SIMULATED.items())))
+            await rig.send(
+                *(window("sim", s, unit, end, 10.0 + i) for i, (s, (unit, *_)) in enumerate(SIMULATED.items()))
+            )
             await rig.send(window("sim", "ts", "s", end, 1.0))  # reserved: not projected
             configs = {s: f"{prefix}/sensor/sim/{s}/config" for s in SIMULATED}
             await wait_until(lambda: all(sub.latest(t) for t in configs.values()), 15, "every discovery config")
@@ -376,12 +377,14 @@ async def test_one_state_per_device_per_interval_and_the_latest_value_wins(
             for i in range(40):  # 40 windows of one device as fast as they go: a sensor gone wild
                 await rig.send(window("fast", "v", "1", end + i, float(i)))
             await rig.send(window("calm", "v", "1", end, 1.0))
-            await wait_until(lambda: sub.latest(state) and orjson.loads(sub.latest(state) or "{}")["v"] == 39.0, 15, "latest")
+            await wait_until(
+                lambda: sub.latest(state) and orjson.loads(sub.latest(state) or "{}")["v"] == 39.0, 15, "latest"
+            )
             await wait_until(lambda: sub.latest(other) is not None, 10, "the other device, not held up")
             elapsed = time.time() - started
             arrivals = [at for at, _, topic, _ in sub.messages if topic == state]
             assert len(arrivals) <= 1 + math.ceil(elapsed / interval), (len(arrivals), elapsed)
-            assert all(b - a >= interval * 0.8 for a, b in zip(arrivals, arrivals[1:], strict=False)), arrivals
+            assert all(b - a >= interval * 0.8 for a, b in itertools.pairwise(arrivals)), arrivals
         counters = orjson.loads((workdir / "health" / "exporter-t1.json").read_bytes())["counters"]
         assert counters.get("iotpipe_projection_superseded", 0) > 0
     finally:

@@ -33,7 +33,16 @@ from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
 DEVICES = ("greenhouse-1", "greenhouse-2", "weather-station")
-LOGS = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "exporter", "cloud-sink", "broker")
+LOGS = (
+    "sensor-reader",
+    "preprocessor",
+    "cache-writer",
+    "cloud-forwarder",
+    "monitor",
+    "exporter",
+    "cloud-sink",
+    "broker",
+)
 SERVICES = LOGS[:6]  # the ones with a health file
 PROGRAMS = ("broker", "broker-public", "redis", "cloud-sink", *SERVICES)
 # supervisord's own log line: `2026-01-31 12:00:00,123 INFO spawned: 'preprocessor' with pid 4242`
@@ -188,7 +197,15 @@ async def third_party_sees_every_device(stack: LocalStack) -> None:
     """What `make run` promises a third party holding only the `reader` password: mosquitto_sub on the
     public broker (TLS) gets each simulated device's state, fresh, within 5 s of its window's end."""
     password = mqtt_password_file(stack.secrets, "reader").read_text().strip()
-    argv = ["mosquitto_sub", "-h", "localhost", "-p", stack.ports["PUBLIC_TLS"], "--cafile", str(stack.secrets / "ca_crt")]
+    argv = [
+        "mosquitto_sub",
+        "-h",
+        "localhost",
+        "-p",
+        stack.ports["PUBLIC_TLS"],
+        "--cafile",
+        str(stack.secrets / "ca_crt"),
+    ]
     argv += ["-u", "reader", "-P", password, "-t", "iotpipe/v2/devices/+/state", "-R", "-v", "-W", "20"]
     seen: dict[str, float] = {}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)

@@ -55,8 +55,8 @@ from ._models import (
     json_schemas,
     raw_windows,
 )
-from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._mqtt import MqttConnection
+from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
 from ._settings import (

@@ -173,7 +173,9 @@ class Exporter(Component[Settings]):
             for w in message.data.windows:
                 if w.sensor == TS:
                     self.ignored.labels("reserved_name").inc()
-                    self._problems.warning("ts", "device %s: a sensor named %r is not projected (reserved)", w.device, TS)
+                    self._problems.warning(
+                        "ts", "device %s: a sensor named %r is not projected (reserved)", w.device, TS
+                    )
                     continue
                 device = self.devices.get(w.device)
                 if device is None:
@@ -247,10 +249,10 @@ class Exporter(Component[Settings]):
                     device.next_state = time.monotonic() + s.state_interval
                 else:
                     delay = min(delay, wait)
-            if silent > s.offline_after and device.online is not False:
-                if await self._send(self.topics.device(name, "availability"), OFFLINE, "availability"):
-                    device.online = False
-                    log.info("device %s offline: no window for %.0f s", name, silent)
+            silent_too_long = silent > s.offline_after and device.online is not False
+            if silent_too_long and await self._send(self.topics.device(name, "availability"), OFFLINE, "availability"):
+                device.online = False
+                log.info("device %s offline: no window for %.0f s", name, silent)
         while self.alerts:
             name, payload = self.alerts[0]
             if not await self._send(self.topics.device(name, "alert"), payload, "alert", retain=False):
@@ -285,7 +287,7 @@ class Exporter(Component[Settings]):
             device.changed |= changed  # tried again (with whatever is newer by then)
             self.failures.inc()
             return
-        for topic, payload, kind in first:
+        for topic, payload, _kind in first:
             device.discovered[topic.split("/")[-2]] = payload
         device.published_units = dict(device.units)
         if not device.sensors_out >= changed:
@@ -308,7 +310,9 @@ class Exporter(Component[Settings]):
         """Clear every retained topic of a device gone for good: discovery first, so Home Assistant
         removes its entities rather than showing them unavailable."""
         sensors = sorted(device.sensors_out | set(device.values))
-        clear = [ha.config_topic(self.settings.ha_prefix, name, s) for s in sensors] if self.settings.ha_discovery else []
+        clear = (
+            [ha.config_topic(self.settings.ha_prefix, name, s) for s in sensors] if self.settings.ha_discovery else []
+        )
         clear += [self.topics.device_sensor(name, s) for s in sensors]
         clear += [self.topics.device(name, leaf) for leaf in ("state", "units", "availability")]
         for topic in clear:
