@@ -570,6 +570,10 @@ def test_service_settings_read_every_compose_variable(
             assert str(settings.dead_letter_file.parent) in files, "dead letters must be on a volume"
             assert settings.outbox_file is not None, "compose names the outbox file"
             assert str(settings.outbox_path.parent) in files, "the outbox must be on a volume"
+        if hasattr(settings, "public"):  # the exporter: the public broker, over TLS, with its own password
+            assert settings.public.host == "mosquitto-public" and settings.public.tls
+            assert settings.public.port == 8883 and str(settings.public.ca_file) in mounted
+            assert str(mqtt_password_file(settings.secrets_dir, "exporter")) in mounted
         if hasattr(settings, "devices_file"):
             source = next(s for s, t in mounts(svc) if t == str(settings.devices_file))
             assert (ROOT / source).is_file()

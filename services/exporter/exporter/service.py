@@ -101,7 +101,8 @@ class Settings(ServiceSettings):
         return value
 
     @property
-    def devices_file(self) -> Path:
+    def table_file(self) -> Path:
+        """The device table kept across restarts."""
         return self.state_dir / f"{self.service_name}-{self.instance}.devices.json"
 
 
@@ -344,7 +345,7 @@ class Exporter(Component[Settings]):
 
     # -- the table, across restarts ---------------------------------------------------------------
     def _load_table(self) -> None:
-        path = self.settings.devices_file
+        path = self.settings.table_file
         try:
             table = orjson.loads(path.read_bytes())
             for name, entry in table.items():
@@ -363,10 +364,10 @@ class Exporter(Component[Settings]):
             return
         table = {name: {"seen": d.seen, "sensors": sorted(d.sensors_out)} for name, d in self.devices.items()}
         try:
-            write_atomically(self.settings.devices_file, orjson.dumps(table))
+            write_atomically(self.settings.table_file, orjson.dumps(table))
             self._table_changed = False
         except OSError as exc:
-            log.error("cannot save the device table to %s: %s", self.settings.devices_file, exc)
+            log.error("cannot save the device table to %s: %s", self.settings.table_file, exc)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
