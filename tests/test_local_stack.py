@@ -219,6 +219,8 @@ async def third_party_sees_every_device(stack: LocalStack) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert set(seen) == set(DEVICES), seen
     assert max(seen.values()) < 5.0, seen
 
