@@ -483,3 +483,37 @@ async def test_on_the_public_broker_only_the_exporter_writes_and_only_its_projec
     finally:
         for bus in (reader, exporter):
             await bus.stop()
+
+
+async def test_a_third_party_cannot_take_the_exporters_connection(
+    stack: Stack, keyring: KeyRing, base: str, workdir: Path
+) -> None:
+    """The public broker has no client-id rule: a third party connecting under the exporter's client
+    id would end the exporter's connection (and fire its Will) again and again. Its id has a random
+    suffix, so the obvious `exporter-<instance>` is nobody's."""
+    from iotpipe import MqttConnection, MqttSettings
+
+    topics = Topics(base)
+    state = topics.device("d1", "state")
+    sub = PublicSub(stack, state, topics.exporter_state)
+    password = mqtt_password_file(stack.secrets_dir, "reader").read_text().strip()
+    intruder = MqttConnection(
+        MqttSettings(host="127.0.0.1", port=stack.ports.public, session_expiry=0, connect_timeout=10),
+        "exporter-t1",
+        username="reader",
+        password=password,
+        reconnect=False,
+    )
+    try:
+        async with Rig(stack, keyring, base, workdir) as rig:
+            rig.start()
+            await rig.online(sub)
+            await intruder.start()
+            await intruder.wait_connected()
+            await rig.send(window("d1", "v", "1", _now_ms(), 5.0))
+            await wait_until(lambda: sub.latest(state) is not None, 10, "the state, with the intruder connected")
+            assert intruder.connected.is_set()
+            assert sub.on(topics.exporter_state) == ["online"], "the exporter lost its connection"
+    finally:
+        await intruder.stop(will=False, timeout=2)
+        sub.close()
