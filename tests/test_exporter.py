@@ -517,3 +517,24 @@ async def test_a_third_party_cannot_take_the_exporters_connection(
     finally:
         await intruder.stop(will=False, timeout=2)
         sub.close()
+
+
+async def test_alerts_are_projected_in_plain_json(stack: Stack, keyring: KeyRing, base: str, workdir: Path) -> None:
+    topics = Topics(base)
+    alert_topic = topics.device("d1", "alert")
+    sub = PublicSub(stack, alert_topic, topics.exporter_state)
+    monitor = bus_for(stack, "monitor", keyring=keyring)
+    await monitor.start()
+    await monitor.wait_connected()
+    alert = {"kind": "offline", "device": "d1", "reason": "no data for 30s", "last_seen": 1000, "ts": _now_ms()}
+    try:
+        async with Rig(stack, keyring, base, workdir) as rig:
+            rig.start()
+            await rig.online(sub)
+            await monitor.publish_sealed(topics.alerts("d1"), alert, kind="alert")
+            await wait_until(lambda: sub.latest(alert_topic) is not None, 10, "the alert")
+            assert orjson.loads(sub.latest(alert_topic) or "{}") == alert
+            assert not [m for m in sub.messages if m[2] == alert_topic and m[1]], "alerts are not retained"
+    finally:
+        await monitor.stop()
+        sub.close()
