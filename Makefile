@@ -27,7 +27,7 @@ help:
 	@echo "make fuzz           coverage-guided fuzzing (atheris) of envelope + payload decoding for FUZZ_SECONDS"
 	@echo "                    (default 60); corpus and any crash in var/fuzz/ (ARGS: more libFuzzer flags)"
 	@echo "make logs s=NAME    follow one service's log (sensor-reader, preprocessor, cache-writer,"
-	@echo "                    cloud-forwarder, monitor, cloud-sink, broker)"
+	@echo "                    cloud-forwarder, monitor, exporter, cloud-sink, broker)"
 	@echo "make bench          stepped sustained-load benchmark of the whole pipeline and a naive baseline"
 	@echo "                    (about 15 min; table, var/bench/<time>.json and .png; ARGS=\"--help\" for steps,"
 	@echo "                    --sustain, --workload high|fleet|both)"

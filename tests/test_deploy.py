@@ -486,6 +486,8 @@ def test_every_service_is_healthchecked_restarted_and_started_in_order(
             needs.add(env["IOTPIPE_MQTT__HOST"])
         if "IOTPIPE_REDIS__HOST" in env:
             needs.add(env["IOTPIPE_REDIS__HOST"])
+        if "IOTPIPE_PUBLIC__HOST" in env:  # the exporter's second broker
+            needs.add(env["IOTPIPE_PUBLIC__HOST"])
         if "IOTPIPE_CLOUD_URL" in env:
             needs.add(urlsplit(env["IOTPIPE_CLOUD_URL"]).hostname)
         assert needs <= set(services), f"{name} talks to hosts that are not compose services: {needs}"
@@ -497,6 +499,7 @@ def test_every_service_is_healthchecked_restarted_and_started_in_order(
     assert set(services["cloud-forwarder"]["depends_on"]) == {ONE_SHOT, "mosquitto", "cloud-sink"}
     for name in ("sensor-reader", "preprocessor", "monitor", "mosquitto-public"):
         assert set(services[name]["depends_on"]) == {ONE_SHOT, "mosquitto"}
+    assert set(services["exporter"]["depends_on"]) == {ONE_SHOT, "mosquitto", "mosquitto-public"}
     for name in ("mosquitto", "redis", "cloud-sink"):
         assert set(services[name]["depends_on"]) == {ONE_SHOT}
 
@@ -567,6 +570,10 @@ def test_service_settings_read_every_compose_variable(
             assert str(settings.dead_letter_file.parent) in files, "dead letters must be on a volume"
             assert settings.outbox_file is not None, "compose names the outbox file"
             assert str(settings.outbox_path.parent) in files, "the outbox must be on a volume"
+        if hasattr(settings, "public"):  # the exporter: the public broker, over TLS, with its own password
+            assert settings.public.host == "mosquitto-public" and settings.public.tls
+            assert settings.public.port == 8883 and str(settings.public.ca_file) in mounted
+            assert str(mqtt_password_file(settings.secrets_dir, "exporter")) in mounted
         if hasattr(settings, "devices_file"):
             source = next(s for s, t in mounts(svc) if t == str(settings.devices_file))
             assert (ROOT / source).is_file()
@@ -772,7 +779,14 @@ def test_broker_acls_cover_every_user_and_third_parties_only_read() -> None:
     assert not [t for _, t in sections[BRIDGE_USER] if "/raw/" in t or "/processed/" in t or "#" in t.split("/")[2:3]]
     public = acl_sections("public-acl")
     assert set(public) == set(PUBLIC_USERS)
-    assert all(access == "read" for rules in public.values() for access, _ in rules), "third parties only read"
+    third_parties = {user: rules for user, rules in public.items() if user != "exporter"}
+    assert all(access == "read" for rules in third_parties.values() for access, _ in rules), "third parties only read"
+    # The exporter writes its projection and nothing else: never what the bridge brings, never raw data.
+    assert {access for access, _ in public["exporter"]} == {"write"}
+    for _, topic in public["exporter"]:
+        assert topic.split("/")[1:3] in (["v2", "devices"], ["v2", "exporter"], ["sensor", "+"]), topic
+        assert "#" not in topic
+    assert "exporter" in sections and ("read", "+/v2/processed/+") in sections["exporter"]
 
 
 def test_redis_config_is_durable_and_acl_protected(services: dict[str, dict[str, Any]]) -> None:

@@ -7,13 +7,21 @@ import re
 from cache_writer.service import Settings as CacheWriterSettings
 from cloud_forwarder.service import Settings as ForwarderSettings
 from cloud_sink.app import Settings as SinkSettings
+from exporter.service import Settings as ExporterSettings
 from monitor.service import Settings as MonitorSettings
 from preprocessor.service import Settings as PreprocessorSettings
 from pydantic import BaseModel
 from sensor_reader.service import Settings as ReaderSettings
 from servers import ROOT
 
-SERVICE_SETTINGS = (ReaderSettings, PreprocessorSettings, CacheWriterSettings, ForwarderSettings, MonitorSettings)
+SERVICE_SETTINGS = (
+    ReaderSettings,
+    PreprocessorSettings,
+    CacheWriterSettings,
+    ForwarderSettings,
+    MonitorSettings,
+    ExporterSettings,
+)
 STACK_VARIABLES = {f"IOTPIPE_STACK_{p}_PORT" for p in ("MQTT", "MQTT_TLS", "REDIS", "SINK")} | {"IOTPIPE_NO_INSTALL"}
 LOCAL_STACK_ONLY = {"IOTPIPE_BROKER_CONFIG", "IOTPIPE_REDIS_CONFIG"}  # read by the Procfile, not by Python
 TESTS_ONLY = {"IOTPIPE_FUZZ_EXAMPLES"}  # read by tests/test_fuzz_*.py

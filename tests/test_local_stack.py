@@ -20,14 +20,31 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from iotpipe.devstack import Program, Supervision, read_procfile, redis_password_file, render_supervisor_config
+from iotpipe.devstack import (
+    Program,
+    Supervision,
+    mqtt_password_file,
+    read_procfile,
+    redis_password_file,
+    render_supervisor_config,
+)
 from servers import ROOT, free_port, wait_until
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
 DEVICES = ("greenhouse-1", "greenhouse-2", "weather-station")
-LOGS = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "cloud-sink", "broker")
-PROGRAMS = ("broker", "broker-public", "redis", "cloud-sink", *LOGS[:5])
+LOGS = (
+    "sensor-reader",
+    "preprocessor",
+    "cache-writer",
+    "cloud-forwarder",
+    "monitor",
+    "exporter",
+    "cloud-sink",
+    "broker",
+)
+SERVICES = LOGS[:6]  # the ones with a health file
+PROGRAMS = ("broker", "broker-public", "redis", "cloud-sink", *SERVICES)
 # supervisord's own log line: `2026-01-31 12:00:00,123 INFO spawned: 'preprocessor' with pid 4242`
 SPAWNED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO spawned: '([\w-]+)' with pid (\d+)$", re.M)
 
@@ -176,6 +193,38 @@ def kill9(pid: int) -> float:
     return at
 
 
+async def third_party_sees_every_device(stack: LocalStack) -> None:
+    """What `make run` promises a third party holding only the `reader` password: mosquitto_sub on the
+    public broker (TLS) gets each simulated device's state, fresh, within 5 s of its window's end."""
+    password = mqtt_password_file(stack.secrets, "reader").read_text().strip()
+    argv = [
+        "mosquitto_sub",
+        "-h",
+        "localhost",
+        "-p",
+        stack.ports["PUBLIC_TLS"],
+        "--cafile",
+        str(stack.secrets / "ca_crt"),
+    ]
+    argv += ["-u", "reader", "-P", password, "-t", "iotpipe/v2/devices/+/state", "-R", "-v", "-W", "20"]
+    seen: dict[str, float] = {}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            topic, payload = line.rstrip("\n").split(" ", 1)
+            seen[topic.split("/")[3]] = time.time() - orjson.loads(payload)["ts"] / 1000
+            if set(seen) == set(DEVICES):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert set(seen) == set(DEVICES), seen
+    assert max(seen.values()) < 5.0, seen
+
+
 async def stop_and_check_nothing_is_left(stack: LocalStack) -> None:
     before = set(stack.processes())
     assert before, "no process of the stack found"
@@ -194,10 +243,11 @@ async def test_local_stack_fills_redis_within_30s_and_stops_cleanly(tmp_path: Pa
         await windows_start_after(stack, 0, 30)  # the latest window of every simulated device
 
         def all_online() -> bool:
-            files = [stack.root / "var/health" / f"{name}-local.json" for name in LOGS[:5]]
+            files = [stack.root / "var/health" / f"{name}-local.json" for name in SERVICES]
             return all(f.exists() and orjson.loads(f.read_bytes())["state"] == "online" for f in files)
 
         await wait_until(all_online, 30, "every service's health file to say online")
+        await third_party_sees_every_device(stack)
         await stop_and_check_nothing_is_left(stack)
     except BaseException:
         os.write(2, stack.text()[-5000:].encode())
@@ -218,7 +268,7 @@ async def test_local_stack_fills_redis_within_30s_and_stops_cleanly(tmp_path: Pa
         assert (stack.root / "var/log" / f"{name}.log").stat().st_size > 0, name
     # Services talked TLS to the broker, and every one of them said offline on its way out.
     assert "on port " + stack.ports["MQTT_TLS"] in (stack.root / "var/log/broker.log").read_text()
-    for name in LOGS[:5]:
+    for name in SERVICES:
         health = orjson.loads((stack.root / "var/health" / f"{name}-local.json").read_bytes())
         assert health["state"] == "offline", name
 

@@ -55,6 +55,7 @@ from ._models import (
     json_schemas,
     raw_windows,
 )
+from ._mqtt import MqttConnection
 from ._redis import REDIS_PREFIX, WRITE_WINDOWS
 from ._retry import Outage
 from ._service import Component, Runtime, main, run_service, serve
@@ -63,6 +64,7 @@ from ._settings import (
     RedisSettings,
     ServiceSettings,
     load_settings_or_exit,
+    mqtt_password_file,
     read_secret,
     redis_password_file,
 )
@@ -99,6 +101,7 @@ __all__ = [
     "KeyRing",
     "MalformedEnvelope",
     "Metrics",
+    "MqttConnection",
     "MqttSettings",
     "OfflineAlert",
     "Opened",
@@ -138,6 +141,7 @@ __all__ = [
     "json_schemas",
     "load_settings_or_exit",
     "main",
+    "mqtt_password_file",
     "raw_windows",
     "read_secret",
     "redis_password_file",

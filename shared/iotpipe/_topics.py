@@ -55,6 +55,20 @@ class Topics:
     def device_status(self, device: str) -> str:
         return f"{self.root}/status/device/{validate_id(device, 'device id')}"
 
+    # The plaintext projection (the exporter, on the public broker only; docs/contract.md).
+    def device(self, device: str, leaf: str) -> str:
+        """`leaf` (state, units, availability, alert) of `device`'s projection."""
+        return f"{self.root}/devices/{validate_id(device, 'device id')}/{leaf}"
+
+    def device_sensor(self, device: str, sensor: str) -> str:
+        """One sensor's latest value, a bare number, in `device`'s projection."""
+        return f"{self.root}/devices/{validate_id(device, 'device id')}/sensor/{validate_id(sensor, 'sensor id')}"
+
+    @property
+    def exporter_state(self) -> str:
+        """The exporter's own `online`/`offline` (its Last Will), as Zigbee2MQTT's bridge/state."""
+        return f"{self.root}/exporter/state"
+
     def all(self, kind: str) -> str:
         """Filter for every topic of one kind: raw, processed, health (every source), alerts (every device)."""
         return f"{self.root}/{kind}/+"

@@ -54,15 +54,17 @@ from ._errors import ConfigError
 from ._redis import REDIS_PREFIX, REDIS_USERS, redis_acl_rules
 from ._settings import mqtt_client_cert_file, mqtt_client_key_file, mqtt_password_file, redis_password_file
 
-SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
+SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "exporter")
 # The pipeline broker admits the services, `health` (logs in, may read and write nothing: the
 # compose healthcheck) and, on its bridge listener only, the public broker's bridge (by client
 # certificate). Third parties log in to the public broker, never to this one.
 HEALTH_USER = "health"
 MQTT_USERS = (*SERVICES, HEALTH_USER)
 BRIDGE_USER = "bridge"
-# The public broker's users: third-party consumers, read-only (docs/security.md).
-PUBLIC_USERS = ("reader",)
+# The public broker's users: third-party consumers, read-only (docs/security.md), and the exporter,
+# which writes the plaintext projection there (mosquitto/public-acl). The exporter's one password
+# (`mqtt_exporter_password`) logs it in to both brokers, each of which has its own ACL for it.
+PUBLIC_USERS = ("reader", "exporter")
 _TLS_NAMES = ("localhost", "mosquitto", "broker")
 
 
@@ -97,6 +99,7 @@ CONTAINER_SECRETS: dict[str, tuple[str, ...]] = {
     "cache-writer": _pipeline_service("cache-writer", redis_password_file(Path(), "cache-writer").name),
     "cloud-forwarder": _pipeline_service("cloud-forwarder", "cloud_token"),
     "monitor": _pipeline_service("monitor"),
+    "exporter": _pipeline_service("exporter"),
 }
 
 
@@ -533,6 +536,12 @@ def stack_environment(root: Path, var: Path, secrets_dir: Path, ports: Ports) ->
         "IOTPIPE_MQTT__PORT": str(ports.mqtt_tls),
         "IOTPIPE_MQTT__TLS": "true",
         "IOTPIPE_MQTT__CA_FILE": str((secrets_dir / "ca_crt").resolve()),
+        # The exporter's second broker: the public one, where it publishes the projection.
+        "IOTPIPE_PUBLIC__HOST": "localhost",
+        "IOTPIPE_PUBLIC__PORT": str(ports.public_tls),
+        "IOTPIPE_PUBLIC__TLS": "true",
+        "IOTPIPE_PUBLIC__CA_FILE": str((secrets_dir / "ca_crt").resolve()),
+        "IOTPIPE_HA_DISCOVERY": "true",
         "IOTPIPE_REDIS__HOST": "127.0.0.1",
         "IOTPIPE_REDIS__PORT": str(ports.redis),
         "IOTPIPE_CLOUD_URL": f"http://127.0.0.1:{ports.sink}/ingest",

@@ -56,7 +56,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROJECT = "iotpipetest"
-SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor")
+SERVICES = ("sensor-reader", "preprocessor", "cache-writer", "cloud-forwarder", "monitor", "exporter")
 BASE = "iotpipe"
 WINDOW_MS = 1000  # the sensor-reader's default (compose sets none)
 # Reads per window from which a device's window cannot be empty by chance (0.01 ** 5 = 1e-10).

@@ -1,0 +1,1 @@
+"""exporter service: the plaintext projection for third parties."""

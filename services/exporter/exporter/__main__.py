@@ -1,0 +1,7 @@
+"""exporter: `python -m exporter`."""
+
+from iotpipe import main
+
+from .service import Exporter, Settings
+
+main(Settings, Exporter)
