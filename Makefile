@@ -10,7 +10,9 @@ OS_PACKAGES := mosquitto mosquitto-clients redis-server
 # To build the pipeline broker's guard plugin (mosquitto/iotpipe_guard.c) for this machine's mosquitto.
 BUILD_OS_PACKAGES := gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 BUILD_PROOF := cc /usr/include/mosquitto_broker.h /usr/include/mosquitto.h /usr/include/openssl/x509.h
-TEST_OS_PACKAGES := docker-compose
+TEST_OS_PACKAGES := docker-compose tmux nodejs npm
+# Real third parties the suite runs (tests/node/package.json, locked): Node-RED and the AsyncAPI parser.
+NODE_TOOLS := tests/node
 # `make test-compose`: podman as the engine (its Docker API for docker-compose), debootstrap for the
 # stand-in base images (tests/compose/engine.py).
 COMPOSE_TEST_OS_PACKAGES := podman debootstrap
@@ -60,7 +62,12 @@ deps:
 	$(call ensure_os_packages,$(BUILD_OS_PACKAGES),$(BUILD_PROOF))
 
 test-deps: deps
-	$(call ensure_os_packages,$(TEST_OS_PACKAGES),docker-compose)
+	$(call ensure_os_packages,$(TEST_OS_PACKAGES),docker-compose tmux node npm)
+	@# npm ci only when the lock file is newer than the last install (it takes about 40 s).
+	@if [ ! $(NODE_TOOLS)/node_modules/.package-lock.json -nt $(NODE_TOOLS)/package-lock.json ]; then \
+	  echo "installing the test suite's Node.js tools ($(NODE_TOOLS))"; \
+	  npm ci --prefix $(NODE_TOOLS) --no-audit --no-fund --loglevel=error; \
+	fi
 
 venv: deps
 	$(UV) sync --frozen
