@@ -96,7 +96,8 @@ class Report:
 
 class PublicBroker:
     """A third-party client of the public broker (what Home Assistant would be): `reader` over TLS,
-    subscribed to every status. Holds the latest retained status per topic."""
+    subscribed to every status, the exporter's projection and Home Assistant's discovery topics.
+    Holds the latest message per topic (JSON where it is JSON, else the text)."""
 
     def __init__(self, ca: Path, password: str) -> None:
         self.status: dict[str, dict[str, Any]] = {}
@@ -106,7 +107,14 @@ class PublicBroker:
         )
         self.client.username_pw_set("reader", password)
         self.client.tls_set(ca_certs=str(ca))
-        self.client.on_connect = lambda client, *_: client.subscribe(f"{BASE}/v2/status/#", qos=1)
+        self.client.on_connect = lambda client, *_: client.subscribe(
+            [
+                (f"{BASE}/v2/status/#", 1),
+                (f"{BASE}/v2/devices/#", 1),
+                (f"{BASE}/v2/exporter/#", 1),
+                ("homeassistant/#", 1),
+            ]
+        )
         self.client.on_message = self._on_message
         self.client.connect("localhost", 8883)
         self.client.loop_start()
@@ -114,7 +122,10 @@ class PublicBroker:
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             if msg.payload:
-                self.status[msg.topic] = json.loads(msg.payload)
+                try:
+                    self.status[msg.topic] = json.loads(msg.payload)
+                except ValueError:  # online/offline: plain text
+                    self.status[msg.topic] = msg.payload.decode()
             else:
                 self.status.pop(msg.topic, None)
 
@@ -126,6 +137,24 @@ class PublicBroker:
 
     def online(self, service: str) -> dict[str, dict[str, Any]]:
         return {i: s for i, s in self.services(service).items() if s.get("state") == "online"}
+
+    def topic(self, topic: str) -> Any:
+        with self._lock:
+            return self.status.get(topic)
+
+    def projected(self, device: str, sensors: list[str]) -> bool:
+        """The device's projection complete, as a third party sees it: a state with a number for
+        every sensor, `online`, and one Home Assistant discovery config per sensor naming that state."""
+        state = self.topic(f"{BASE}/v2/devices/{device}/state")
+        configs = [self.topic(f"homeassistant/sensor/{device}/{s}/config") for s in sensors]
+        return (
+            isinstance(state, dict)
+            and all(isinstance(state.get(s), (int, float)) for s in sensors)
+            and self.topic(f"{BASE}/v2/devices/{device}/availability") == "online"
+            and all(
+                isinstance(c, dict) and c.get("state_topic") == f"{BASE}/v2/devices/{device}/state" for c in configs
+            )
+        )
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -363,6 +392,12 @@ async def test_docker_compose_up_for_real(system: System) -> None:
 
         await wait_until(latest_for_every_device, 120, "the latest values of every simulated device in Redis")
         await wait_until(lambda: sink("/stats")["records"] > 0, 120, "records at the cloud-sink")
+        await wait_until(
+            lambda: all(public.projected(d, sensors) for d, (_, sensors) in DEVICES.items()),
+            60,
+            "every device's projection (state, availability, discovery) on the public broker",
+        )
+        assert public.topic(f"{BASE}/v2/exporter/state") == "online"
         for device in DEVICES:
             assert any(r["type"] == "window" for r in sink(f"/records?device={device}")), device
         # And from inside, so far: nothing but JSON lines, no error, from any Python service.
@@ -372,7 +407,8 @@ async def test_docker_compose_up_for_real(system: System) -> None:
             assert lines and not bad, f"{service} logged: {bad[:5]}"
         report.add(
             f"from outside: anonymous refused (MQTT 1883, 8883, Redis, the sink's ingest); {len(SERVICES)} "
-            f"services online on the public broker; latest values of {len(DEVICES)} devices in Redis; "
+            f"services online on the public broker; latest values of {len(DEVICES)} devices in Redis and "
+            "their projection (state, availability, Home Assistant discovery) on the public broker; "
             f"{sink('/stats')['records']} records at the cloud-sink"
         )
 
