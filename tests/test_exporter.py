@@ -23,8 +23,22 @@ from typing import Any
 import orjson
 import pytest
 from iotpipe import KeyRing, Topics
+from iotpipe._health import check_health
+from iotpipe._settings import health_file_for
 from iotpipe.devstack import mqtt_password_file
-from servers import TAP, Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_online, wait_until
+from servers import (
+    TAP,
+    Stack,
+    bus_for,
+    free_port,
+    health_doc,
+    processed_payload,
+    service_env,
+    spawn,
+    stop_all,
+    wait_online,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto_sub (make deps)")
 
@@ -96,12 +110,14 @@ class Rig:
             base,
             workdir,
             "t1",
-            IOTPIPE_PUBLIC__HOST="127.0.0.1",
-            IOTPIPE_PUBLIC__PORT=str(stack.ports.public),
-            IOTPIPE_STATUS_INTERVAL="1",
-            IOTPIPE_CHECK_INTERVAL="0.2",
-            IOTPIPE_HA_PREFIX=f"{base}ha",
-            **env,
+            **{
+                "IOTPIPE_PUBLIC__HOST": "127.0.0.1",
+                "IOTPIPE_PUBLIC__PORT": str(stack.ports.public),
+                "IOTPIPE_STATUS_INTERVAL": "1",
+                "IOTPIPE_CHECK_INTERVAL": "0.2",
+                "IOTPIPE_HA_PREFIX": f"{base}ha",
+                **env,
+            },
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.publisher = bus_for(stack, "preprocessor", keyring=keyring)
@@ -538,3 +554,20 @@ async def test_alerts_are_projected_in_plain_json(stack: Stack, keyring: KeyRing
     finally:
         await monitor.stop()
         sub.close()
+
+
+async def test_the_exporter_is_unhealthy_while_the_public_broker_is_unreachable(
+    stack: Stack, keyring: KeyRing, base: str, workdir: Path
+) -> None:
+    # As compose once had it: the pipeline broker fine, the public one never reached (there, a
+    # certificate without the public broker's name). The healthcheck must say so, not `ok`.
+    async with Rig(
+        stack, keyring, base, workdir, IOTPIPE_PUBLIC__PORT=str(free_port()), IOTPIPE_PUBLIC_UNHEALTHY_AFTER="1"
+    ) as rig:
+        rig.start()
+        await wait_online(stack, rig.topics.service_status("exporter", "t1"))
+        health_file = health_file_for(workdir / "health", "exporter", "t1")
+        await wait_until(
+            lambda: "public broker unreachable" in check_health(health_file, 60)[1], 30, "the exporter unhealthy"
+        )
+        assert health_doc(workdir, "exporter", "t1")["projection"]["public"] == "down"

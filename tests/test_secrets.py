@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
-from iotpipe import ConfigError
+from iotpipe import ConfigError, devstack
 from iotpipe.cli import main
 from iotpipe.devstack import (
     CONTAINER_SECRETS,
@@ -86,6 +86,41 @@ def test_a_missing_certificate_is_issued_by_the_ca_that_is_there(tmp_path: Path)
     assert secrets_dir.joinpath("ca_crt").read_bytes() == ca, "the CA was replaced"
     assert issued_by(secrets_dir / "server_crt", secrets_dir / "ca_crt")
     assert issued_by(secrets_dir / "mqtt_bridge_crt", secrets_dir / "ca_crt")
+
+
+def dns_names(cert_file: Path) -> set[str]:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return set(
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    )
+
+
+def test_our_broker_certificate_from_an_older_release_gets_the_names_clients_now_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An older release's certificate: no `mosquitto-public`, the public broker's compose name, which
+    # the exporter's TLS connection checks (found by make test-compose).
+    with monkeypatch.context() as m:
+        m.setattr(devstack, "_TLS_NAMES", ("localhost", "mosquitto", "broker"))
+        secrets_dir = ensure_secrets(tmp_path / "secrets")
+    assert "mosquitto-public" not in dns_names(secrets_dir / "server_crt")
+    ca = secrets_dir.joinpath("ca_crt").read_bytes()
+    ensure_secrets(secrets_dir)
+    assert dns_names(secrets_dir / "server_crt") >= {"localhost", "mosquitto", "mosquitto-public", "broker"}
+    assert issued_by(secrets_dir / "server_crt", secrets_dir / "ca_crt")
+    assert secrets_dir.joinpath("ca_crt").read_bytes() == ca, "the CA was replaced"
+
+
+def test_a_broker_certificate_of_another_ca_is_never_reissued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(devstack, "_TLS_NAMES", ("localhost",))
+        theirs = ensure_secrets(tmp_path / "theirs")
+    secrets_dir = ensure_secrets(tmp_path / "secrets")
+    for name in ("server_crt", "server_key"):
+        shutil.copy(theirs / name, secrets_dir / name)
+    before = contents(secrets_dir)
+    ensure_secrets(secrets_dir)
+    assert contents(secrets_dir) == before
 
 
 @pytest.mark.parametrize(

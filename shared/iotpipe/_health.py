@@ -85,4 +85,6 @@ def check_health(path: Path, max_age: float) -> tuple[bool, str]:
         return False, f"health file is {age:.0f}s old (max {max_age:.0f}s)"
     if doc.get("state") != "online" or not doc.get("connected"):
         return False, f"state={doc.get('state')} connected={doc.get('connected')}"
+    if doc.get("unhealthy"):  # the service's own reason (Component.health), e.g. a second broker gone
+        return False, str(doc["unhealthy"])
     return True, "ok"

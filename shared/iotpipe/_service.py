@@ -112,7 +112,8 @@ class Component(Generic[S]):
         await asyncio.Event().wait()
 
     def health(self) -> dict[str, Any]:
-        """Service-specific details for the status topic and health file."""
+        """Service-specific details for the status topic and health file. An `unhealthy` key (the
+        reason, one line) makes the container healthcheck fail although the pipeline broker is there."""
         return {}
 
     async def close(self) -> None:

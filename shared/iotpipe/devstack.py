@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -65,7 +66,8 @@ BRIDGE_USER = "bridge"
 # which writes the plaintext projection there (mosquitto/public-acl). The exporter's one password
 # (`mqtt_exporter_password`) logs it in to both brokers, each of which has its own ACL for it.
 PUBLIC_USERS = ("reader", "exporter")
-_TLS_NAMES = ("localhost", "mosquitto", "broker")
+# Every name a client uses to reach a broker: the local stack's, and both compose services'.
+_TLS_NAMES = ("localhost", "mosquitto", "mosquitto-public", "broker")
 
 
 def _pipeline_service(service: str, *more: str) -> tuple[str, ...]:
@@ -187,7 +189,9 @@ def ensure_secrets(secrets_dir: Path, redis_prefixes: Sequence[str] = (REDIS_PRE
     # (its key is needed then, and only then: bring your own CA's certificates and keep its key away).
     if not _pair_present(secrets_dir / "ca_crt", secrets_dir / "ca_key"):
         _make_ca(secrets_dir)
-    if not _pair_present(secrets_dir / "server_crt", secrets_dir / "server_key"):
+    if not _pair_present(secrets_dir / "server_crt", secrets_dir / "server_key") or _our_server_cert_lacks_names(
+        secrets_dir
+    ):
         _make_server_cert(secrets_dir)
     # Client certificates: the bridge's (its identity on the pipeline broker's bridge listener) and
     # one per service (the mTLS option, a second factor beside its password).
@@ -347,6 +351,23 @@ def _make_ca(secrets_dir: Path) -> None:
         ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         0o600,  # never mounted anywhere: only `iotpipe secrets` uses it
     )
+
+
+def _our_server_cert_lacks_names(secrets_dir: Path) -> bool:
+    """True for a broker certificate we issued (by the CA here, whose key is here) that lacks a name
+    clients now use (an older release's: e.g. before the public broker had its compose name). Such a
+    certificate is reissued; one issued by another CA (brought by the operator) is never touched."""
+    if not (secrets_dir / "ca_key").exists():
+        return False  # nothing here could reissue it
+    try:
+        cert = x509.load_pem_x509_certificate((secrets_dir / "server_crt").read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate((secrets_dir / "ca_crt").read_bytes()))
+        names = set(
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        )
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
+        return False
+    return not names >= set(_TLS_NAMES)
 
 
 def _make_server_cert(secrets_dir: Path) -> None:

@@ -392,11 +392,17 @@ async def test_docker_compose_up_for_real(system: System) -> None:
 
         await wait_until(latest_for_every_device, 120, "the latest values of every simulated device in Redis")
         await wait_until(lambda: sink("/stats")["records"] > 0, 120, "records at the cloud-sink")
-        await wait_until(
-            lambda: all(public.projected(d, sensors) for d, (_, sensors) in DEVICES.items()),
-            60,
-            "every device's projection (state, availability, discovery) on the public broker",
-        )
+        try:
+            await wait_until(
+                lambda: all(public.projected(d, sensors) for d, (_, sensors) in DEVICES.items()),
+                60,
+                "every device's projection (state, availability, discovery) on the public broker",
+            )
+        except AssertionError as exc:
+            seen = sorted(t for t in public.status if "/status/" not in t)
+            raise AssertionError(
+                f"{exc}; projection topics seen: {seen[:40]}; exporter log: {log_lines(compose, 'exporter')[-20:]}"
+            ) from None
         assert public.topic(f"{BASE}/v2/exporter/state") == "online"
         for device in DEVICES:
             assert any(r["type"] == "window" for r in sink(f"/records?device={device}")), device

@@ -90,6 +90,11 @@ class Settings(ServiceSettings):
     forget_after: float = Field(7 * 24 * 3600.0, gt=0, description="s without a window before a device is removed")
     check_interval: float = Field(1.0, gt=0, description="s between checks for silent devices")
     max_devices: int = Field(10_000, ge=1, description="devices projected at most (more are counted, not projected)")
+    # A restart of the public broker takes seconds; a wrong host, password or certificate never ends,
+    # and `docker compose ps` (the healthcheck) should say so.
+    public_unhealthy_after: float = Field(
+        30.0, gt=0, description="s without the public broker before the exporter reports itself unhealthy"
+    )
     ha_discovery: bool = Field(False, description="publish Home Assistant MQTT discovery configs")
     ha_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix")
 
@@ -162,6 +167,7 @@ class Exporter(Component[Settings]):
             birth=self._on_public_connect,
         )
         self._republish = False  # set at each connect to the public broker
+        self._public_down_since: float | None = time.monotonic()
         self._started = False
         self._load_table()
         runtime.bus.subscribe(self.topics.all("processed"), self.on_processed, model=Processed, batch=64)
@@ -371,13 +377,21 @@ class Exporter(Component[Settings]):
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
+        details: dict[str, Any] = {}
+        if self.public.connected.is_set():
+            self._public_down_since = None
+        elif self._public_down_since is None:
+            self._public_down_since = time.monotonic()
+        elif (down := time.monotonic() - self._public_down_since) > self.settings.public_unhealthy_after:
+            details["unhealthy"] = f"public broker unreachable for {down:.0f} s"
         return {
+            **details,
             "projection": {
                 "devices": len(self.devices),
                 "online": sum(1 for d in self.devices.values() if d.online),
                 "public": "up" if self.public.connected.is_set() else "down",
                 "ha_discovery": self.settings.ha_discovery,
-            }
+            },
         }
 
     async def close(self) -> None:
