@@ -5,7 +5,7 @@ read-only `reader`."""
 
 from __future__ import annotations
 
-import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -19,9 +19,11 @@ import orjson
 import pytest
 from iotpipe import (
     AnomalyAlert,
+    Bus,
     DeviceStatus,
     KeyRing,
     Metrics,
+    MqttSettings,
     OfflineAlert,
     Sealer,
     Topics,
@@ -29,7 +31,9 @@ from iotpipe import (
 )
 from iotpipe._watch import NONE, LiveView, counter_sum, nested_counters
 from iotpipe.cli import SubscriberSettings, _alert_opener
-from servers import ROOT, Stack, bus_for, service_env, spawn, stop_all, wait_online, wait_until
+from iotpipe.watch import WatchApp
+from servers import ROOT, Stack, free_port, service_env, spawn, stop_all, wait_online, wait_until
+from textual.widgets import DataTable, Static
 
 T0 = 1_800_000_000_000  # unix ms
 BASE = "iotpipe"
@@ -196,3 +200,177 @@ def test_unreadable_payloads_are_counted_and_named_never_raised() -> None:
     assert view.problem == f"{ROOT_TOPIC}/devices/d1/alert: an alert needs device, kind and ts"
     view.ingest(f"{ROOT_TOPIC}/exporter/state", b"online")
     assert view.exporter == "online"
+
+
+# -- the command, in tmux, against a running stack ---------------------------------------------------
+DEVICES = """
+[[devices]]
+id = "dev-a"
+driver = "simulated"
+interval = 0.05
+[devices.params]
+sensors = ["temperature", "humidity"]
+
+[[devices]]
+id = "dev-b"
+driver = "simulated"
+interval = 0.05
+[devices.params]
+sensors = ["pressure"]
+"""
+SERVICES = {
+    "sensor_reader": "sensor-reader",
+    "preprocessor": "preprocessor",
+    "exporter": "exporter",
+    "monitor": "monitor",
+}
+VALUE = r"-?\d+\.\d\d"
+
+
+class Tmux:
+    """A detached tmux session of a fixed size on a server of its own (`-L`): never a user's tmux."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        # Not COLUMNS/LINES (pytest sets 80x24): the server hands them to the pane, where Textual
+        # would believe them over the pane's real size.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=check, timeout=30, env=env
+        )
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "watch", check=False).stdout
+
+    def alive(self) -> bool:
+        return self("has-session", "-t", "watch", check=False).returncode == 0
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is not installed: run `make test-deps` (it installs TEST_OS_PACKAGES, tmux among them)")
+    server = Tmux(f"iotpipe-test-{uuid.uuid4().hex[:12]}")
+    try:
+        yield server
+    finally:
+        server("kill-server", check=False)  # whatever the test left: its own server only
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+async def test_watch_in_tmux_shows_every_device_service_and_alert_and_quits_on_q(
+    stack: Stack, base: str, tmp_path: Path, tmux: Tmux
+) -> None:
+    topics = Topics(base)
+    devices = tmp_path / "devices.toml"
+    devices.write_text(DEVICES)
+    env = service_env(
+        stack,
+        base,
+        tmp_path,
+        "w1",
+        IOTPIPE_DEVICES_FILE=str(devices),
+        IOTPIPE_WINDOW_MS="500",
+        IOTPIPE_WINDOW_GRACE_MS="100",
+        IOTPIPE_STATUS_INTERVAL="1",
+        IOTPIPE_OFFLINE_AFTER="3",
+        IOTPIPE_CHECK_INTERVAL="0.5",
+        IOTPIPE_STATE_INTERVAL="0.2",
+        IOTPIPE_PUBLIC__HOST="127.0.0.1",
+        IOTPIPE_PUBLIC__PORT=str(stack.ports.public),
+    )
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    exit_file = tmp_path / "watch.exit"
+    try:
+        for module, name in SERVICES.items():
+            if module != "sensor_reader":
+                procs[module] = spawn(module, env, tmp_path)
+                await wait_online(stack, topics.service_status(name, "w1"), timeout=60)
+        procs["sensor_reader"] = spawn("sensor_reader", env, tmp_path)
+
+        # What `uv run iotpipe watch` runs: this environment's `iotpipe` script, as the operator of the
+        # public broker (`reader`, the default), with the test's secrets (its key ring too) and topic base.
+        watch_env = {
+            "IOTPIPE_MQTT__HOST": "127.0.0.1",
+            "IOTPIPE_MQTT__PORT": str(stack.ports.public),
+            "IOTPIPE_SECRETS_DIR": str(stack.secrets_dir),
+            "IOTPIPE_BASE_TOPIC": base,
+        }
+        command = " ".join(
+            [
+                "env",
+                *(f"{k}={v}" for k, v in watch_env.items()),
+                str(Path(sys.executable).parent / "iotpipe"),
+                "watch",
+                ";",  # (not redirecting its stderr: Textual draws there)
+                f"echo $? > {exit_file}",
+            ]
+        )
+        tmux("new-session", "-d", "-s", "watch", "-x", "160", "-y", "48", "-c", str(ROOT), command)
+
+        def shows(*patterns: str) -> bool:
+            screen = tmux.screen()
+            return all(re.search(p, screen, re.M) for p in patterns)
+
+        device_rows = (
+            rf"dev-a\s+online\s+humidity {VALUE} \S+\s+temperature {VALUE} \S+\s+\d+s\b",
+            rf"dev-b\s+online\s+pressure {VALUE} \S+\s+\d+s\b",
+        )
+        service_rows = tuple(rf"{name}\s+w1\s+online\b" for name in SERVICES.values())
+        # Rates need two heartbeats of one process: the preprocessor's, a second apart, numbers, not —.
+        rates = (r"preprocessor\s+w1\s+online\s+\d+\.\d/s\s+\d+\.\d/s\s+\d+\s",)
+        header = (rf"127\.0\.0\.1:{stack.ports.public} as reader\s+connected", r"devices 2/2 online")
+        await wait_until(lambda: shows(*device_rows, *service_rows, *rates, *header), 120, "every device and service")
+
+        # A device stops sending (its reader stops): the monitor's offline alert, sealed through the
+        # bridge and as the projection's copy, shown once per device.
+        procs["sensor_reader"].terminate()
+        assert procs["sensor_reader"].wait(30) == 0
+        alerts = tuple(rf"^\W*\d\d:\d\d:\d\d\s+{d}\s+offline\b" for d in ("dev-a", "dev-b"))
+        await wait_until(lambda: shows(*alerts, r"dev-a\s+offline"), 60, "the offline alerts")
+        screen = tmux.screen()
+        assert len(re.findall(r"dev-a\s+offline\s+\S", screen.split("Recent alerts")[1])) == 1, screen
+
+        tmux("send-keys", "-t", "watch", "q")
+        await wait_until(lambda: exit_file.exists() and exit_file.read_text().strip(), 30, "watch to exit")
+        assert exit_file.read_text().strip() == "0"
+        await wait_until(lambda: not tmux.alive(), 10, "the tmux session to end with it")
+    except BaseException:
+        sys.stderr.write(f"\n===== screen =====\n{tmux.screen()}\n")
+        for module in SERVICES:
+            log = tmp_path / f"{module}.out"
+            if log.exists():
+                sys.stderr.write(f"===== {module} =====\n{log.read_text(errors='replace')[-2000:]}\n")
+        raise
+    finally:
+        stop_all(procs.values())
+
+
+# -- the app, without a terminal (Textual's pilot) ------------------------------------------------------
+async def test_the_app_draws_the_view_says_it_is_not_connected_and_ctrl_c_quits(tmp_path: Path) -> None:
+    password = tmp_path / "mqtt_reader_password"
+    password.write_text("not used: nothing listens\n")
+    # A real Bus towards a port nothing listens on: it keeps retrying in the background.
+    bus = Bus(
+        MqttSettings(host="127.0.0.1", port=free_port(), session_expiry=0),
+        client_id="reader-sub-test",
+        keyring=None,
+        src="reader/watch",
+        username="reader",
+        password_file=password,
+    )
+    view = LiveView()
+    view.ingest(f"{ROOT_TOPIC}/devices/dev-a/state", orjson.dumps({"temperature": 20.5, "ts": T0}))
+    app = WatchApp(view, bus, where="127.0.0.1 as reader", sealed_note="alerts: projection only (no key ring)")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        assert "NOT CONNECTED (retrying)" in str(app.query_one("#header", Static).render())
+        assert app.query_one("#devices", DataTable).get_row_at(0)[:3] == ["dev-a", NONE, "temperature 20.50"]
+        view.ingest(f"{ROOT_TOPIC}/devices/dev-b/availability", b"online")
+        await wait_until(lambda: app.query_one("#devices", DataTable).row_count == 2, 10, "dev-b drawn")
+        await pilot.press("ctrl+c")
+        await wait_until(lambda: app.return_code is not None, 10, "the app to exit")
+    assert app.return_code == 0
