@@ -124,6 +124,16 @@ def test_a_services_rates_come_from_successive_nested_counters_and_a_restart_res
     assert view.service_rows(now=T0 / 1000) == []
 
 
+def test_the_exporters_publishes_to_the_public_broker_count_as_out() -> None:
+    view = LiveView()
+    topic = f"{ROOT_TOPIC}/status/service/exporter/x1"
+    view.ingest(topic, status(counters={"received": {"processed": 10}, "projected": {"state": 10, "sensor": 20}}))
+    later = {"received": {"processed": 20}, "projected": {"state": 20, "sensor": 40, "availability": 2}}
+    view.ingest(topic, status(ts=T0 + 2_000, counters=later))
+    [row] = view.service_rows(now=T0 / 1000 + 2)
+    assert (row.service, row.rate_in, row.rate_out) == ("exporter", "5.0/s", "16.0/s")
+
+
 def test_the_flat_counters_of_todays_status_read_like_the_nested_ones() -> None:
     """`"iotpipe_received{kind=raw}": n` (iotpipe.Metrics.snapshot before counters were nested)."""
     metrics = Metrics()
@@ -257,6 +267,8 @@ def tmux() -> Iterator[Tmux]:
         yield server
     finally:
         server("kill-server", check=False)  # whatever the test left: its own server only
+        # tmux leaves its socket file behind when its last session ends.
+        (Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}" / server.socket).unlink(missing_ok=True)
 
 
 @pytest.mark.e2e
@@ -320,8 +332,8 @@ async def test_watch_in_tmux_shows_every_device_service_and_alert_and_quits_on_q
             rf"dev-b\s+online\s+pressure {VALUE} \S+\s+\d+s\b",
         )
         service_rows = tuple(rf"{name}\s+w1\s+online\b" for name in SERVICES.values())
-        # Rates need two heartbeats of one process: the preprocessor's, a second apart, numbers, not —.
-        rates = (r"preprocessor\s+w1\s+online\s+\d+\.\d/s\s+\d+\.\d/s\s+\d+\s",)
+        # Rates need two heartbeats of one process, a second apart: numbers, not —.
+        rates = tuple(rf"{name}\s+w1\s+online\s+\d+\.\d/s\s+\d+\.\d/s\s+\d+\s" for name in ("preprocessor", "exporter"))
         header = (rf"127\.0\.0\.1:{stack.ports.public} as reader\s+connected", r"devices 2/2 online")
         await wait_until(lambda: shows(*device_rows, *service_rows, *rates, *header), 120, "every device and service")
 

@@ -31,6 +31,8 @@ NONE = "—"
 MAX_ALERTS = 50
 # Published by every service on each heartbeat, not data: left out of a service's rate out.
 STATUS_KIND = "status"
+# The exporter's publishes to the public broker: out too, beside what it publishes on the pipeline.
+PROJECTED = "projected"
 # `iotpipe_received{kind=raw}`: a counter of the status format before counters were nested.
 _FLAT_COUNTER = re.compile(r"^(?:iotpipe_)?(?P<name>[A-Za-z0-9_]+?)(?:_total)?(?:\{(?P<labels>[^}]*)\})?$")
 
@@ -253,7 +255,10 @@ class LiveView:
         view.status, view.counters = status, counters
         ts = _ms(status.get("ts"))
         total_in = counter_sum(counters.get("received"))
-        total_out = counter_sum(counters.get("published"), leave_out=frozenset({STATUS_KIND}))
+        total_out = _total(
+            counter_sum(counters.get("published"), leave_out=frozenset({STATUS_KIND})),
+            counter_sum(counters.get(PROJECTED)),
+        )
         if ts is None:
             return
         if view.previous is not None:
@@ -332,6 +337,11 @@ class LiveView:
             "services_online": sum(1 for s in self.services.values() if s.status.get("state") == "online"),
             "alerts": len(self._alerts),
         }
+
+
+def _total(*parts: float | None) -> float | None:
+    known = [p for p in parts if p is not None]
+    return sum(known) if known else None
 
 
 def _rate(before: float | None, after: float | None, seconds: float) -> float | None:

@@ -54,6 +54,7 @@ class WatchApp(App[None]):
     """Three tables refreshed in place; `q` (or Ctrl-C) quits."""
 
     TITLE = "iotpipe watch"
+    ENABLE_COMMAND_PALETTE = False  # nothing to command: a view
     CSS = """
     #header { height: auto; padding: 0 1; background: $boost; }
     .box { border: round $primary; height: 1fr; }
