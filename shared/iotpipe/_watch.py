@@ -288,11 +288,13 @@ class LiveView:
 
     def _device_row(self, name: str, device: DeviceView, now: float) -> DeviceRow:
         monitor = device.monitor or {}
-        state = monitor.get("state") if isinstance(monitor.get("state"), str) else None
-        if state is None:
-            shown = device.availability or NONE
-        else:
-            shown = state + (f" ({monitor['reason']})" if isinstance(monitor.get("reason"), str) else "")
+        state = _state(device)
+        shown = state or NONE
+        if (
+            state is not None and monitor.get("state") == state
+        ):  # the monitor's: its reason, and the exporter's if it differs
+            if isinstance(monitor.get("reason"), str):
+                shown += f" ({monitor['reason']})"
             if device.availability and device.availability != state:
                 shown += f", exporter: {device.availability}"
         values = "  ".join(
@@ -325,18 +327,23 @@ class LiveView:
 
     def alert_rows(self) -> list[AlertRow]:
         """Newest first."""
-        ordered = sorted(self._alerts.items(), key=lambda item: item[0][2], reverse=True)
+        ordered = sorted(self._alerts.items(), key=lambda item: (item[0][2], item[0][0]), reverse=True)
         return [AlertRow(clock(ts), device, kind, _detail(doc)) for (device, kind, ts), doc in ordered]
 
-    def counts(self, now: float) -> dict[str, int]:
-        rows = self.device_rows(now)
+    def counts(self) -> dict[str, int]:
         return {
-            "devices": len(rows),
-            "devices_online": sum(1 for r in rows if r.state.startswith("online")),
+            "devices": len(self.devices),
+            "devices_online": sum(1 for d in self.devices.values() if _state(d) == "online"),
             "services": len(self.services),
             "services_online": sum(1 for s in self.services.values() if s.status.get("state") == "online"),
             "alerts": len(self._alerts),
         }
+
+
+def _state(device: DeviceView) -> str | None:
+    """The monitor's verdict on a device (it alone sees faults), else the exporter's availability."""
+    state = (device.monitor or {}).get("state")
+    return state if isinstance(state, str) else device.availability
 
 
 def _total(*parts: float | None) -> float | None:
