@@ -208,6 +208,10 @@ def test_unreadable_payloads_are_counted_and_named_never_raised() -> None:
     view.ingest(f"{ROOT_TOPIC}/devices/d1/alert", b'{"kind": "offline"}')
     assert view.unreadable == 3
     assert view.problem == f"{ROOT_TOPIC}/devices/d1/alert: an alert needs device, kind and ts"
+    assert view.device_rows(now=T0 / 1000) == []  # no row made of what could not be read
+    view.ingest(f"{ROOT_TOPIC}/devices/d1/state", orjson.dumps({"temperature": 20, "ts": T0}))
+    view.ingest(f"{ROOT_TOPIC}/devices/d1/state", b'{"temperature": ')
+    assert view.device_rows(now=T0 / 1000)[0].values == "temperature 20.00"  # the last good one stays
     view.ingest(f"{ROOT_TOPIC}/exporter/state", b"online")
     assert view.exporter == "online"
 

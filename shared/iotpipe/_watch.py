@@ -22,9 +22,11 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
+
+from ._errors import IotpipeError
 
 NONE = "—"
 # The alerts kept (and shown at most): an operator's glance, not the cloud's record.
@@ -36,6 +38,8 @@ PROJECTED = "projected"
 # `iotpipe_received{kind=raw}`: a counter of the status format before counters were nested.
 _FLAT_COUNTER = re.compile(r"^(?:iotpipe_)?(?P<name>[A-Za-z0-9_]+?)(?:_total)?(?:\{(?P<labels>[^}]*)\})?$")
 
+# What is read of a device: the projection's retained topics, and `monitor` (its status/device/<d>).
+DEVICE_LEAVES = frozenset({"state", "units", "availability", "monitor"})
 # Opens a sealed alert (topic, payload) into its JSON document; None for a duplicate delivery.
 SealedOpener = Callable[[str, bytes], dict[str, Any] | None]
 
@@ -101,7 +105,7 @@ def age(seconds: float | None) -> str:
 
 def number(value: object) -> str:
     """A sensor value: two decimals, as the exporter's means are shown everywhere else."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not _is_number(value):
         return NONE
     return f"{value:.2f}"
 
@@ -126,8 +130,12 @@ def _object(payload: bytes) -> dict[str, Any]:
     return doc
 
 
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _ms(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return int(value) if _is_number(value) else None
 
 
 @dataclass
@@ -215,7 +223,7 @@ class LiveView:
             case ["alerts", _device] if self.open_sealed is not None and payload:
                 try:
                     doc = self.open_sealed(topic, payload)
-                except Exception as exc:  # whatever the opener refuses (bad envelope, key, age): shown, skipped
+                except IotpipeError as exc:  # what the opener refuses (envelope, key, age, model): shown, skipped
                     raise Unreadable(f"sealed alert not opened ({type(exc).__name__}: {exc})") from None
                 if doc is not None:
                     self._alert(doc)
@@ -227,18 +235,20 @@ class LiveView:
             if payload:
                 self._alert(_object(payload))
             return
+        if leaf not in DEVICE_LEAVES:
+            return
+        # Read before anything changes: an unreadable payload leaves the device as it was.
+        doc = _object(payload) if payload and leaf != "availability" else {}
         device = self.devices.setdefault(name, DeviceView())
         if leaf == "state":
-            doc = _object(payload) if payload else {}
-            device.values = {k: v for k, v in doc.items() if k != "ts" and isinstance(v, int | float)}
+            device.values = {k: v for k, v in doc.items() if k != "ts" and _is_number(v)}
             device.state_ts = _ms(doc.get("ts"))
         elif leaf == "units":
-            doc = _object(payload) if payload else {}
             device.units = {k: v for k, v in doc.items() if isinstance(v, str)}
         elif leaf == "availability":
             device.availability = payload.decode("utf-8", "replace") if payload else None
-        elif leaf == "monitor":
-            device.monitor = _object(payload) if payload else None
+        else:
+            device.monitor = doc or None
         if device.empty():  # every retained topic of it cleared: the device is gone
             del self.devices[name]
 
@@ -321,7 +331,7 @@ class LiveView:
             rate_in=_per_second(view.rate_in),
             rate_out=_per_second(view.rate_out),
             rejected=f"{rejected:.0f}" if rejected is not None else "0",
-            lag=f"{p50:.0f} ms" if isinstance(p50, int | float) and not isinstance(p50, bool) else NONE,
+            lag=f"{p50:.0f} ms" if _is_number(p50) else NONE,
             status_age=age(now - ts / 1000) if ts is not None else NONE,
         )
 
