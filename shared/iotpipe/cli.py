@@ -34,7 +34,8 @@ from ._keys import (
 from ._models import Alert, HealthReport, Processed, RawBatch, json_schemas, to_builtins
 from ._redis import REDIS_PREFIX
 from ._settings import ServiceSettings, health_file_for
-from ._topics import validate_id
+from ._topics import Topics, validate_id
+from ._watch import MAX_ALERTS, LiveView, SealedOpener
 from .bench import bench_command
 from .devstack import (
     Ports,
@@ -69,24 +70,57 @@ def main() -> None:
     """iotpipe: MQTT sensor pipeline tools."""
 
 
-@main.command()
-@click.argument("topic_filter", default="iotpipe/v2/#")
-@click.option("--count", "-n", type=int, default=0, help="exit after this many messages (0 = run until Ctrl-C)")
-@click.option("--secrets-dir", type=click.Path(path_type=Path), help="default: $IOTPIPE_SECRETS_DIR")
-@click.option(
+# The connection options of the commands that read as the read-only user (`sub`, `watch`): one
+# definition, so both connect the same way (host, port and TLS from the IOTPIPE_MQTT__ variables).
+_secrets_dir_option = click.option(
+    "--secrets-dir", type=click.Path(path_type=Path), help="default: $IOTPIPE_SECRETS_DIR"
+)
+_user_option = click.option(
     "--user",
     help="broker user (default `reader`, on the public broker); an operator holding a service's password "
     "may watch that service's topics on the pipeline broker as it (never joining its group or session)",
 )
+
+
+def reader_settings(secrets_dir: Path | None, user: str | None) -> SubscriberSettings:
+    """The settings of a read-only connection: the IOTPIPE_ variables, then the command's options."""
+    try:
+        overrides: dict[str, object] = {"secrets_dir": secrets_dir} if secrets_dir else {}
+        settings = SubscriberSettings.load(**overrides)
+    except IotpipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if user is not None:
+        settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update={"username": user})})
+    return settings
+
+
+def reader_bus(settings: SubscriberSettings, what: str) -> Bus:
+    """A Bus for one read-only connection (not started), keeping no session at the broker. `what`
+    names the command in our `src`."""
+    mqtt = settings.mqtt.model_copy(update={"session_expiry": 0})
+    user = mqtt.username or SubscriberSettings.service_name
+    return Bus(
+        mqtt,
+        # `<user>-<id>`, as the pipeline broker requires; a fresh id, so no one's session is touched.
+        client_id=reader_client_id(user),
+        keyring=None,
+        src=f"{user}/{what}",
+        username=user,
+        password_file=settings.mqtt_password_path,
+    )
+
+
+@main.command()
+@click.argument("topic_filter", default="iotpipe/v2/#")
+@click.option("--count", "-n", type=int, default=0, help="exit after this many messages (0 = run until Ctrl-C)")
+@_secrets_dir_option
+@_user_option
 def sub(topic_filter: str, count: int, secrets_dir: Path | None, user: str | None) -> None:
     """Subscribe and print each message as one JSON line, sealed payloads opened and verified (raw,
     processed, health, alerts), status payloads as they are. By default as the read-only `reader`
     of the public broker (point IOTPIPE_MQTT__HOST/PORT at it), which carries statuses and alerts."""
+    settings = reader_settings(secrets_dir, user)
     try:
-        overrides: dict[str, object] = {"secrets_dir": secrets_dir} if secrets_dir else {}
-        settings = SubscriberSettings.load(**overrides)
-        if user is not None:
-            settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update={"username": user})})
         asyncio.run(_subscribe(settings, topic_filter, count))
     except IotpipeError as exc:
         raise click.ClickException(str(exc)) from None
@@ -97,17 +131,7 @@ def sub(topic_filter: str, count: int, secrets_dir: Path | None, user: str | Non
 async def _subscribe(settings: SubscriberSettings, topic_filter: str, count: int) -> None:
     keyring = KeyRing.from_file(settings.keyring_path)
     opener = Opener(keyring, ttl=settings.message_ttl, max_bytes=settings.max_payload_bytes)
-    mqtt = settings.mqtt.model_copy(update={"session_expiry": 0})
-    user = mqtt.username or SubscriberSettings.service_name
-    bus = Bus(
-        mqtt,
-        # `<user>-<id>`, as the pipeline broker requires; a fresh id, so no one's session is touched.
-        client_id=reader_client_id(user),
-        keyring=None,
-        src=f"{user}/cli",
-        username=user,
-        password_file=settings.mqtt_password_path,
-    )
+    bus = reader_bus(settings, "cli")
     done = asyncio.Event()
     seen = 0
 
@@ -172,6 +196,65 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+@main.command()
+@_secrets_dir_option
+@_user_option
+@click.option(
+    "--alerts",
+    "max_alerts",
+    type=click.IntRange(1, 1000),
+    default=MAX_ALERTS,
+    show_default=True,
+    help="recent alerts kept and shown",
+)
+def watch(secrets_dir: Path | None, user: str | None, max_alerts: int) -> None:
+    """Live view for operators: each device (state, latest values, last seen), each service instance
+    (state, messages/s in and out, rejections, lag) and the recent alerts, refreshed in place. Reads
+    what the read-only `reader` may read on the public broker (point IOTPIPE_MQTT__HOST/PORT at it,
+    as for `sub`); with the key ring at hand it also opens the sealed alerts. `q` quits."""
+    from .watch import WatchApp, subscriptions  # Textual: only for this command
+
+    settings = reader_settings(secrets_dir, user)
+    opener, sealed_note = _alert_opener(settings)
+    view = LiveView(open_sealed=opener, max_alerts=max_alerts)
+    try:
+        bus = reader_bus(settings, "watch")
+    except IotpipeError as exc:  # its password file
+        raise click.ClickException(str(exc)) from None
+    app = WatchApp(
+        view,
+        bus,
+        where=f"{settings.mqtt.host}:{settings.mqtt.port}{' (TLS)' if settings.mqtt.tls else ''} as "
+        f"{settings.mqtt.username or SubscriberSettings.service_name}",
+        sealed_note=sealed_note,
+    )
+    for topic_filter in subscriptions(Topics(settings.base_topic).root, sealed_alerts=opener is not None):
+        bus.subscribe(topic_filter, app.on_messages, sealed=False)
+    app.run()
+    sys.exit(app.return_code or 0)
+
+
+def _alert_opener(settings: SubscriberSettings) -> tuple[SealedOpener | None, str]:
+    """How `watch` opens the sealed alerts the bridge brings, and what the header says of it: with the
+    key ring if this user holds it, else not at all (the projection's plain copy of each alert is shown)."""
+    try:
+        keyring = KeyRing.from_file(settings.keyring_path)
+    except IotpipeError:
+        return None, "alerts: projection only (no key ring)"
+    opener = Opener(keyring, ttl=settings.message_ttl, max_bytes=settings.max_payload_bytes)
+
+    def open_alert(topic: str, payload: bytes) -> dict[str, Any] | None:
+        try:
+            opened = opener.open(topic, payload, Alert)
+        except DuplicateMessage:
+            return None
+        opener.commit(opened)
+        doc: dict[str, Any] = to_builtins(opened.data)
+        return doc
+
+    return open_alert, "alerts: sealed (key ring) + projection"
 
 
 @main.command()
