@@ -214,7 +214,13 @@ def watch(secrets_dir: Path | None, user: str | None, max_alerts: int) -> None:
     (state, messages/s in and out, rejections, lag) and the recent alerts, refreshed in place. Reads
     what the read-only `reader` may read on the public broker (point IOTPIPE_MQTT__HOST/PORT at it,
     as for `sub`); with the key ring at hand it also opens the sealed alerts. `q` quits."""
-    from .watch import WatchApp, subscriptions  # Textual: only for this command
+    try:
+        from .watch import WatchApp, subscriptions  # Textual: only for this command
+    except ImportError as exc:  # a service image, which has no reason to carry a terminal UI
+        raise click.ClickException(
+            f"iotpipe watch needs the `watch` extra ({exc.name} is missing): pip install 'iotpipe[watch]' "
+            "(the repository's `uv sync` has it)"
+        ) from None
 
     settings = reader_settings(secrets_dir, user)
     opener, sealed_note = _alert_opener(settings)
