@@ -2,14 +2,17 @@
 shipped simulated devices (services/sensor_reader/examples/simulated.toml, what `make run` has), the
 preprocessor and the exporter (Home Assistant discovery on), read on the public broker as `reader`.
 
-- mosquitto_sub: the command lines are taken from the doc's marked blocks and run as they are, with
-  only the stack's ports, topic base and discovery prefix put in (`secrets/` is the stack's);
-- Node-RED 4.1.8 (tests/node) runs the shipped flow, and the file it writes is read;
+- mosquitto_sub: the command lines are taken from the doc's marked blocks (`<!-- recipe: ... -->`)
+  and run as they are, with only the stack's ports, topic base and discovery prefix put in
+  (`secrets/` is the stack's);
+- Node-RED 4.1.8 (tests/node) runs the shipped flow with the doc's command, and the file it writes
+  is read;
 - Home Assistant: what the doc's discovery command prints is fed to Home Assistant's own code
   (tests/ha: its discovery topic matcher, its MQTT sensor schema, its unit and state-class tables,
   its template engine);
-- Telegraf (not installable here): the shipped config, parsed, applied to the real messages as
-  Telegraf's mqtt_consumer and JSON parser document it.
+- Telegraf (not installable here): the shipped config, which the doc embeds, parsed and applied to
+  the real messages as Telegraf's mqtt_consumer and JSON parser document it (the doc's one command
+  line for it, `telegraf --config docs/recipes/telegraf.conf`, is not run).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import orjson
 import pytest
 from iotpipe import KeyRing, Topics
 from iotpipe.devstack import mqtt_password_file
-from servers import ROOT, Stack, bus_for, service_env, spawn, stop_all, wait_online, wait_until
+from servers import ROOT, Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online, wait_until
 from test_exporter import PublicSub
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto_sub (make deps)")
@@ -66,6 +69,7 @@ RUN_HERE = {
     "mosquitto_sub alerts",
     "mosquitto_sub tls",
     "mosquitto_sub discovery",
+    "node-red",
     "telegraf.conf",
 }
 RECIPE_BLOCK = re.compile(r"<!-- recipe: ([^>]+?) -->\n```(\w+)\n(.*?)```\n", re.S)
@@ -99,8 +103,8 @@ class Live:
 
     def for_stack(self, text: str) -> str:
         """A doc command as it is, but for this stack: its ports, topic base and discovery prefix."""
-        out = text.replace(f"-p {DOC_PORT} ", f"-p {self.stack.ports.public} ")
-        out = out.replace(f"-p {DOC_TLS_PORT} ", f"-p {self.stack.ports.public_tls} ")
+        out = re.sub(rf"\b{DOC_PORT}\b", str(self.stack.ports.public), text)
+        out = re.sub(rf"\b{DOC_TLS_PORT}\b", str(self.stack.ports.public_tls), out)
         out = out.replace("'iotpipe/v2/", f"'{self.topics.root}/").replace("'homeassistant/", f"'{self.prefix}/")
         assert out != text, f"not a command for make run's public broker: {text}"
         return out
@@ -191,11 +195,12 @@ class Command:
     """A doc command run as a user runs it (`bash -c`, in the third party's directory): each line it
     prints, with when it arrived."""
 
-    def __init__(self, live: Live, text: str) -> None:
+    def __init__(self, live: Live, text: str, env: dict[str, str] | None = None) -> None:
         self.text = live.for_stack(text)
         self.proc = subprocess.Popen(
             ["bash", "-c", self.text],
             cwd=live.client_dir,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -221,7 +226,11 @@ class Command:
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(10)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
         self._thread.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -250,7 +259,9 @@ def test_every_recipe_in_the_doc_is_run_here_or_is_a_shipped_file() -> None:
     assert "mosquitto_sub -h" not in unmarked
     # The Telegraf block is the shipped file, byte for byte; the Node-RED flow is named.
     assert blocks["telegraf.conf"] == (RECIPES / "telegraf.conf").read_text()
-    for name in ("recipes/node-red-flow.json", "recipes/node-red-flow_cred.json", "recipes/telegraf.conf"):
+    shipped = ("node-red-flow.json", "node-red-flow_cred.json", "node-red-settings.js", "telegraf.conf")
+    assert sorted(p.name for p in RECIPES.iterdir()) == sorted(shipped)
+    for name in (f"recipes/{file}" for file in shipped):
         assert f"]({name})" in text and (ROOT / "docs" / name).is_file(), name
     # Linked from the README and the operations guide.
     assert "docs/consumers.md" in (ROOT / "README.md").read_text()
@@ -416,41 +427,30 @@ async def test_home_assistant_takes_every_discovery_config_of_every_simulated_se
     assert len({tuple(i) for i in identifiers.values()}) == len(live.devices)
 
 
-NODE_RED_SETTINGS = """\
-// Node-RED for tests/test_consumers.py: headless (no editor, no HTTP port: nothing to collide with on
-// a busy machine), the shipped flow's credentials read as plain JSON (their values are ${VAR}s).
-module.exports = {
-    httpAdminRoot: false,
-    httpNodeRoot: false,
-    credentialSecret: false,
-    logging: { console: { level: "info", metrics: false, audit: false } },
-};
-"""
-
-
 @pytest.mark.timeout(240)
 async def test_node_red_runs_the_shipped_flow_and_writes_every_device_state(live: Live, tmp_path: Path) -> None:
+    """The doc's commands, with the suite's Node-RED, the shipped files copied (Node-RED may rewrite
+    its flow and credentials files: never the repository's), a user directory and an output file of
+    the test's own, and the editor on a free port (PORT, which the shipped settings read)."""
+    recipes_dir = tmp_path / "recipes"
+    shutil.copytree(RECIPES, recipes_dir)
     user_dir = tmp_path / "node-red"
-    user_dir.mkdir()
-    (user_dir / "settings.js").write_text(NODE_RED_SETTINGS)
-    # Copies: Node-RED may rewrite its flow and credentials files, never the repository's.
-    for name in ("node-red-flow.json", "node-red-flow_cred.json"):
-        shutil.copy(RECIPES / name, user_dir / name)
     out_file = tmp_path / "out" / "states.jsonl"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("IOTPIPE_", "MQTT_"))},
-        "MQTT_HOST": "127.0.0.1",
-        "MQTT_PORT": str(live.stack.ports.public),
-        "MQTT_USER": "reader",
-        "MQTT_PASSWORD": live.reader_password(),
-        "STATE_TOPIC": f"{live.topics.root}/devices/+/state",
-        "OUT_FILE": str(out_file),
-    }
-    log_path = tmp_path / "node-red.log"
-    argv = [str(NODE_RED), "--userDir", str(user_dir), "--settings", str(user_dir / "settings.js")]
-    argv.append(str(user_dir / "node-red-flow.json"))
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = recipes()["node-red"]
+    for doc_text, ours in (
+        ("OUT_FILE=/tmp/iotpipe-states.jsonl ", f"OUT_FILE={out_file} "),
+        ("node-red --userDir ", f"{NODE_RED} --userDir "),
+        ("var/node-red", str(user_dir)),
+        ("docs/recipes/", f"{recipes_dir}/"),
+    ):
+        assert doc_text in command
+        command = command.replace(doc_text, ours)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTPIPE_", "MQTT_"))}
+    env["PORT"] = str(free_port())
+    node_red = Command(live, command, env=env)
+
+    def log() -> str:
+        return "\n".join(line for _, line in list(node_red.lines))
 
     def written() -> dict[str, list[dict[str, Any]]]:
         """device -> the states Node-RED wrote for it."""
@@ -471,7 +471,7 @@ async def test_node_red_runs_the_shipped_flow_and_writes_every_device_state(live
                 "a state of every device in the file the flow writes",
             )
         except AssertionError:
-            print(log_path.read_text(errors="replace")[-5000:])
+            print(log()[-5000:])
             raise
         assert set(written()) == set(live.devices)
         # What Node-RED got is what the exporter published, message for message.
@@ -481,16 +481,11 @@ async def test_node_red_runs_the_shipped_flow_and_writes_every_device_state(live
                 10,
                 f"{device}'s states as published",
             )
-        log_text = log_path.read_text(errors="replace")
-        assert "Connected to broker" in log_text and "[error]" not in log_text, log_text[-3000:]
+        text = log()
+        assert f"Server now running at http://127.0.0.1:{env['PORT']}/" in text, text[-3000:]
+        assert "Connected to broker" in text and "[error]" not in text, text[-3000:]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        node_red.close()
 
 
 def mqtt_matches(topic_filter: str, topic: str) -> bool:
