@@ -39,6 +39,7 @@ import pytest
 from iotpipe import KeyRing, Topics
 from iotpipe.devstack import mqtt_password_file
 from servers import ROOT, Stack, bus_for, free_port, service_env, spawn, stop_all, wait_online, wait_until
+from test_docs import known
 from test_exporter import PublicSub
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto_sub (make deps)")
@@ -263,6 +264,8 @@ def test_every_recipe_in_the_doc_is_run_here_or_is_a_shipped_file() -> None:
     assert sorted(p.name for p in RECIPES.iterdir()) == sorted(shipped)
     for name in (f"recipes/{file}" for file in shipped):
         assert f"]({name})" in text and (ROOT / "docs" / name).is_file(), name
+    # It names only settings the services have.
+    assert set(re.findall(r"\bIOTPIPE_[A-Z0-9_]*[A-Z0-9]", text)) - known() == set()
     # Linked from the README and the operations guide.
     assert "docs/consumers.md" in (ROOT / "README.md").read_text()
     assert "(consumers.md)" in (ROOT / "docs/operations.md").read_text()
@@ -308,7 +311,7 @@ async def test_mosquitto_sub_recipes_read_each_device_as_the_doc_says(live: Live
         assert {t: [p for _, p in m] for t, m in availability.by_topic().items()} == {t: ["online"] for t in wanted}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 async def test_the_alerts_recipe_prints_each_alert(live: Live) -> None:
     monitor = bus_for(live.stack, "monitor", keyring=live.keyring)
     await monitor.start()
@@ -526,6 +529,7 @@ def telegraf_metric(conf: dict[str, Any], topic: str, payload: bytes) -> dict[st
     return {"name": conf.get("name_override", "mqtt_consumer"), "tags": tags, "fields": fields, "time": metric_time}
 
 
+@pytest.mark.timeout(240)  # the stack's start-up included, when this runs first
 def test_the_telegraf_recipe_maps_each_state_message_to_a_metric_per_device(live: Live) -> None:
     conf_text = (RECIPES / "telegraf.conf").read_text()
     # The recipe is for the shipped topic base; the stack's is its own.
