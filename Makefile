@@ -11,7 +11,8 @@ OS_PACKAGES := mosquitto mosquitto-clients redis-server
 BUILD_OS_PACKAGES := gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 BUILD_PROOF := cc /usr/include/mosquitto_broker.h /usr/include/mosquitto.h /usr/include/openssl/x509.h
 TEST_OS_PACKAGES := docker-compose tmux nodejs npm
-# Real third parties the suite runs (tests/node/package.json, locked): Node-RED and the AsyncAPI parser.
+# Real third parties the suite runs (tests/node/package.json, locked): Node-RED and the AsyncAPI parser;
+# and Home Assistant (tests/ha/requirements.txt, pinned), in a virtual environment of its own.
 NODE_TOOLS := tests/node
 # `make test-compose`: podman as the engine (its Docker API for docker-compose), debootstrap for the
 # stand-in base images (tests/compose/engine.py).
@@ -68,6 +69,8 @@ test-deps: deps
 	  echo "installing the test suite's Node.js tools ($(NODE_TOOLS))"; \
 	  npm ci --prefix $(NODE_TOOLS) --no-audit --no-fund --loglevel=error; \
 	fi
+	@# Home Assistant's own code for the discovery checks, in var/ha-venv (pinned; a no-op once installed).
+	UV=$(UV) sh tests/ha/setup.sh
 
 venv: deps
 	$(UV) sync --frozen
