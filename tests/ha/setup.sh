@@ -13,8 +13,9 @@ fi
 # Home Assistant 2025.4 needs Python 3.13: HA_PYTHON if set, else one pyenv has (uv does not look
 # there), else whatever 3.13 uv finds or downloads.
 python=${HA_PYTHON:-}
-if [ -z "$python" ] && command -v pyenv >/dev/null 2>&1; then
-  for candidate in "$(pyenv root)"/versions/3.13*/bin/python3.13; do
+pyenv_root=${PYENV_ROOT:-$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")}
+if [ -z "$python" ]; then
+  for candidate in "$pyenv_root"/versions/3.13*/bin/python3.13; do
     [ -x "$candidate" ] && python=$candidate
   done
 fi
