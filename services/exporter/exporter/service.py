@@ -148,6 +148,9 @@ class Exporter(Component[Settings]):
         self.ignored = m.counter("iotpipe_projection_ignored", "Windows not projected, by reason", ("reason",))
         self.failures = m.counter("iotpipe_projection_failures", "Device publishes the public broker did not take")
         self.forgotten = m.counter("iotpipe_projection_forgotten", "Devices removed after forget_after")
+        # Devices with a value not yet published (rate limit, public broker away), alerts not yet sent.
+        m.queues.add("projection_pending", lambda: sum(1 for d in list(self.devices.values()) if d.changed))
+        m.queues.add("alerts_pending", lambda: len(self.alerts))
         password_file = s.public.password_file or mqtt_password_file(s.secrets_dir, s.public.username or "exporter")
         bridge_state = self.topics.exporter_state
         # The public broker has no client-id rule (third parties choose their own ids): a fixed id
@@ -288,6 +291,8 @@ class Exporter(Component[Settings]):
             device.changed |= changed  # tried again (with whatever is newer by then)
             self.failures.inc()
             return
+        # End to end: the window each newly published value is of, from its end to the public broker's ack.
+        self.runtime.metrics.lag.observe("delivered", time.time_ns() // 1_000_000, (device.ends[s] for s in changed))
         for topic, payload, _kind in first:
             device.discovered[topic.split("/")[-2]] = payload
         device.published_units = dict(device.units)
