@@ -129,6 +129,8 @@ class Stack:
                 # where the services would refuse them as older than their past bound (15 days).
                 # tests/test_window_bounds.py drops this and tests the shipped bounds.
                 WINDOW_MAX_AGE: str(100 * 365 * 24 * 3600),
+                # No /metrics unless a test asks (tests/test_metrics.py): every service would try 9100.
+                "IOTPIPE_METRICS_PORT": "0",
                 "PYTHONUNBUFFERED": "1",
             }
         )
