@@ -190,7 +190,7 @@ class WindowLag:
         if not windows:
             return None
         return {
-            "p50_ms": round(min(self._quantile(0.5, interval, windows), high), 3),
+            "p50_ms": round(float(min(self._quantile(0.5, interval, windows), high)), 3),
             "max_ms": float(high),
             "windows": windows,
         }
