@@ -68,7 +68,17 @@ class LocalStack:
         self.ports = {
             name: str(free_port())
             # METRICS: the first of the services' /metrics ports (one each, consecutive).
-            for name in ("MQTT", "MQTT_TLS", "MQTT_MTLS", "MQTT_BRIDGE", "PUBLIC", "PUBLIC_TLS", "REDIS", "SINK", "METRICS")
+            for name in (
+                "MQTT",
+                "MQTT_TLS",
+                "MQTT_MTLS",
+                "MQTT_BRIDGE",
+                "PUBLIC",
+                "PUBLIC_TLS",
+                "REDIS",
+                "SINK",
+                "METRICS",
+            )
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
         env.update({f"IOTPIPE_STACK_{name}_PORT": port for name, port in self.ports.items()})

@@ -432,3 +432,28 @@ def test_the_local_stack_gives_each_service_its_own_metrics_port(tmp_path: Path)
     for name in SERVICES:
         assert parsed[name].environment == {"IOTPIPE_METRICS_PORT": str(ports[name])}, name
     assert not parsed["broker"].environment
+
+
+def test_the_prometheus_recipes_scrape_every_service_where_it_listens() -> None:
+    import yaml
+
+    local = yaml.safe_load((ROOT / "docs/prometheus/local.yml").read_text())
+    jobs = {job["job_name"]: job for job in local["scrape_configs"]}
+    assert list(jobs) == list(SERVICES)
+    for name, port in local_metrics_ports().items():
+        assert jobs[name]["static_configs"] == [{"targets": [f"127.0.0.1:{port}"]}], name
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    recipe = yaml.safe_load((ROOT / "docs/prometheus/compose.yml").read_text())
+    jobs = {job["job_name"]: job for job in recipe["scrape_configs"]}
+    assert list(jobs) == list(SERVICES)
+    for name in SERVICES:
+        env = compose[name]["environment"]
+        port = int(env["IOTPIPE_METRICS_PORT"])
+        assert env["IOTPIPE_METRICS_HOST"] == "0.0.0.0", name
+        if compose[name].get("ports"):  # a singleton: by its service name
+            assert jobs[name]["static_configs"] == [{"targets": [f"{name}:{port}"]}], name
+        else:  # scaled: every replica, by DNS
+            assert str(port) in [str(p) for p in compose[name]["expose"]], name
+            assert jobs[name]["dns_sd_configs"] == [
+                {"names": [name], "type": "A", "port": port, "refresh_interval": "30s"}
+            ], name
