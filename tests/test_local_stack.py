@@ -5,6 +5,7 @@ backed off and given up on, and a clean stop on Ctrl-C that leaves no process be
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -28,7 +30,7 @@ from iotpipe.devstack import (
     redis_password_file,
     render_supervisor_config,
 )
-from servers import ROOT, free_port, wait_until
+from servers import ROOT, free_port, free_ports, wait_until
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
@@ -67,8 +69,18 @@ class LocalStack:
         self.conf = self.root / "var/supervisor/supervisord.conf"
         self.ports = {
             name: str(free_port())
-            for name in ("MQTT", "MQTT_TLS", "MQTT_MTLS", "MQTT_BRIDGE", "PUBLIC", "PUBLIC_TLS", "REDIS", "SINK")
+            for name in (
+                "MQTT",
+                "MQTT_TLS",
+                "MQTT_MTLS",
+                "MQTT_BRIDGE",
+                "PUBLIC",
+                "PUBLIC_TLS",
+                "REDIS",
+                "SINK",
+            )
         }
+        self.ports["METRICS"] = str(free_ports(len(SERVICES)))  # the first of the services' /metrics ports
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
         env.update({f"IOTPIPE_STACK_{name}_PORT": port for name, port in self.ports.items()})
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
@@ -247,6 +259,20 @@ async def test_local_stack_fills_redis_within_30s_and_stops_cleanly(tmp_path: Pa
             return all(f.exists() and orjson.loads(f.read_bytes())["state"] == "online" for f in files)
 
         await wait_until(all_online, 30, "every service's health file to say online")
+        # Each service's /metrics on its own port, in SERVICES order from the base (devstack): told
+        # apart by a queue only that service has.
+        own_queue = {
+            "sensor-reader": "spool_memory",
+            "preprocessor": "inbound:iotpipe/v2/raw/+",
+            "cache-writer": "redis_batch",
+            "cloud-forwarder": "outbox",
+            "monitor": "inbound:iotpipe/v2/health/+",
+            "exporter": "projection_pending",
+        }
+        for offset, name in enumerate(SERVICES):
+            url = f"http://127.0.0.1:{int(stack.ports['METRICS']) + offset}/metrics"
+            page = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+            assert f'iotpipe_queue_depth{{queue="{own_queue[name]}"}}' in page, name
         await third_party_sees_every_device(stack)
         await stop_and_check_nothing_is_left(stack)
     except BaseException:

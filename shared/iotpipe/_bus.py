@@ -139,6 +139,7 @@ class _Subscription:
     outage: Outage
     queue: asyncio.Queue[mqtt.MQTTMessage] = field(default_factory=asyncio.Queue)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # clear while a batch is in the handler
+    windowed: bool = False  # its model carries `windows`: their lag is observed once handled
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -205,6 +206,9 @@ class Bus:
         )
         self.connected = self.connection.connected
         self.subscribed = self.connection.subscribed
+        queues = self.metrics.queues
+        queues.add("publish_in_flight", lambda: self.connection.in_flight)
+        queues.add("deliveries_unacked", lambda: self.connection.unacked)
 
     # -- subscribing ----------------------------------------------------------------------------
     @overload
@@ -267,7 +271,9 @@ class Bus:
         wire = f"$share/{share_group}/{topic_filter}" if share_group else topic_filter
         outage = Outage(retry_max_delay, log, on_retry=self.metrics.errors.labels("retry").inc)
         sub = _Subscription(wire, topic_filter, bool(share_group), handler, model, sealed, batch, linger, outage)
+        sub.windowed = sealed and "windows" in getattr(model, "__struct_fields__", ())
         self._subs.append(sub)
+        self.metrics.queues.add(f"inbound:{topic_filter}", sub.queue.qsize)
         self.connection.subscribe(wire, topic_filter, sub.queue.put_nowait)
         if share_group:  # one grace for the process: the shortest asked for
             self._adopt_after = adopt_after if len(self._shared()) == 1 else min(self._adopt_after, adopt_after)
@@ -587,6 +593,9 @@ class Bus:
                 self.opener.commit(item)
             self._ack(msg)
         self.metrics.received.labels("sealed" if sub.sealed else "plain").inc(len(items))
+        if sub.windowed:
+            now_ms = time.time_ns() // 1_000_000
+            self.metrics.lag.observe("handled", now_ms, (w.span[1] for _msg, item in items for w in item.data.windows))
 
     async def _handle(self, sub: _Subscription, items: Sequence[tuple[mqtt.MQTTMessage, Any]]) -> None:
         """Run the handler until every message in `items` is handled or dead-lettered."""

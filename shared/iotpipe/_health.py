@@ -1,16 +1,24 @@
-"""Counters (Prometheus), the health file a container healthcheck reads, and its checker."""
+"""Counters (Prometheus), the health file a container healthcheck reads, and its checker; the window
+lag histogram, queue-depth gauges and the /metrics endpoint (docs/operations.md, "Metrics")."""
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
+import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -29,6 +37,10 @@ class Metrics:
             registry=self.registry,
         )
         self.errors = Counter("iotpipe_errors", "Errors while handling, by kind", ["kind"], registry=self.registry)
+        self.lag = WindowLag()
+        self.queues = Queues()
+        self.registry.register(self.lag)
+        self.registry.register(self.queues)
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, list(labels), registry=self.registry)
@@ -88,3 +100,189 @@ def check_health(path: Path, max_age: float) -> tuple[bool, str]:
     if doc.get("unhealthy"):  # the service's own reason (Component.health), e.g. a second broker gone
         return False, str(doc["unhealthy"])
     return True, "ok"
+
+
+# -- window lag and queue depths (issue 12) -----------------------------------------------------------
+# Upper bounds (s) of the window lag histogram: from 10 ms (a window handled at once) to 10 min (a
+# backlog after an outage). Finer between 0.1 and 1 s, where a healthy pipeline lives: the reader
+# publishes a window a grace period (200 ms by default) after its end.
+LAG_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+LAG_METRIC = "iotpipe_window_lag_seconds"
+# The stage whose observations make the status `lag` (docs/contract.md): a window handled by the bus
+# (its handler returned: its effect is durable); `delivered` is the sinks' own, end to end.
+STATUS_LAG_STAGE = "handled"
+
+
+class _Lags:
+    """One stage's observations: cumulative bucket counts and sum for Prometheus, and the counts
+    since the last status `lag` (the same buckets: one definition of the percentile)."""
+
+    __slots__ = ("counts", "interval", "interval_max", "sum_ms")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)  # per bucket (not cumulative), the last one +Inf
+        self.interval = [0] * (buckets + 1)
+        self.interval_max = 0
+        self.sum_ms = 0
+
+
+class WindowLag:
+    """`iotpipe_window_lag_seconds{stage}`: how long after a window's end (its own timestamp, the
+    sender's clock) a stage was done with it. Observed a batch of window ends at a time on the event
+    loop; read by the /metrics thread (a copy of the counts under the GIL: a scrape may miss the
+    batch being added, never sees a histogram whose buckets disagree with its count).
+
+    Cost: counting the ends in C, then a bisect per distinct end: a few hundred ns a window, several
+    times less than prometheus_client's Histogram, which takes a lock and a bisect per observation
+    (tests/bench/lag.py measures both)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LAG_BUCKETS) -> None:
+        self.buckets = buckets
+        self._bounds_ms = [round(b * 1000) for b in buckets]
+        self._stages: dict[str, _Lags] = {}
+
+    def observe(self, stage: str, now_ms: int, ends: Iterable[int]) -> None:
+        lags = self._stages.get(stage)
+        if lags is None:
+            lags = self._stages[stage] = _Lags(len(self.buckets))
+        counts, interval, bounds = lags.counts, lags.interval, self._bounds_ms
+        total, high = 0, lags.interval_max
+        # The windows of a batch mostly share a few ends (every device's window closes at once):
+        # counted in C first, then one bisect per distinct end.
+        for end, n in collections.Counter(ends).items():
+            lag = now_ms - end
+            if lag < 0:  # the sender's clock ahead of ours: handled at once, as far as we can tell
+                lag = 0
+            i = bisect.bisect_left(bounds, lag)
+            counts[i] += n
+            interval[i] += n
+            total += lag * n
+            if lag > high:
+                high = lag
+        lags.sum_ms += total
+        lags.interval_max = high
+
+    def take_interval(self, stage: str = STATUS_LAG_STAGE) -> dict[str, float | int] | None:
+        """The status `lag` since the previous call, and a new interval: `p50_ms` interpolated in
+        the histogram's buckets as Prometheus's histogram_quantile does (so the status and the
+        dashboard agree), never above the largest lag seen; `max_ms` exact. None if no window."""
+        lags = self._stages.get(stage)
+        if lags is None:
+            return None
+        interval, lags.interval = lags.interval, [0] * len(lags.interval)
+        high, lags.interval_max = lags.interval_max, 0
+        windows = sum(interval)
+        if not windows:
+            return None
+        return {
+            "p50_ms": round(float(min(self._quantile(0.5, interval, windows), high)), 3),
+            "max_ms": float(high),
+            "windows": windows,
+        }
+
+    def _quantile(self, q: float, counts: list[int], total: int) -> float:
+        rank, seen, lower = q * total, 0, 0.0
+        for bound, count in zip(self._bounds_ms, counts, strict=False):
+            if count and seen + count >= rank:
+                return lower + (bound - lower) * (rank - seen) / count
+            seen += count
+            lower = bound
+        return float(self._bounds_ms[-1])  # in +Inf: the largest finite bound, as Prometheus says
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            LAG_METRIC,
+            "Seconds from a window's end to a stage done with it: handled (its handler returned, the "
+            "effect durable) or delivered (end to end: Redis written, cloud accepted, projection published)",
+            labels=["stage"],
+        )
+        for stage, lags in list(self._stages.items()):
+            counts = list(lags.counts)
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, self.buckets), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric([stage], cumulative, lags.sum_ms / 1000)
+        yield family
+
+
+class Queues:
+    """`iotpipe_queue_depth{queue}` and `iotpipe_queue_bytes{queue}`: what waits in each bounded
+    buffer of the process, read when scraped (nothing on the hot path). Readers run on the /metrics
+    thread, so they only read lengths and counters the event loop keeps."""
+
+    def __init__(self) -> None:
+        self._depth: dict[str, Callable[[], float]] = {}
+        self._bytes: dict[str, Callable[[], float]] = {}
+
+    def add(self, queue: str, depth: Callable[[], float], size: Callable[[], float] | None = None) -> None:
+        self._depth[queue] = depth
+        if size is not None:
+            self._bytes[queue] = size
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "iotpipe_queue_depth", "Items waiting in a bounded buffer, by queue", labels=["queue"]
+        )
+        size = GaugeMetricFamily("iotpipe_queue_bytes", "Bytes waiting in a bounded buffer, by queue", labels=["queue"])
+        for family, readers in ((depth, self._depth), (size, self._bytes)):
+            for queue, read in list(readers.items()):
+                try:
+                    family.add_metric([queue], float(read()))
+                except Exception:  # a reader racing the event loop: this queue skips one scrape
+                    log.debug("queue %s not readable for this scrape", queue, exc_info=True)
+            yield family
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint of one process. A port already taken (another instance on the same
+    host, a stale process) costs the metrics, never the service: one clear line, counted in
+    `iotpipe_errors{kind="metrics_port"}` (visible in the status counters), and the service runs on."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self.metrics, self.host, self.port = metrics, host, port
+        self._server: Any = None
+
+    def start(self) -> bool:
+        if not self.port:
+            return False
+        try:
+            self._server, _thread = start_http_server(self.port, addr=self.host, registry=self.metrics.registry)
+        except OSError as exc:
+            self.metrics.errors.labels("metrics_port").inc()
+            log.error(
+                "metrics off: cannot listen on %s:%d (%s); set IOTPIPE_METRICS_PORT (0: no metrics)",
+                self.host,
+                self.port,
+                exc.strerror or exc,
+            )
+            return False
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        return True
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

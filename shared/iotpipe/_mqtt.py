@@ -243,6 +243,16 @@ class MqttConnection:
             finally:
                 self._pending.pop(info.mid, None)
 
+    @property
+    def in_flight(self) -> int:
+        """Our publishes awaiting the broker's PUBACK (at most `max_inflight`)."""
+        return len(self._pending)
+
+    @property
+    def unacked(self) -> int:
+        """Deliveries handed to our callbacks and not yet acknowledged (at most ReceiveMaximum)."""
+        return len(self._delivered)
+
     def ack(self, message: mqtt.MQTTMessage) -> None:
         if message.qos > 0:
             self._client.ack(message.mid, message.qos)

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 from ._bus import Bus
 from ._envelope import KeyRing
 from ._errors import ConfigError, IotpipeError
-from ._health import Metrics, write_health
+from ._health import Metrics, MetricsServer, write_health
 from ._keys import KEYRING_POLL, KeyRingFile, keyring_status
 from ._logging import configure_logging
 from ._settings import ServiceSettings, load_settings_or_exit
@@ -177,8 +177,8 @@ async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event |
     _tune_gc()
     _tune_malloc()
     stop = stop or asyncio.Event()
-    if settings.metrics_port is not None:
-        runtime.metrics.serve(settings.metrics_port)
+    metrics = MetricsServer(runtime.metrics, settings.metrics_host, settings.metrics_port)
+    metrics.start()
     await runtime.bus.start()
     log.info("%s %s starting (src %s)", runtime.name, settings.instance, settings.src)
     main = asyncio.create_task(component.run(), name="component")
@@ -202,6 +202,7 @@ async def serve(settings: S, factory: ComponentFactory[S], stop: asyncio.Event |
             await component.close()
         finally:
             await runtime.bus.stop()
+            metrics.stop()
 
 
 async def _report_status(runtime: Runtime[Any], component: Component[Any]) -> None:
@@ -243,6 +244,8 @@ def _details(runtime: Runtime[Any], component: Component[Any]) -> dict[str, Any]
         "counters": runtime.metrics.snapshot(),
         "keyring": runtime.keyring_status(),
         **component.health(),
+        # Window end -> handled since the previous status (the lag histogram's `handled` stage).
+        **({"lag": lag} if (lag := runtime.metrics.lag.take_interval()) is not None else {}),
     }
 
 

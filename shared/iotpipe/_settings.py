@@ -24,6 +24,8 @@ from ._topics import ID_PATTERN
 # TTL as raw (reader spool, broker queue) and one as processed, but starts up to a window length
 # (an hour at most) plus the reader's grace before it is sealed, and hosts' clocks differ.
 WINDOW_AGE_MARGIN = 24 * 3600
+# Where a service serves Prometheus /metrics unless told otherwise (IOTPIPE_METRICS_PORT).
+METRICS_PORT = 9100
 
 
 def read_secret(path: Path | str, what: str) -> str:
@@ -120,7 +122,12 @@ class ServiceSettings(BaseSettings):
     log_dir: Path | None = Field(None, description="also log to <log_dir>/<service>.log")
     health_dir: Path = Field(Path(tempfile.gettempdir()) / "iotpipe", description="health files go here")
     status_interval: float = Field(10.0, gt=0, description="s between status/health updates")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port")
+    # On by default (docs/operations.md, "Metrics"): 9100, the port every container uses and the one
+    # Prometheus's own docs give exporters; the local stack gives each service its own. Loopback by
+    # default: /metrics is unauthenticated, so only a deployment that means to (compose, inside its
+    # network) opens it wider.
+    metrics_port: int = Field(METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0: no metrics)")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics listens on (0.0.0.0: every interface)")
     state_dir: Path = Field(Path("var/state"), description="what must survive a restart (the replay window)")
     dead_letter_file: Path | None = Field(
         None,

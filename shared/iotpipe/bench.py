@@ -685,6 +685,8 @@ class Bench:
             IOTPIPE_BASE_TOPIC=BASE,
             IOTPIPE_REDIS_PREFIX=BASE,
             IOTPIPE_DEVICES_FILE=str(self.devices_file),
+            # The bench reads its own figures: no /metrics (every service would try 9100).
+            IOTPIPE_METRICS_PORT="0",
         )
         self.env = env
         self.sink = SinkDb(Path(env["IOTPIPE_SINK_DB_FILE"]))

@@ -38,8 +38,10 @@ from ._topics import Topics, validate_id
 from ._watch import MAX_ALERTS, LiveView, SealedOpener
 from .bench import bench_command
 from .devstack import (
+    LOCAL_METRICS_BASE,
     Ports,
     ensure_secrets,
+    local_metrics_ports,
     missing_secrets,
     prepare_local_stack,
     read_procfile,
@@ -563,6 +565,7 @@ def stack(root: Path) -> None:
         public=int(os.environ.get("IOTPIPE_STACK_PUBLIC_PORT", 11883)),
         public_tls=int(os.environ.get("IOTPIPE_STACK_PUBLIC_TLS_PORT", 18893)),
     )
+    metrics = local_metrics_ports(int(os.environ.get("IOTPIPE_STACK_METRICS_PORT", LOCAL_METRICS_BASE)))
     var = root / "var"
     if stack_running(var):  # before anything of its is rewritten (configs, supervisorctl's password)
         raise click.ClickException(
@@ -573,13 +576,20 @@ def stack(root: Path) -> None:
         env = prepare_local_stack(root, var, ports)
     except RuntimeError as exc:  # the broker plugin could not be built
         raise click.ClickException(str(exc)) from None
+    scrape = ", ".join(f"{name} {port}" for name, port in metrics.items()) if any(metrics.values()) else "off"
     click.echo(
         f"local stack: pipeline MQTT {ports.mqtt} (TLS {ports.mqtt_tls}, mTLS {ports.mqtt_mtls}), "
         f"public MQTT for third parties {ports.public} (TLS {ports.public_tls}), Redis {ports.redis}, "
-        f"cloud-sink {ports.sink}; logs in {var / 'log'}/; "
+        f"cloud-sink {ports.sink}; Prometheus /metrics on 127.0.0.1: {scrape}; logs in {var / 'log'}/; "
         f"`uv run supervisorctl -c {var / 'supervisor/supervisord.conf'} status` shows the processes"
     )
-    code = supervise(programs, root, var, {**os.environ, **env})
+    code = supervise(
+        programs,
+        root,
+        var,
+        {**os.environ, **env},
+        program_env={name: {"IOTPIPE_METRICS_PORT": str(port)} for name, port in metrics.items()},
+    )
     sys.exit(128 - code if code < 0 else code)  # killed by a signal: the shell's 128 + signal
 
 

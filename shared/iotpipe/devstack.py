@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +68,17 @@ BRIDGE_USER = "bridge"
 PUBLIC_USERS = ("reader", "exporter")
 # Every name a client uses to reach a broker: the local stack's, and both compose services'.
 _TLS_NAMES = ("localhost", "mosquitto", "mosquitto-public", "broker")
+
+
+# The local stack's Prometheus /metrics ports on 127.0.0.1: one per service, from this base in SERVICES
+# order (sensor-reader 19101 ... exporter 19106; docs/operations.md, "Metrics"). In containers every
+# service uses the default, 9100, each in its own network namespace.
+LOCAL_METRICS_BASE = 19101
+
+
+def local_metrics_ports(base: int = LOCAL_METRICS_BASE) -> dict[str, int]:
+    """Each service's /metrics port in the local stack (`base` 0: every one 0, metrics off)."""
+    return {name: base + i if base else 0 for i, name in enumerate(SERVICES)}
 
 
 def _pipeline_service(service: str, *more: str) -> tuple[str, ...]:
@@ -691,13 +702,18 @@ def _ini(value: str) -> str:
 
 
 def render_supervisor_config(
-    programs: Sequence[Program], root: Path, var: Path, supervision: Supervision = Supervision()
+    programs: Sequence[Program],
+    root: Path,
+    var: Path,
+    supervision: Supervision = Supervision(),
+    program_env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """supervisord's config for the local stack: one [program] per Procfile line, run as the
     Procfile runs it (`sh -c`, `exec`ed so the program itself is the supervised process), in `root`,
     with supervisord's environment (what `iotpipe stack` gives it). Programs start in Procfile order
     and stop in reverse, each stopped before the next is asked to: the broker, listed first, is
-    still there when the services say `offline` on their way out.
+    still there when the services say `offline` on their way out. `program_env`: variables a
+    program gets on top of that environment (each service's own /metrics port).
 
     supervisorctl's socket is the user's only (0700) and has a password as well, which only keeps
     supervisord from logging a CRIT line about running without one at every start."""
@@ -752,6 +768,9 @@ def render_supervisor_config(
             f"stdout_logfile_maxbytes={s.log_max_bytes}",
             "stdout_logfile_backups=1",
         ]
+        if own := (program_env or {}).get(program.name):
+            quoted = ",".join(f'{k}="{_ini(v)}"' for k, v in own.items())
+            lines.append(f"environment={quoted}")
     return "\n".join(lines) + "\n"
 
 
@@ -826,6 +845,7 @@ def supervise(
     supervision: Supervision = Supervision(),
     out: BinaryIO | None = None,
     poll: float = 0.1,
+    program_env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> int:
     """Run `programs` under supervisord until SIGINT/SIGTERM/SIGHUP (or supervisord's own end),
     printing each line the programs and supervisord write as `HH:MM:SS name | line`. Returns
@@ -834,7 +854,7 @@ def supervise(
     (var / "supervisor").mkdir(parents=True, exist_ok=True)
     (var / "log").mkdir(parents=True, exist_ok=True)
     conf = var / "supervisor" / "supervisord.conf"
-    _write(conf, render_supervisor_config(programs, root, var, supervision), 0o600)
+    _write(conf, render_supervisor_config(programs, root, var, supervision, program_env), 0o600)
     names = ["supervisord", *(p.name for p in programs)]
     # supervisord's lines last: what a program said before it died, then supervisord's word on it.
     followers = {p.name: _Follower(program_log(var, p.name)) for p in programs}

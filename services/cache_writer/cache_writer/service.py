@@ -18,6 +18,7 @@ the calls of a batch go to Redis in one pipeline round trip.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,6 +104,9 @@ class CacheWriter(Component[Settings]):
         self.script = self.redis.register_script(WRITE_WINDOWS)
         self.written = runtime.metrics.counter("iotpipe_windows_written", "Windows newly written to Redis")
         self.duplicates = runtime.metrics.counter("iotpipe_windows_duplicate", "Windows already in Redis")
+        # Windows of the batch in hand not yet written: the batch the bus holds and retries while Redis is down.
+        self._writing = 0
+        runtime.metrics.queues.add("redis_batch", lambda: self._writing)
         # While Redis is down the bus holds the batch unacknowledged (so it is redelivered if we die)
         # and retries; through ReceiveMaximum the broker holds the rest.
         runtime.bus.subscribe(
@@ -115,6 +119,7 @@ class CacheWriter(Component[Settings]):
 
     async def handle(self, messages: Sequence[Opened[Processed]]) -> None:
         rows = [w for m in messages for w in m.data.windows]
+        self._writing = len(rows)
         try:
             results = await self._write(rows)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
@@ -126,6 +131,8 @@ class CacheWriter(Component[Settings]):
                 f"Redis refused: {exc}; regenerate redis_users_acl (iotpipe secrets) and restart Redis",
                 dependency="Redis",
             ) from exc
+        self._writing = 0
+        self.runtime.metrics.lag.observe("delivered", time.time_ns() // 1_000_000, (w.end for w in rows))
         new = sum(results)
         self.written.inc(new)
         self.duplicates.inc(len(results) - new)

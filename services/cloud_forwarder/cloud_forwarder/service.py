@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,26 @@ def window_records(message: Opened[Processed]) -> list[CloudRecord]:
 _window_json = msgspec.json.Encoder().encode
 
 
+class _RecordEnd(msgspec.Struct):
+    """What the end-to-end lag needs of a stored record's JSON: a window's end (alerts have none)."""
+
+    type: str
+    end: int | None = None
+
+
+_record_end = msgspec.json.Decoder(_RecordEnd).decode
+
+
+def window_ends(rows: Sequence[Row]) -> list[int]:
+    """The ends (unix ms) of the windows among `rows`, read from their stored JSON."""
+    ends = []
+    for row in rows:
+        record = _record_end(row.body)
+        if record.type == "window" and record.end is not None:
+            ends.append(record.end)
+    return ends
+
+
 def window_rows(message: Opened[Processed]) -> list[Row]:
     """Outbox rows of a processed message's windows: the same JSON as `encode(WindowRecord)` (the
     `type` tag, then the window's fields and `id`), written directly from each window: building a
@@ -169,6 +190,7 @@ class CloudForwarder(Component[Settings]):
         )
         self.full = False
         self._full_since = 0.0
+        metrics.queues.add("outbox", lambda: self.outbox.usage.records, lambda: self.outbox.usage.bytes)
         self.cloud = Outage(s.retry_max_delay, log, on_retry=metrics.errors.labels("retry").inc)
         self._added = asyncio.Event()
         # A batch is one outbox transaction: as many messages as the broker may have in flight to us.
@@ -294,9 +316,11 @@ class CloudForwarder(Component[Settings]):
         except CloudUnavailable:
             self.batches.labels("retried").inc()
             raise
+        accepted_ms = time.time_ns() // 1_000_000
         await self.outbox.delete(rows)
         self.batches.labels("accepted").inc()
         self.uploaded.inc(len(rows))
+        self.runtime.metrics.lag.observe("delivered", accepted_ms, window_ends(rows))
 
     async def _post(self, body: bytes, key: str) -> None:
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}

@@ -120,6 +120,7 @@ class Device:
     ends: dict[str, int] = field(default_factory=dict)  # sensor -> end (unix ms) of the window its value is of
     units: dict[str, str] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)  # sensors with a value not yet published
+    fresh: set[str] = field(default_factory=set)  # of those, with a new window (not a republish): their lag
     next_state: float = 0.0  # monotonic: the earliest its next state may go out
     published_units: dict[str, str] | None = None
     discovered: dict[str, bytes] = field(default_factory=dict)  # sensor -> config published by this process
@@ -153,6 +154,9 @@ class Exporter(Component[Settings]):
         self.ignored = m.counter("iotpipe_projection_ignored", "Windows not projected, by reason", ("reason",))
         self.failures = m.counter("iotpipe_projection_failures", "Device publishes the public broker did not take")
         self.forgotten = m.counter("iotpipe_projection_forgotten", "Devices removed after forget_after")
+        # Devices with a value not yet published (rate limit, public broker away), alerts not yet sent.
+        m.queues.add("projection_pending", lambda: sum(1 for d in list(self.devices.values()) if d.changed))
+        m.queues.add("alerts_pending", lambda: len(self.alerts))
         password_file = s.public.password_file or mqtt_password_file(s.secrets_dir, s.public.username or "exporter")
         bridge_state = self.topics.exporter_state
         # The public broker has no client-id rule (third parties choose their own ids): a fixed id
@@ -203,6 +207,7 @@ class Exporter(Component[Settings]):
                 device.ends[w.sensor] = w.end
                 device.units[w.sensor] = w.unit
                 device.changed.add(w.sensor)
+                device.fresh.add(w.sensor)
                 device.seen = now
         self.wake.set()
 
@@ -269,6 +274,8 @@ class Exporter(Component[Settings]):
 
     async def _publish_device(self, name: str, device: Device) -> None:
         changed, device.changed = device.changed, set()
+        # Values of new windows (not published again after a reconnect): their lag is observed once out.
+        fresh, device.fresh = device.fresh & changed, device.fresh - changed
         publishes: list[tuple[str, bytes, str]] = []
         if self.settings.ha_discovery:
             for sensor in sorted(changed):
@@ -292,8 +299,11 @@ class Exporter(Component[Settings]):
         ok = ok and all(await asyncio.gather(*(self._send(t, b, k) for t, b, k in rest)))
         if not ok:
             device.changed |= changed  # tried again (with whatever is newer by then)
+            device.fresh |= fresh
             self.failures.inc()
             return
+        # End to end: from the end of the window each new value is of to the public broker's ack.
+        self.runtime.metrics.lag.observe("delivered", time.time_ns() // 1_000_000, (device.ends[s] for s in fresh))
         for topic, payload, _kind in first:
             device.discovered[topic.split("/")[-2]] = payload
         device.published_units = dict(device.units)

@@ -237,6 +237,11 @@ class SensorReader(Component[Settings]):
             on_dropped=self._dropped,
             on_spool_error=runtime.metrics.errors.labels("spool").inc,
         )
+        # Windows awaiting the broker: in memory (next in line or in flight, at most max_pending_windows)
+        # and in the spool on disk (within spool_max_bytes; the memory ones are there too once committed).
+        queues = runtime.metrics.queues
+        queues.add("spool_memory", self.outbox.in_memory)
+        queues.add("spool_disk", lambda: self.outbox.disk_windows, lambda: self.outbox.disk_bytes)
         self.late = runtime.metrics.counter("iotpipe_late_samples", "Samples for an already closed window")
         self.shed = runtime.metrics.counter(
             "iotpipe_readings_shed", "Readings beyond a device's cap of samples per window, by device", ("device",)

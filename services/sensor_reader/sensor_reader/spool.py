@@ -451,7 +451,7 @@ class Outbox:
                 self._fresh_since = asyncio.get_running_loop().time()
                 self._work.set()
             self._fresh.append(window)
-        if not self._disk_only and not self._spilled and self._in_memory() < self.max_in_memory:
+        if not self._disk_only and not self._spilled and self.in_memory() < self.max_in_memory:
             self._queue.append(window)
             self._mem_tail = window.id
         elif self.spool is not None:
@@ -466,17 +466,18 @@ class Outbox:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "windows": self.disk_windows if self.spool is not None else self._in_memory(),
+            "windows": self.disk_windows if self.spool is not None else self.in_memory(),
             "bytes": self.disk_bytes,
             "max_bytes": self.max_bytes,
             "written": self.written,
             "dropped": self.dropped,
             "expired": self.expired,
-            "in_memory": self._in_memory(),
+            "in_memory": self.in_memory(),
             "in_flight": self._in_flight,
         }
 
-    def _in_memory(self) -> int:
+    def in_memory(self) -> int:
+        """Windows next in line or in flight: what `max_in_memory` bounds."""
         return len(self._queue) + self._in_flight
 
     # -- the spool: one task does all of its work -----------------------------------------------
@@ -600,7 +601,7 @@ class Outbox:
         """Load windows waiting on disk only into memory, oldest first, as room frees up."""
         assert self.spool is not None
         while self._disk_only and len(self._queue) < self._low_water and not self._stopping:
-            room = min(LOAD_CHUNK, self.max_in_memory - self._in_memory())
+            room = min(LOAD_CHUNK, self.max_in_memory - self.in_memory())
             if room <= 0:
                 return
             try:
@@ -718,7 +719,7 @@ class Outbox:
                 return
             where = f"spool {self.spool.path}"
         else:
-            if self._in_memory() > self.max_in_memory * FULL_EPISODE_END:
+            if self.in_memory() > self.max_in_memory * FULL_EPISODE_END:
                 return
             where = "memory"
         self._full = False
