@@ -46,6 +46,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from engine import ROOT, Compose, HealthScheduler, Podman, checkout, ensure_standins, run
+from prometheus_client.parser import text_string_to_metric_families
 from servers import wait_until
 
 import redis
@@ -159,6 +160,22 @@ class PublicBroker:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+# The singletons' /metrics on the host (docker-compose.yml; the scaled preprocessor only exposes it).
+METRICS_PORTS = {
+    "sensor-reader": 19201,
+    "cache-writer": 19203,
+    "cloud-forwarder": 19204,
+    "monitor": 19205,
+    "exporter": 19206,
+}
+
+
+def scrape(port: int) -> set[str]:
+    """The metric family names a Prometheus scrape of 127.0.0.1:`port` gets."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        return {family.name for family in text_string_to_metric_families(response.read().decode())}
 
 
 def sink(path: str) -> Any:
@@ -404,6 +421,12 @@ async def test_docker_compose_up_for_real(system: System) -> None:
                 f"{exc}; projection topics seen: {seen[:40]}; exporter log: {log_lines(compose, 'exporter')[-20:]}"
             ) from None
         assert public.topic(f"{BASE}/v2/exporter/state") == "online"
+        # Prometheus, as a scraper on the host sees it: each singleton's /metrics on its loopback port,
+        # with its windows' lag observed (the sensor-reader, which handles none, its published readings).
+        scraped = {service: scrape(port) for service, port in METRICS_PORTS.items()}
+        for service, families in scraped.items():
+            wanted = "iotpipe_published" if service == "sensor-reader" else "iotpipe_window_lag_seconds"
+            assert wanted in families, f"{service}'s /metrics lacks {wanted}: {sorted(families)}"
         for device in DEVICES:
             assert any(r["type"] == "window" for r in sink(f"/records?device={device}")), device
         # And from inside, so far: nothing but JSON lines, no error, from any Python service.
@@ -415,6 +438,7 @@ async def test_docker_compose_up_for_real(system: System) -> None:
             f"from outside: anonymous refused (MQTT 1883, 8883, Redis, the sink's ingest); {len(SERVICES)} "
             f"services online on the public broker; latest values of {len(DEVICES)} devices in Redis and "
             "their projection (state, availability, Home Assistant discovery) on the public broker; "
+            f"/metrics of {len(METRICS_PORTS)} services scraped on the host's loopback; "
             f"{sink('/stats')['records']} records at the cloud-sink"
         )
 
