@@ -238,6 +238,20 @@ def schema(directory: Path, check: bool) -> None:
 
 
 @main.command()
+@click.option("--check", type=click.Path(path_type=Path, dir_okay=False), help="exit 1 if this file differs")
+def asyncapi(check: Path | None) -> None:
+    """Print the AsyncAPI 3.0 document of both brokers' topics (docs/asyncapi.yaml), generated from
+    the models and topic definitions; with --check, compare it with that file instead."""
+    from ._asyncapi import COMMAND, document, to_yaml  # needs the exporter package (the dev environment)
+
+    text = to_yaml(document())
+    if check is None:
+        click.echo(text, nl=False)
+    elif not check.exists() or check.read_text(encoding="utf-8") != text:
+        raise click.ClickException(f"{check} is out of date: run `{COMMAND}`")
+
+
+@main.command()
 @click.argument("kid")
 def keygen(kid: str) -> None:
     """Print a new key ring line `<KID> <fernet key>` (for key rotation; see docs/operations.md)."""
