@@ -4,6 +4,7 @@ publish on either broker is one of its channels, with the retained flag it says.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -246,3 +247,53 @@ async def test_every_topic_a_running_stack_publishes_is_in_the_document(
     )
     assert not wrongly_retained, f"retained, but not retained in docs/asyncapi.yaml: {wrongly_retained}"
     print(f"checked {len(pipeline.topics())} pipeline and {len(public.topics())} public topics")
+
+
+# -- the document against the brokers' ACLs -------------------------------------------------------
+def acl_grants(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """user -> [(access, topic pattern)] of a mosquitto ACL file (`user` and `topic` lines)."""
+    grants: dict[str, list[tuple[str, str]]] = {}
+    user = ""
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["user"]:
+            user = words[1]
+            grants.setdefault(user, [])
+        elif words[:1] == ["topic"]:
+            access, pattern = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+            grants[user].append((access, pattern))
+    return grants
+
+
+def matches(pattern: str, topic: str) -> bool:
+    """MQTT topic-filter matching (`+` one level, `#` the rest)."""
+    levels, wanted = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(wanted) or (level != "+" and level != wanted[i]):
+            return False
+    return len(levels) == len(wanted)
+
+
+def test_every_operation_is_one_the_broker_acls_allow() -> None:
+    """Who publishes and who receives what, as the document says, is what mosquitto/acl (pipeline)
+    and mosquitto/public-acl (public) grant that user: `send` needs write, `receive` read."""
+    doc = yaml.safe_load(DOC.read_text(encoding="utf-8"))
+    acls = {"pipeline": acl_grants(ROOT / "mosquitto/acl"), "public": acl_grants(ROOT / "mosquitto/public-acl")}
+    refused = []
+    for name, op in doc["operations"].items():
+        (user,) = (tag["name"] for tag in op["tags"])
+        channel = doc["channels"][op["channel"]["$ref"].rsplit("/", 1)[1]]
+        # A sample topic: a service's own status is its own (`{service}` = the user).
+        sample = {"base": "iotpipe", "prefix": "homeassistant", "service": user}
+        topic = channel["address"].format_map(collections.defaultdict(lambda: "x1", sample))
+        brokers = {ref["$ref"].rsplit("/", 1)[1].removesuffix("Tls").removesuffix("Mtls") for ref in channel["servers"]}
+        # Third parties are on the public broker; the exporter publishes its projection there.
+        broker = "public" if user == "reader" or brokers == {"public"} else "pipeline"
+        need = "write" if op["action"] == "send" else "read"
+        grants = acls[broker].get(user, [])
+        if not any(access in (need, "readwrite") and matches(p, topic) for access, p in grants):
+            refused.append(f"{name}: {user} may not {need} {topic} on the {broker} broker")
+    assert not refused, refused
+    assert {op["tags"][0]["name"] for op in doc["operations"].values()} >= {"reader", "exporter", "sensor-reader"}
