@@ -242,9 +242,12 @@ def schema(directory: Path, check: bool) -> None:
 def asyncapi(check: Path | None) -> None:
     """Print the AsyncAPI 3.0 document of both brokers' topics (docs/asyncapi.yaml), generated from
     the models and topic definitions; with --check, compare it with that file instead."""
-    from ._asyncapi import COMMAND, document, to_yaml  # needs the exporter package (the dev environment)
+    from ._asyncapi import COMMAND, document, to_yaml
 
-    text = to_yaml(document())
+    try:
+        text = to_yaml(document())
+    except ModuleNotFoundError as exc:  # Home Assistant discovery is the exporter's own code
+        raise click.ClickException(f"needs the exporter package (the dev environment, `uv sync`): {exc}") from None
     if check is None:
         click.echo(text, nl=False)
     elif not check.exists() or check.read_text(encoding="utf-8") != text:
