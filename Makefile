@@ -18,7 +18,7 @@ NODE_TOOLS := tests/node
 # stand-in base images (tests/compose/engine.py).
 COMPOSE_TEST_OS_PACKAGES := podman debootstrap
 
-.PHONY: help deps test-deps venv secrets run test test-compose test-faults fuzz bench bench-bus logs lint clean
+.PHONY: help deps test-deps venv secrets run test test-compose test-faults fuzz bench bench-bus logs lint asyncapi clean
 
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
@@ -37,6 +37,7 @@ help:
 	@echo "make bench-bus      messages/s and CPU per message of one process's MQTT bus (publish, consume)"
 	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
 	@echo "make lint           ruff (lint and format) and mypy (strict on shared/, services checked)"
+	@echo "make asyncapi       regenerate docs/asyncapi.yaml (and docs/schema/) from the models and topic definitions"
 
 # $(1): packages, $(2): binaries (or absolute paths of files) that prove they are there
 define ensure_os_packages
@@ -125,6 +126,12 @@ lint: venv
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy
+
+# Generated contract documents: never edit them by hand (tests/test_asyncapi.py, tests/test_models.py
+# fail when they differ from what the code produces).
+asyncapi: venv
+	$(UV) run --frozen iotpipe schema
+	$(UV) run --frozen iotpipe asyncapi > docs/asyncapi.yaml.tmp && mv docs/asyncapi.yaml.tmp docs/asyncapi.yaml
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -345,9 +345,19 @@ def health_doc(workdir: Path, service: str, instance: str) -> dict[str, Any]:
         return {}
 
 
-def service_counters(workdir: Path, service: str, instance: str) -> dict[str, float]:
-    """The service's counters as of its latest heartbeat (`"counters"` of its status)."""
+def service_counters(workdir: Path, service: str, instance: str) -> dict[str, Any]:
+    """The service's counters as of its latest heartbeat (`"counters"` of its status, nested: read one
+    with `iotpipe.counter`)."""
     return health_doc(workdir, service, instance).get("counters", {})  # type: ignore[no-any-return]
+
+
+def add_counters(total: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add nested counters `more` (a status's `"counters"`) into `total`, level by level."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            add_counters(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
 
 
 # How often wait_until re-checks a condition that has no event of its own.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
-from iotpipe import KeyRing, Opened, PermanentError, PlainMessage, Sealer, Topics
+from iotpipe import KeyRing, Opened, PermanentError, PlainMessage, Sealer, Topics, counter
 from iotpipe.devstack import mqtt_password_file
 from paho.mqtt.enums import CallbackAPIVersion
 from servers import TAP, Stack, bus_for
@@ -151,11 +151,11 @@ async def test_bad_input_is_counted_and_never_blocks_the_next_message(
         await producer.publish_sealed(topics.raw("d1"), {"good": True})
         await asyncio.wait_for(good.wait(), 10)
         assert received == [{"dup": True}, {"good": True}]
-        counts = consumer.metrics.snapshot()
-        assert counts["iotpipe_rejected{reason=malformed}"] >= 5
-        assert counts["iotpipe_rejected{reason=undecryptable}"] == 1
-        assert counts["iotpipe_rejected{reason=topic_mismatch}"] == 1
-        assert counts["iotpipe_rejected{reason=duplicate}"] == 1
+        counts = consumer.metrics.counters()
+        assert counter(counts, "rejected", "malformed") >= 5
+        assert counter(counts, "rejected", "undecryptable") == 1
+        assert counter(counts, "rejected", "topic_mismatch") == 1
+        assert counter(counts, "rejected", "duplicate") == 1
     finally:
         for bus in (consumer, producer):
             await bus.stop()

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from iotpipe import KeyRing, Opened, PlainMessage, Sealer, Topics
+from iotpipe import KeyRing, Opened, PlainMessage, Sealer, Topics, counter
 from servers import TAP, Stack, bus_for
 
 
@@ -67,7 +67,7 @@ async def test_a_duplicate_in_the_same_batch_reaches_the_handler_once(
         assert batches[0] == [1]
         delivered = [seq for batch in batches for seq in batch]
         assert delivered == [1, 2, 3], f"handler batches: {batches}"
-        assert consumer.metrics.snapshot().get("iotpipe_rejected{reason=duplicate}") == 1
+        assert counter(consumer.metrics.counters(), "rejected", "duplicate") == 1
     finally:
         for bus in (consumer, producer):
             await bus.stop()

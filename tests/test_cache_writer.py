@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from cache_writer.service import CacheWriter, Settings
-from iotpipe import KeyRing, Opened, Processed, Runtime, decode
+from iotpipe import KeyRing, Opened, Processed, Runtime, counter, decode
 from servers import Stack, processed_payload
 
 
@@ -75,8 +75,8 @@ async def test_redelivered_and_late_windows_are_idempotent(
     after = await reader.zrange(f"{base}:series:d2:temp", 0, -1, withscores=True)
     assert after[-1] == before[-1] and len(after) == 2
     assert await reader.hget(f"{base}:latest:d2", "temp") == "21.5"  # the late window did not win
-    counts = writer.runtime.metrics.snapshot()
-    assert counts["iotpipe_windows_written"] == 2 and counts["iotpipe_windows_duplicate"] == 2
+    counts = writer.runtime.metrics.counters()
+    assert counter(counts, "windows_written") == 2 and counter(counts, "windows_duplicate") == 2
 
 
 async def test_redis_requires_auth_and_reader_is_read_only(

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from iotpipe import KeyRing, Topics
+from iotpipe import KeyRing, Topics, counter
 from servers import (
     Stack,
     bus_for,
@@ -76,10 +76,10 @@ async def write_through_service(
 
         def handled() -> float:
             counts = service_counters(tmp_path, "cache-writer", "hist")
-            return counts.get("iotpipe_windows_written", 0) + counts.get("iotpipe_windows_duplicate", 0)
+            return counter(counts, "windows_written") + counter(counts, "windows_duplicate")
 
         await wait_until(lambda: handled() >= len(starts), 30, f"the writer to handle {len(starts)} windows")
-        assert service_counters(tmp_path, "cache-writer", "hist")["iotpipe_windows_written"] == len(starts)
+        assert counter(service_counters(tmp_path, "cache-writer", "hist"), "windows_written") == len(starts)
     finally:
         await producer.stop()
         stop_all([writer])

@@ -37,7 +37,7 @@ import iotpipe._mqtt
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from iotpipe import KeyRing, PlainMessage, Topics
+from iotpipe import KeyRing, PlainMessage, Topics, counter
 from iotpipe.devstack import redis_password_file
 from servers import (
     TAP,
@@ -290,11 +290,11 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
         await wait_until(lambda: latest_has(stack, base, "d1", "end"), 30, "the END window in Redis")
         counters = await settled_counters(tmp_path, "cache-writer", "crash", time.time(), STATUS_INTERVAL)
         # Written as new to this series, by every writer process together (END is in a series of its own).
-        written = written_by_killed + counters.get("iotpipe_windows_written", 0) - 1
+        written = written_by_killed + counter(counters, "windows_written") - 1
         tally = tally_series(
             await stored(stack, f"{base}:series:d1:temp"), {i * 1000: window(i) for i in range(WINDOWS)}, written
         )
-        tally.collapsed = counters.get("iotpipe_windows_duplicate", 0)
+        tally.collapsed = counter(counters, "windows_duplicate")
         text = report(f"kill -9 {victim}", tally)
         assert not tally.lost and not tally.unexpected and tally.duplicated == 0, text
         # The control: the republished windows reached the writer and were counted as present. (Any
@@ -455,7 +455,7 @@ async def test_control_broker_kill_without_publisher_replay_loses_windows(
         assert lost > 0, "without the producer's replay a broker kill must lose what it had not saved"
         # The same accounting as the tests above, and it must report the loss as loss.
         counters = await settled_counters(tmp_path, "cache-writer", "crash", time.time(), STATUS_INTERVAL)
-        written = counters.get("iotpipe_windows_written", 0) - 1  # the marker, in a series of its own
+        written = counter(counters, "windows_written") - 1  # the marker, in a series of its own
         tally = tally_series(
             await stored(stack, f"{base}:series:d1:temp"), {i * 1000: window(i) for i in range(WINDOWS)}, written
         )
@@ -635,13 +635,13 @@ async def test_every_service_recovers_from_a_broker_restart(
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {report('not drained', *await tallies(0))}") from None
         members = await in_redis()
-        stream, redis_tally, cloud = await tallies(counters.get("iotpipe_windows_written", 0))
-        redis_tally.collapsed = counters.get("iotpipe_windows_duplicate", 0)
+        stream, redis_tally, cloud = await tallies(counter(counters, "windows_written"))
+        redis_tally.collapsed = counter(counters, "windows_duplicate")
         text = report("kill -9 broker under the pipeline", stream, redis_tally, cloud)
         assert not stream.lost, text
         assert not stream.unexpected, text
         assert not redis_tally.lost and not redis_tally.unexpected and redis_tally.duplicated == 0, text
-        assert counters["iotpipe_windows_written"] == len(members), text
+        assert counter(counters, "windows_written") == len(members), text
         assert not cloud.lost and not cloud.unexpected, text  # duplicates allowed (at least once), as copies
     finally:
         stop_all(procs)
@@ -710,10 +710,10 @@ async def test_preprocessor_killed_mid_stream_every_window_once(
         await producer.publish_sealed(topics.raw("d1"), raw(0, "end"))
         await wait_until(lambda: latest_has(stack, base, "d1", "end"), 30, "the end window in Redis")
         counters = await settled_counters(tmp_path, "cache-writer", "crash", time.time(), STATUS_INTERVAL)
-        written = counters.get("iotpipe_windows_written", 0) - 1  # the end window
+        written = counter(counters, "windows_written") - 1  # the end window
         published = {i * 1000: processed(i * 1000) for i in range(WINDOWS)}
         tally = tally_series(await stored(stack, f"{base}:series:d1:temp"), published, written)
-        tally.collapsed = counters.get("iotpipe_windows_duplicate", 0)
+        tally.collapsed = counter(counters, "windows_duplicate")
         text = report("kill -9 preprocessor", tally)
         assert not tally.lost and not tally.unexpected and tally.duplicated == 0, text
         assert written == WINDOWS, text  # each window written as new once, however often it was processed

@@ -36,6 +36,7 @@ from iotpipe import (
     SchemaError,
     Sealer,
     Topics,
+    counter,
     decode,
     serve,
 )
@@ -116,7 +117,7 @@ async def monitor_running(
 
 
 def rejected(monitor: Monitor, reason: str) -> float:
-    return monitor.runtime.metrics.snapshot().get(f"iotpipe_rejected{{reason={reason}}}", 0)
+    return counter(monitor.runtime.metrics.counters(), "rejected", reason)
 
 
 def dead_letters(workdir: Path) -> list[dict[str, Any]]:
@@ -156,7 +157,7 @@ async def test_a_forged_plaintext_status_claiming_a_fault_changes_no_device(
             await wait_until(lambda: "sensor-reader/later" in monitor.services, 20, "the statuses handled")
             assert monitor.services["sensor-reader/evil"]["state"] == "online"  # still shown: display only
             assert "victim" not in monitor.device_state
-            assert monitor.runtime.metrics.snapshot().get("iotpipe_alerts{kind=fault}", 0) == 0
+            assert counter(monitor.runtime.metrics.counters(), "alerts", "fault") == 0
 
             # A genuine sealed report still makes a fault, and its alert is the only one the cloud gets.
             await reader.publish_sealed(topics.health("r1"), report(real=("fault", "bus: no ACK")))

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from iotpipe import FloodAlert, KeyRing, Opened, RawBatchHead, Runtime, Topics, decode
+from iotpipe import FloodAlert, KeyRing, Opened, RawBatchHead, Runtime, Topics, counter, decode
 from preprocessor.fairness import DeviceBuckets
 from preprocessor.service import Preprocessor, Settings
 from servers import Stack, bus_for, service_counters, service_env, spawn, stop_all, wait_online, wait_until
@@ -194,9 +194,9 @@ async def test_flood_windows_are_shed_before_processing_alerted_once_and_genuine
         # the broker did not acknowledge its processed message).
         assert len(component._admitted(first)) == 7
         await component.handle([first])
-        counters = component.runtime.metrics.snapshot()
-        assert counters["iotpipe_windows_shed{device=flood}"] == 45
-        assert counters["iotpipe_windows"] == 5 + 2
+        counters = component.runtime.metrics.counters()
+        assert counter(counters, "windows_shed", "flood") == 45
+        assert counter(counters, "windows") == 5 + 2
         await component.handle([opened(base, 2, [raw_window("g1", start + 1000), raw_window("flood", start + 1000)])])
         await wait_until(lambda: len(processed) == 8, 10, "the admitted windows processed")
         assert sorted((w["device"], w["start"]) for w in processed if w["device"] != "flood") == [
@@ -212,9 +212,9 @@ async def test_flood_windows_are_shed_before_processing_alerted_once_and_genuine
         assert alert.device == "flood" and alert.shed == 46 and "0.01 windows/s" in alert.reason
         # More shed within the interval: counted, not alerted again.
         await component.handle([opened(base, 3, [raw_window("flood", start + 2000)])])
-        assert component.runtime.metrics.snapshot()["iotpipe_windows_shed{device=flood}"] == 47
+        assert counter(component.runtime.metrics.counters(), "windows_shed", "flood") == 47
         await component._alert_floods()
-        assert len(alerts) == 1 and component.runtime.metrics.snapshot()["iotpipe_alerts{kind=flood}"] == 1
+        assert len(alerts) == 1 and counter(component.runtime.metrics.counters(), "alerts", "flood") == 1
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -267,7 +267,7 @@ async def test_a_window_breaking_the_contract_still_rejects_its_whole_message(
         (dead,) = [orjson.loads(line) for line in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
         assert dead["reason"] == "schema" and "outside the window" in dead["error"] and dead["seq"] == 2
         await wait_until(
-            lambda: service_counters(tmp_path, "preprocessor", "strict").get("iotpipe_rejected{reason=schema}") == 1,
+            lambda: counter(service_counters(tmp_path, "preprocessor", "strict"), "rejected", "schema") == 1,
             10,
             "the rejection counted",
         )

@@ -37,6 +37,7 @@ from iotpipe import (
     Runtime,
     Topics,
     WindowRecord,
+    counter,
     decode,
     encode,
 )
@@ -171,7 +172,7 @@ def accepted_ids(cloud: FlakyCloud) -> list[str]:
 
 
 def uploaded(forwarder: CloudForwarder) -> float | None:
-    return forwarder.runtime.metrics.snapshot().get("iotpipe_records_uploaded")
+    return counter(forwarder.runtime.metrics.counters(), "records_uploaded")
 
 
 async def test_retries_5xx_and_429_with_one_idempotency_key(harness, stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -186,8 +187,8 @@ async def test_retries_5xx_and_429_with_one_idempotency_key(harness, stack: Stac
     token = (stack.secrets_dir / "cloud_token").read_text().strip()
     assert all(headers["Authorization"] == f"Bearer {token}" for headers, _ in cloud.requests)
     assert accepted_ids(cloud) == ["d1/temp/0", "d1/temp/1000", "d1/temp/2000"]
-    counts = forwarder.runtime.metrics.snapshot()
-    assert counts["iotpipe_records_uploaded"] == 3 and counts["iotpipe_batches{outcome=retried}"] == 3
+    counts = forwarder.runtime.metrics.counters()
+    assert counter(counts, "records_uploaded") == 3 and counter(counts, "batches", "retried") == 3
     await until(lambda: forwarder.outbox.records == 0)  # deleted once accepted
 
 
@@ -240,7 +241,7 @@ async def test_4xx_dead_letters_only_the_refused_record(harness, monkeypatch, tm
     assert dead["id"] == "d1/temp/2000"
     record = decode(dead["payload"].encode(), WindowRecord)
     assert record == WindowRecord(id="d1/temp/2000", **window_fields(2000))
-    assert forwarder.runtime.metrics.snapshot()["iotpipe_dead_lettered{reason=cloud_rejected}"] == 1
+    assert counter(forwarder.runtime.metrics.counters(), "dead_lettered", "cloud_rejected") == 1
     assert sorted(cloud.accepted()) == ["d1/temp/0", "d1/temp/1000", "d1/temp/3000", "d2/temp/5000", "d2/temp/6000"]
     alone = [body for (_h, body), status in zip(cloud.requests, cloud.statuses, strict=True) if status == 400]
     assert sum(body["records"] == [orjson.loads(record_json(record))] for body in alone) == 1  # type: ignore[index]
@@ -261,7 +262,7 @@ async def test_unreachable_cloud_is_retried(harness, monkeypatch) -> None:  # ty
     await until(lambda: forwarder.health()["cloud"] == "down")
     # The message was acknowledged as soon as its record was in the outbox.
     assert forwarder.health()["outbox"]["records"] == 1
-    assert forwarder.runtime.metrics.snapshot()["iotpipe_received{kind=sealed}"] == 1
+    assert counter(forwarder.runtime.metrics.counters(), "received", "sealed") == 1
     await h.serve_cloud()  # the cloud comes up after refused connections
     await until(lambda: uploaded(forwarder) == 1)
     assert forwarder.health()["cloud"] == "up" and forwarder.health()["outbox"]["records"] == 0

@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from cache_writer.service import CacheWriter, Settings
-from iotpipe import BUG_RETRIES, Bus, KeyRing, Opened, PermanentError, RetryableError, Runtime, Topics
+from iotpipe import BUG_RETRIES, Bus, KeyRing, Opened, PermanentError, RetryableError, Runtime, Topics, counter
 from servers import Stack, bus_for, processed_payload, wait_until
 
 
@@ -82,7 +82,7 @@ async def test_a_schema_failure_dead_letters_exactly_that_message(
     try:
         await until(lambda: len(dead_letters(dead_file)) == 3)
         stored = await reader.zrange(f"{base}:series:d3:temp", 0, -1, withscores=True)
-        await until(lambda: writer.runtime.metrics.snapshot().get("iotpipe_received{kind=sealed}") == 2)
+        await until(lambda: counter(writer.runtime.metrics.counters(), "received", "sealed") == 2)
     finally:
         await reader.aclose()
         await writer.runtime.bus.stop()
@@ -93,9 +93,9 @@ async def test_a_schema_failure_dead_letters_exactly_that_message(
     assert all(d["topic"] == topic and d["src"] == "preprocessor/test" for d in dead)
     assert all("matching regex" in d["error"] for d in dead[:2])
     assert all(orjson.loads(d["payload"])["alg"] == "fernet" for d in dead)  # sealed at rest, never plaintext
-    counts = writer.runtime.metrics.snapshot()
-    assert counts["iotpipe_rejected{reason=schema}"] == 3 and counts["iotpipe_dead_lettered{reason=schema}"] == 3
-    assert counts["iotpipe_windows_written"] == 2
+    counts = writer.runtime.metrics.counters()
+    assert counter(counts, "rejected", "schema") == 3 and counter(counts, "dead_lettered", "schema") == 3
+    assert counter(counts, "windows_written") == 2
 
 
 class Consumer:
@@ -153,7 +153,7 @@ async def test_a_handler_bug_on_one_message_dead_letters_it_after_bounded_retrie
     # Bounded: the poison was tried 1 + BUG_RETRIES times alone (after any batch attempts), no more.
     assert sum(call == [2] for call in consumer.calls) == 1 + BUG_RETRIES
     assert sum(2 in call for call in consumer.calls) <= 2 * (1 + BUG_RETRIES)
-    assert consumer.bus.metrics.snapshot()["iotpipe_dead_lettered{reason=handler_error}"] == 1
+    assert counter(consumer.bus.metrics.counters(), "dead_lettered", "handler_error") == 1
 
 
 async def test_a_permanent_error_dead_letters_one_message_without_retrying_it(

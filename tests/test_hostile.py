@@ -49,6 +49,7 @@ from iotpipe import (
     RawBatch,
     Sealer,
     Topics,
+    counter,
 )
 from iotpipe._envelope import REPLAY_WINDOW
 from iotpipe.devstack import mqtt_password_file, redis_password_file
@@ -318,8 +319,7 @@ class Pipeline:
     # -- the services' own view: counters and dead letters -------------------------------------
     def rejected(self, service: str) -> collections.Counter[str]:
         counters = service_counters(self.workdir, service, self.instance)
-        prefix = "iotpipe_rejected{reason="
-        return collections.Counter({k[len(prefix) : -1]: int(v) for k, v in counters.items() if k.startswith(prefix)})
+        return collections.Counter({k: int(v) for k, v in counters.get("rejected", {}).items()})
 
     def dead_letters(self, service: str) -> list[dict[str, Any]]:
         path = self.workdir / f"dead-{service}.jsonl"
@@ -956,7 +956,7 @@ async def test_a_forged_plaintext_fault_status_changes_no_device(pipe: Pipeline)
             monitor = health_doc(pipe.workdir, "monitor", pipe.instance)
             assert monitor["device_states"]["gen-a"] == "online"
             assert "victim" not in monitor["device_states"]
-            assert monitor["counters"].get("iotpipe_alerts{kind=fault}", 0) == 0
+            assert counter(monitor["counters"], "alerts", "fault") == 0
             assert "fault" not in pipe.watch.states("device/gen-a")
             alerts = [r for r in await pipe.sink_records("gen-a") if r["type"] == "alert"]
             assert not [r for r in alerts if r["kind"] == "fault"]
@@ -1154,8 +1154,7 @@ async def test_a_flood_from_one_device_is_shed_and_alerted_and_the_others_keep_t
     ended = now_ms()
 
     def shed() -> int:
-        return int(service_counters(pipe.workdir, "preprocessor", pipe.instance).get(
-            f"iotpipe_windows_shed{{device={flood}}}", 0))  # fmt: skip
+        return int(counter(service_counters(pipe.workdir, "preprocessor", pipe.instance), "windows_shed", flood))
 
     async def admitted() -> int:
         return len(await pipe.redis.zrange(f"{pipe.base}:series:{flood}:s", 0, -1))

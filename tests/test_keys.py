@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from iotpipe import ConfigError, KeyRing, Metrics, Opener, Sealer, Topics, UndecryptableToken
+from iotpipe import ConfigError, KeyRing, Metrics, Opener, Sealer, Topics, UndecryptableToken, counter
 from iotpipe._keys import (
     UNKNOWN_KID_RECHECK,
     KeyRingFile,
@@ -84,7 +84,7 @@ def test_a_changed_ring_is_loaded_and_an_unchanged_one_is_not(tmp_path: Path) ->
     path.write_text(ring_text("k2", "k1"))  # step 2: k2 encrypts from now
     assert watched.check() is not None and watched.ring.primary_kid == "k2" and watched.since >= since
     assert watched.status() == {"kids": ["k2", "k1"], "encrypts": "k2", "since": watched.since}
-    assert metrics.snapshot()["iotpipe_keyring_reloads{result=loaded}"] == 2
+    assert counter(metrics.counters(), "keyring_reloads", "loaded") == 2
 
 
 BROKEN = {
@@ -119,7 +119,7 @@ def test_a_broken_ring_is_refused_once_and_the_ring_in_use_kept(
     assert len(errors) == 1 and "key ring file refused, still using k1, k2" in errors[0].getMessage()
     no_key_material(caplog.text + watched.refused)
     assert "bm90LWEtdmFsaWQta2V5" not in caplog.text
-    assert metrics.snapshot()["iotpipe_keyring_reloads{result=refused}"] == 1
+    assert counter(metrics.counters(), "keyring_reloads", "refused") == 1
     # Put back as it was: nothing to load, and the refusal is over.
     path.write_text(ring_text("k1", "k2"))
     assert watched.check() is None and watched.refused is None and "refused" not in watched.status()
@@ -417,9 +417,9 @@ async def test_a_service_follows_its_ring_file_without_a_restart(
         no_key_material(code.stdout + code.stderr)
 
         counters = service_counters(tmp_path, "cache-writer", "kr")
-        assert counters.get("iotpipe_rejected{reason=undecryptable}", 0) == 0, counters
-        assert counters["iotpipe_keyring_reloads{result=refused}"] == 1
-        assert counters["iotpipe_keyring_reloads{result=loaded}"] == 1
+        assert counter(counters, "rejected", "undecryptable") == 0, counters
+        assert counter(counters, "keyring_reloads", "refused") == 1
+        assert counter(counters, "keyring_reloads", "loaded") == 1
         assert writer.poll() is None
     finally:
         for producer in producers:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
-from iotpipe import KeyRing, PlainMessage, Topics
+from iotpipe import KeyRing, PlainMessage, Topics, counter
 from iotpipe.devstack import redis_password_file
 from servers import TAP, Stack, bus_for, processed_payload, service_env, spawn, stop_all, wait_until
 
@@ -89,11 +89,9 @@ async def test_a_service_rejects_an_authentic_message_older_than_its_ttl(
         def counters() -> dict[str, float]:
             return status.get("counters") or {}  # type: ignore[no-any-return]
 
-        await wait_until(
-            lambda: counters().get("iotpipe_received{kind=sealed}", 0) >= 1, 30, "the writer to count a message"
-        )
-        assert counters().get("iotpipe_rejected{reason=undecryptable}") == 1, counters()
-        assert counters().get("iotpipe_received{kind=sealed}") == 1, counters()
+        await wait_until(lambda: counter(counters(), "received", "sealed") >= 1, 30, "the writer to count a message")
+        assert counter(counters(), "rejected", "undecryptable") == 1, counters()
+        assert counter(counters(), "received", "sealed") == 1, counters()
         starts = [int(s) for _m, s in await redis.zrange(f"{base}:series:{DEVICE}:temp", 0, -1, withscores=True)]
         assert starts == [2000]  # the fresh window only; the hour-old one never reached Redis
         assert writer.poll() is None, "the cache-writer died"

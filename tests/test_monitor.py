@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 import pytest
-from iotpipe import KeyRing, Opened, PlainMessage, Processed, Runtime, Topics, decode
+from iotpipe import KeyRing, Opened, PlainMessage, Processed, Runtime, Topics, counter, decode
 from monitor.service import Monitor, Settings
 from servers import TAP, Stack, bus_for, wait_until
 
@@ -73,7 +73,7 @@ async def test_anomaly_alerts_with_cooldown_and_device_status(
         await wait_until(lambda: alerts, 10, "an anomaly alert")
         (alert,) = alerts
         assert alert["kind"] == "anomaly" and alert["sensor"] == "temp" and alert["start"] == 301000
-        assert monitor.runtime.metrics.snapshot()["iotpipe_anomalies_suppressed"] == 1
+        assert counter(monitor.runtime.metrics.counters(), "anomalies_suppressed") == 1
         await wait_until(lambda: status, 10, "device status")
         assert status[0]["state"] == "online" and status[0]["device"] == "d1"
     finally:

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from iotpipe import KeyRing, PlainMessage, Topics
+from iotpipe import KeyRing, PlainMessage, Topics, counter
 from servers import (
     TAP,
     Stack,
@@ -145,9 +145,8 @@ class Rig:
         except (OSError, orjson.JSONDecodeError):
             return None
 
-    def counter(self, name: str) -> float:
-        doc = self.health() or {}
-        return float(doc.get("counters", {}).get(name, 0))
+    def counter(self, name: str, *labels: str) -> float:
+        return counter((self.health() or {}).get("counters", {}), name, *labels)
 
     def log(self) -> str:
         return (self.tmp / "cloud-forwarder.out").read_text(errors="replace")
@@ -256,7 +255,7 @@ async def test_kill_9_between_the_clouds_2xx_and_the_delete(rig: MakeRig, outbox
         await r.publish_many("d1", messages=40, per_message=5, first=100)
         # Every message acknowledged into the outbox, one POST accepted by the sink and held.
         await wait_until(
-            lambda: gate.held and len(outbox_ids(r.outbox)) == 200 and r.counter("iotpipe_received{kind=sealed}") == 60,
+            lambda: gate.held and len(outbox_ids(r.outbox)) == 200 and r.counter("received", "sealed") == 60,
             30,
             "200 records in the outbox and a POST held",
         )
@@ -343,7 +342,7 @@ async def test_cloud_outage_the_outbox_holds_the_backlog_not_the_broker(rig: Mak
     await r.publish_many("d1", messages=300, per_message=1)
     await wait_until(
         lambda: (
-            r.counter("iotpipe_received{kind=sealed}") == 300
+            r.counter("received", "sealed") == 300
             and len(outbox_ids(r.outbox)) == 300
             and (r.health() or {}).get("cloud") == "down"
         ),
@@ -388,14 +387,14 @@ async def test_a_full_outbox_stops_acknowledging_says_so_once_and_loses_nothing(
     await r.start_forwarder(IOTPIPE_OUTBOX_MAX_BYTES=str(budget), IOTPIPE_MQTT__RECEIVE_MAXIMUM="10")
     await r.publish_many("d1", messages=125, per_message=2)
     await wait_until(lambda: ((r.health() or {}).get("outbox") or {}).get("full"), 60, "the outbox to say it is full")
-    retries = r.counter("iotpipe_errors{kind=retry}")
-    await wait_until(lambda: r.counter("iotpipe_errors{kind=retry}") >= retries + 20, 60, "more retries")
+    retries = r.counter("errors", "retry")
+    await wait_until(lambda: r.counter("errors", "retry") >= retries + 20, 60, "more retries")
     health = r.health() or {}
-    acknowledged = health["counters"]["iotpipe_received{kind=sealed}"]
+    acknowledged = counter(health["counters"], "received", "sealed")
     assert acknowledged < 125, "a full outbox must stop acknowledging"
     assert health["outbox"]["records"] == len(outbox_ids(r.outbox)) == acknowledged * 2 < 250
     assert health["outbox"]["bytes"] <= budget
-    assert health["counters"]["iotpipe_outbox_full"] == 1
+    assert counter(health["counters"], "outbox_full") == 1
     assert r.log().count("no longer acknowledging MQTT messages") == 1
 
     await r.start_sink()
@@ -403,8 +402,8 @@ async def test_a_full_outbox_stops_acknowledging_says_so_once_and_loses_nothing(
     ids = await r.sink_ids()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r.published)
     await wait_until(lambda: not (r.health() or {}).get("outbox", {}).get("full", True), 10, "full to clear")
-    assert r.counter("iotpipe_received{kind=sealed}") == 125
-    assert r.counter("iotpipe_outbox_full") == 1
+    assert r.counter("received", "sealed") == 125
+    assert r.counter("outbox_full") == 1
     assert r.log().count("outbox has room again") == 1
     assert not (r.tmp / "dead.jsonl").exists()
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
-from iotpipe import Bus, KeyRing, Opener, PlainMessage, RawBatch, serve
+from iotpipe import Bus, KeyRing, Opener, PlainMessage, RawBatch, counter, serve
 from sensor_reader.service import SensorReader, Settings
 from servers import TAP, Stack, bus_for, service_env, spawn, unseal, wait_until
 
@@ -252,10 +252,6 @@ async def reader_in_process(
         await asyncio.wait_for(task, 30)
 
 
-def counter(reader: SensorReader, name: str) -> float:
-    return reader.runtime.metrics.snapshot().get(name, 0)
-
-
 @pytest.mark.timeout(90)
 async def test_outage_windows_are_spooled_then_all_delivered_in_order(
     stack: Stack, base: str, tmp_path: Path, proxy: Proxy, wire: RawWire, monkeypatch: pytest.MonkeyPatch
@@ -321,16 +317,16 @@ async def test_a_tiny_spool_drops_the_oldest_counts_and_reports_them_and_keeps_t
         proxy.restore()
         await wait_until(lambda: reader.health()["spool"]["windows"] == 0, 60, "the kept windows delivered")
         status = reader.health()["spool"]
-        snapshot = reader.runtime.metrics.snapshot()
+        snapshot = reader.runtime.metrics.counters()
     expected = {k for k, _ in closed}
     await wait_until(lambda: len(wire.delivered()) >= len(expected) - status["dropped"], 30, "last windows delivered")
     audit = wire.audit(expected)
     assert audit["duplicated"] == [] and audit["unexpected"] == [] and audit["out_of_order"] == [], audit
     lost = set(audit["lost"])
     # Exactly what the reader says it dropped, counted by reason and in readings per device...
-    assert len(lost) == status["dropped"] == snapshot["iotpipe_windows_dropped{reason=spool_full}"]
+    assert len(lost) == status["dropped"] == counter(snapshot, "windows_dropped", "spool_full")
     readings = dict(closed)
-    assert snapshot.get("iotpipe_readings_dropped", 0) == sum(readings[k] for k in lost)
+    assert counter(snapshot, "readings_dropped") == sum(readings[k] for k in lost)
     # ... and it was the oldest: one run of consecutive windows in the order they closed, with
     # everything closed after it (the newest) delivered.
     order = [k for k, _ in closed]

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from cache_writer.service import CacheWriter, Settings
-from iotpipe import WRITE_WINDOWS, KeyRing, Opened, Processed, RetryableError, Runtime, Topics, decode
+from iotpipe import WRITE_WINDOWS, KeyRing, Opened, Processed, RetryableError, Runtime, Topics, counter, decode
 from iotpipe._redis import WRITE_WINDOWS_SHA1, redis_acl_rules
 from iotpipe.devstack import Ports, ensure_secrets, redis_password_file, render_redis_config
 from servers import (
@@ -301,7 +301,7 @@ async def test_a_writer_the_acl_was_not_made_for_holds_its_batch(
         with pytest.raises(RetryableError, match=r"no permissions") as refused:
             await component.handle([message(base, [window(1000, 1.0)])])
         assert refused.value.dependency == "Redis" and "iotpipe secrets" in str(refused.value)
-        assert component.runtime.metrics.snapshot().get("iotpipe_windows_written", 0) == 0
+        assert counter(component.runtime.metrics.counters(), "windows_written") == 0
     finally:
         await component.close()
 

@@ -19,7 +19,7 @@ from ._errors import (
     TopicMismatch,
     UndecryptableToken,
 )
-from ._health import Metrics, check_health, write_atomically, write_health
+from ._health import Metrics, check_health, counter, write_atomically, write_health
 from ._logging import RateLimitedLog, configure_logging
 from ._models import (
     MAX_HEALTH_VALID_MS,
@@ -135,6 +135,7 @@ __all__ = [
     "WindowSpan",
     "check_health",
     "configure_logging",
+    "counter",
     "decode",
     "encode",
     "encode_sorted",

@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Metrics:
-    """One registry per service process. Every counter is also in the status/health snapshot."""
+    """One registry per service process. Every counter is also in the status message and health file."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -45,18 +45,56 @@ class Metrics:
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, list(labels), registry=self.registry)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def counters(self) -> dict[str, Any]:
+        """Every counter, nested as the status message and health file carry it (`nested_counters`)."""
+        return nested_counters(self.registry)
 
-    def snapshot(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for metric in self.registry.collect():
-            for sample in metric.samples:
-                if not sample.name.endswith("_total"):
-                    continue
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name[:-6]}{{{labels}}}" if labels else sample.name[:-6]] = sample.value
-        return out
+
+# The prefix every counter of ours has on /metrics, and the suffix prometheus_client gives counters:
+# both say nothing in a status document that is all iotpipe counters.
+_PREFIX = "iotpipe_"
+
+
+def nested_counters(registry: CollectorRegistry) -> dict[str, Any]:
+    """The counters of `registry` as nested JSON (docs/contract.md, "Service status"): the counter's
+    name without `iotpipe_` and `_total`; an unlabelled counter is a number, a labelled one an
+    object keyed by its first label's values, then its second's..., e.g.
+    `{"received": {"raw": 60}, "rejected": {"stale": 1}, "windows": 60}`. A labelled counter with no
+    sample yet is absent. Whole values are ints: JSON readers then see `60`, not `60.0`."""
+    out: dict[str, Any] = {}
+    for metric in registry.collect():
+        if metric.type != "counter":
+            continue
+        name = metric.name.removeprefix(_PREFIX)
+        for sample in metric.samples:
+            if sample.name != f"{metric.name}_total":  # not `_created`
+                continue
+            value = int(sample.value) if sample.value.is_integer() else sample.value
+            if not sample.labels:
+                out[name] = value
+                continue
+            node = out.setdefault(name, {})
+            *outer, last = sample.labels.values()  # in the counter's label order
+            for label in outer:
+                node = node.setdefault(label, {})
+            node[last] = value
+    return out
+
+
+def counter(counters: Mapping[str, Any], name: str, *labels: str) -> float:
+    """One value from nested counters (`nested_counters`, a status's `"counters"`): `name` without
+    `iotpipe_`, then label values in order, e.g. `counter(c, "rejected", "stale")`; 0 if absent.
+    Fewer labels than the counter has: the sum over the rest (`counter(c, "rejected")`: all reasons)."""
+    node: Any = counters.get(name, 0)
+    for label in labels:
+        node = node.get(label, 0) if isinstance(node, Mapping) else 0
+    return _total(node)
+
+
+def _total(node: Any) -> float:
+    if isinstance(node, Mapping):
+        return sum((_total(child) for child in node.values()), 0)
+    return node if isinstance(node, int | float) and not isinstance(node, bool) else 0
 
 
 def write_health(path: Path, doc: dict[str, Any]) -> None:

@@ -364,6 +364,40 @@ class KeyRingStatus(Struct, frozen=True):
     refused: Reason | None = None  # why the ring file as it is now was not loaded (the ring above is kept)
 
 
+# A service's counters (iotpipe._health.nested_counters): by name without `iotpipe_`/`_total`, a
+# number if unlabelled, else one object level per label (keyed by label value, in label order).
+# msgspec cannot express "a number or a dict of these" recursively, so the decoder checks the first
+# level and the published JSON Schema (extra_json_schema) spells out two label levels.
+_COUNT = {"type": "number", "minimum": 0}
+ByLabel = Annotated[
+    dict[str, Any],
+    Meta(
+        description="a labelled counter: by the first label's values, then the second's (one level per label)",
+        extra_json_schema={
+            "additionalProperties": {"anyOf": [_COUNT, {"type": "object", "additionalProperties": _COUNT}]}
+        },
+    ),
+]
+CounterValue = Annotated[float, Meta(ge=0, description="an unlabelled counter")] | ByLabel
+Counters = Annotated[
+    dict[str, CounterValue],
+    Meta(
+        description="every counter of the service by name (its Prometheus name without `iotpipe_` and "
+        '`_total`), e.g. {"received": {"raw": 60}, "rejected": {"stale": 1}, "windows": 60}; a labelled '
+        "counter with no sample yet is absent",
+    ),
+]
+
+
+class LagSummary(Struct, frozen=True):
+    """A service's window lag (window end -> handled) over the windows it handled since its previous
+    status (iotpipe._health.WindowLag.take_interval; docs/operations.md, "Metrics")."""
+
+    p50_ms: Annotated[float, Meta(ge=0)]  # interpolated in the histogram's buckets, as histogram_quantile does
+    max_ms: Annotated[float, Meta(ge=0)]  # exact
+    windows: Annotated[int, Meta(ge=1)]
+
+
 class ServiceStatus(Struct, frozen=True):
     """`<base>/v2/status/service/<service>/<instance>`: birth, heartbeat and Last Will. Services add
     their own details (unknown keys are allowed and ignored by readers that do not know them)."""
@@ -374,9 +408,10 @@ class ServiceStatus(Struct, frozen=True):
     service: str | None = None
     instance: str | None = None
     boot_ts: UnixMs | None = None
-    counters: dict[str, float] | None = None
+    counters: Counters | None = None
     devices: dict[Id, ReaderDeviceHealth] | None = None  # the sensor-reader's devices
     keyring: KeyRingStatus | None = None
+    lag: LagSummary | None = None  # absent when no window was handled since the previous status
 
 
 DeviceState = Literal["online", "offline", "fault"]

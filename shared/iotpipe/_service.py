@@ -241,7 +241,7 @@ async def _watch_keyring(runtime: Runtime[Any]) -> None:
 def _details(runtime: Runtime[Any], component: Component[Any]) -> dict[str, Any]:
     return {
         "boot_ts": runtime.boot_ts,
-        "counters": runtime.metrics.snapshot(),
+        "counters": runtime.metrics.counters(),
         "keyring": runtime.keyring_status(),
         **component.health(),
         # Window end -> handled since the previous status (the lag histogram's `handled` stage).

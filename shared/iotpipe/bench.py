@@ -67,6 +67,7 @@ from typing import Any
 
 import click
 
+from ._health import counter
 from ._settings import mqtt_password_file, redis_password_file
 from .devstack import (
     Ports,
@@ -1296,8 +1297,7 @@ def _reader_counters(health: dict[str, Any]) -> tuple[int, float] | None:
     counters = health.get("counters")
     if not isinstance(counters, dict) or "ts" not in health:
         return None
-    total = sum(v for k, v in counters.items() if k == "iotpipe_readings" or k.startswith("iotpipe_readings{"))
-    return int(health["ts"]), float(total)
+    return int(health["ts"]), float(counter(counters, "readings"))
 
 
 def _skipped_polls(health: dict[str, Any]) -> int | None:

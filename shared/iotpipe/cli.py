@@ -329,6 +329,23 @@ def schema(directory: Path, check: bool) -> None:
 
 
 @main.command()
+@click.option("--check", type=click.Path(path_type=Path, dir_okay=False), help="exit 1 if this file differs")
+def asyncapi(check: Path | None) -> None:
+    """Print the AsyncAPI 3.0 document of both brokers' topics (docs/asyncapi.yaml), generated from
+    the models and topic definitions; with --check, compare it with that file instead."""
+    from ._asyncapi import COMMAND, document, to_yaml
+
+    try:
+        text = to_yaml(document())
+    except ModuleNotFoundError as exc:  # Home Assistant discovery is the exporter's own code
+        raise click.ClickException(f"needs the exporter package (the dev environment, `uv sync`): {exc}") from None
+    if check is None:
+        click.echo(text, nl=False)
+    elif not check.exists() or check.read_text(encoding="utf-8") != text:
+        raise click.ClickException(f"{check} is out of date: run `{COMMAND}`")
+
+
+@main.command()
 @click.argument("kid")
 def keygen(kid: str) -> None:
     """Print a new key ring line `<KID> <fernet key>` (for key rotation; see docs/operations.md)."""

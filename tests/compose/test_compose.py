@@ -46,6 +46,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from engine import ROOT, Compose, HealthScheduler, Podman, checkout, ensure_standins, run
+from iotpipe import counter
 from prometheus_client.parser import text_string_to_metric_families
 from servers import wait_until
 
@@ -229,13 +230,13 @@ class Windows:
             for start in range(t0, t1, WINDOW_MS)
         }
         # The other devices' windows: whatever either sink holds must be in both.
-        others = {key for counter in found.values() for key in counter if key[0] not in STRICT}
+        others = {key for held in found.values() for key in held if key[0] not in STRICT}
         out = {}
-        for where, counter in found.items():
+        for where, held in found.items():
             out[where] = Tally(
-                lost=sorted((expected | others) - set(counter)),
-                duplicated=sorted(key for key, n in counter.items() if n > 1),
-                unexpected=sorted(key for key in counter if key[0] in STRICT and key not in expected),
+                lost=sorted((expected | others) - set(held)),
+                duplicated=sorted(key for key, n in held.items() if n > 1),
+                unexpected=sorted(key for key in held if key[0] in STRICT and key not in expected),
             )
         return out
 
@@ -469,19 +470,17 @@ async def test_docker_compose_up_for_real(system: System) -> None:
         compose("up", "--detach", "--scale", "preprocessor=3", timeout=600)
         await all_healthy(compose, containers + 2, 180, "three preprocessors healthy")
         await wait_until(lambda: len(public.online("preprocessor")) == 3, 60, "three preprocessors online")
-        counts = {i: s["counters"].get("iotpipe_windows", 0) for i, s in public.online("preprocessor").items()}
+        counts = {i: counter(s["counters"], "windows") for i, s in public.online("preprocessor").items()}
 
         def each_processed_more() -> bool:
-            now = {i: s["counters"].get("iotpipe_windows", 0) for i, s in public.online("preprocessor").items()}
+            now = {i: counter(s["counters"], "windows") for i, s in public.online("preprocessor").items()}
             return set(now) == set(counts) and all(now[i] > counts[i] for i in counts)
 
         await wait_until(each_processed_more, 120, "each of the three preprocessors processing windows")
         t1 = now_window() + (5 if SHORT else 20) * WINDOW_MS
         await wait_until(lambda: now_window() >= t1 + 2 * WINDOW_MS, 60, "the segment to end")
         scaled = await windows.settle(t0, t1, 120)
-        shared = {
-            i: s["counters"].get("iotpipe_windows", 0) - counts[i] for i, s in public.online("preprocessor").items()
-        }
+        shared = {i: counter(s["counters"], "windows") - counts[i] for i, s in public.online("preprocessor").items()}
         duplicates = sink("/stats")["duplicate_records"] - duplicates_before
         report.add(
             f"--scale preprocessor=3: windows computed per replica {sorted(shared.values())}; "

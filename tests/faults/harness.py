@@ -44,7 +44,7 @@ from typing import Any
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
-from iotpipe import KeyRing, PlainMessage, Topics
+from iotpipe import KeyRing, PlainMessage, Topics, counter
 from iotpipe.devstack import redis_password_file
 from sensor_reader.service import READING_BYTES, SEALED_PAYLOAD_RATIO, SENSOR_BYTES, WINDOW_BYTES
 
@@ -52,7 +52,18 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:  # run as a script (the load measurement), not only under pytest
     sys.path.insert(0, str(TESTS))
 
-from servers import ROOT, TAP, Stack, bus_for, free_port, health_doc, run_servers, service_env, unseal  # noqa: E402
+from servers import (  # noqa: E402
+    ROOT,
+    TAP,
+    Stack,
+    add_counters,
+    bus_for,
+    free_port,
+    health_doc,
+    run_servers,
+    service_env,
+    unseal,
+)
 from test_reader_outage import Proxy  # noqa: E402
 
 SIM_SENSORS = ("temperature", "humidity", "pressure", "soil_moisture", "light", "pm2_5")
@@ -165,7 +176,7 @@ class Service:
     popen: subprocess.Popen[bytes] | None = None
     cpu_done: float = 0.0  # CPU seconds of its earlier (killed or stopped) processes
     # counters of its earlier processes, as of their last heartbeat (a killed one's may undercount)
-    counters_done: collections.Counter[str] = field(default_factory=collections.Counter)
+    counters_done: dict[str, Any] = field(default_factory=dict)  # nested, as in the status
 
     @property
     def name(self) -> str:
@@ -566,7 +577,7 @@ class Pipeline:
         svc.popen.send_signal(signal.SIGKILL)
         await asyncio.to_thread(svc.popen.wait, 15)
         svc.cpu_done += cpu
-        svc.counters_done.update(self.health(name).get("counters", {}))
+        add_counters(svc.counters_done, self.health(name).get("counters", {}))
 
     async def terminate(self, name: str) -> None:
         """SIGTERM: a clean stop (the service drains, says offline, disconnects)."""
@@ -576,7 +587,7 @@ class Pipeline:
         svc.popen.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(svc.popen.wait, 30) == 0, f"{svc.name} did not stop cleanly"
         svc.cpu_done += cpu
-        svc.counters_done.update(self.health(name).get("counters", {}))
+        add_counters(svc.counters_done, self.health(name).get("counters", {}))
 
     async def steady(self, windows: int = 5, timeout: float = 60) -> None:
         """Let the load run until `windows` more windows have reached both sinks (so the next fault
@@ -817,10 +828,8 @@ class Pipeline:
         settled = now_ms() + 2 * STATUS_INTERVAL * 1000
         await self.wait(lambda: self.health(writer.name).get("ts", 0) >= settled, 30, "a cache-writer heartbeat")
         writer_counters = self.health(writer.name).get("counters", {})
-        written = writer.counters_done["iotpipe_windows_written"] + writer_counters.get("iotpipe_windows_written", 0)
-        present = writer.counters_done["iotpipe_windows_duplicate"] + writer_counters.get(
-            "iotpipe_windows_duplicate", 0
-        )
+        written = counter(writer.counters_done, "windows_written") + counter(writer_counters, "windows_written")
+        present = counter(writer.counters_done, "windows_duplicate") + counter(writer_counters, "windows_duplicate")
         stored = sum(len(v) for v in (await self.redis_windows()).values())
         self.written_excess = int(written - stored)
         summary = (

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iotpipe import KeyRing
+from iotpipe import KeyRing, counter
 
 from faults.harness import Load, Pipeline, Row, env_number, full_battery, now_ms, problems, report, rss_mib
 
@@ -243,7 +243,7 @@ async def test_fast_controls_the_accounting_sees_loss(
         await f5_reader_cut(p, FAST_F5, recovery=15)
         reader = p.service("sensor-reader")
         rows, summary = await p.finish()
-    dropped = reader.counters_done["iotpipe_windows_dropped{reason=memory_full}"]
+    dropped = counter(reader.counters_done, "windows_dropped", "memory_full")
     summary += f"\nthe reader counted {dropped:g} windows dropped (memory full)"
     text = report("controls (protection off): loss expected", rows, summary)
     f1, f5 = rows
@@ -347,7 +347,7 @@ async def test_f5_reader_cut_off_from_the_broker(
         # The spool counts raw messages (each holds many devices' windows).
         assert peak >= load.raw_messages_per_window * (F5_SECONDS - 3) * 1000 / load.window_ms * 0.8, summary
     else:
-        dropped = reader.counters_done["iotpipe_windows_dropped{reason=memory_full}"]
+        dropped = counter(reader.counters_done, "windows_dropped", "memory_full")
         text = report(f"F5 control (no spool), {F5_SECONDS:g} s: loss expected", rows, summary)
         assert rows[0].gaps == dropped > 0, text
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iotpipe import KeyRing
+from iotpipe import KeyRing, counter
 from servers import ROOT
 
 from faults.harness import Load, Pipeline, report
@@ -40,7 +40,7 @@ LOAD = Load(devices=10, sensors=6, hz=100.0)
 TTL = 20
 HOST_A = ("sensor-reader", "preprocessor", "monitor")
 HOST_B = ("cache-writer", "cloud-forwarder")
-UNDECRYPTABLE = "iotpipe_rejected{reason=undecryptable}"
+UNDECRYPTABLE = ("rejected", "undecryptable")
 STEP_TIMEOUT = 30.0  # s for a step to reach every service (they re-read their ring every 2 s)
 
 
@@ -92,8 +92,9 @@ def reports(p: Pipeline, services: tuple[str, ...] = HOST_A + HOST_B) -> dict[st
     return {n: p.health(n).get("keyring") or {} for n in names(p, services)}
 
 
-def counter(p: Pipeline, name: str, key: str) -> float:
-    return float(p.health(name).get("counters", {}).get(key, 0))
+def counted(p: Pipeline, name: str, key: tuple[str, ...]) -> float:
+    """Service `name`'s counter `key` (name, label values) as of its latest health file."""
+    return counter(p.health(name).get("counters", {}), *key)
 
 
 async def reached(p: Pipeline, what: str, ok: Any, services: tuple[str, ...] = HOST_A + HOST_B) -> float:
@@ -159,11 +160,11 @@ async def test_key_rotation_under_load_loses_nothing_and_the_wrong_order_does(
         assert p.wire.sealed_with["k1"] > 0 and p.wire.sealed_with["k2"] > 0, p.wire.sealed_with
 
         # Nothing was refused on the way: no undecryptable message, no key ring file refused.
-        rejected = {n: counter(p, n, UNDECRYPTABLE) for n in names(p)}
+        rejected = {n: counted(p, n, UNDECRYPTABLE) for n in names(p)}
         assert not any(rejected.values()), rejected
-        refused = {n: counter(p, n, "iotpipe_keyring_reloads{result=refused}") for n in names(p)}
+        refused = {n: counted(p, n, ("keyring_reloads", "refused")) for n in names(p)}
         assert not any(refused.values()), refused
-        assert all(counter(p, n, "iotpipe_keyring_reloads{result=loaded}") == 3 for n in names(p))
+        assert all(counted(p, n, ("keyring_reloads", "loaded")) == 3 for n in names(p))
 
         # The control: k3 promoted on host A before host B holds it.
         p.begin("control: k3 promoted before host B holds it")
@@ -175,7 +176,7 @@ async def test_key_rotation_under_load_loses_nothing_and_the_wrong_order_does(
         assert ring_a.read_text().count("k3 ") == 1 and KeyRing.from_file(ring_a).primary_kid == "k2"
         assert (await keys_cli(p, "promote", "k3", "--force"))[0] == 0
         await p.wait(
-            lambda: all(counter(p, n, UNDECRYPTABLE) > 0 for n in names(p, HOST_B)),
+            lambda: all(counted(p, n, UNDECRYPTABLE) > 0 for n in names(p, HOST_B)),
             STEP_TIMEOUT,
             "host B's services rejecting what is sealed with k3",
         )

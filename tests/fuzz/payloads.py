@@ -145,13 +145,18 @@ reader_health = st.fixed_dictionaries(
         "skipped_ticks": st.integers(0, 1000),
     },
 )
+# Status counters, nested (iotpipe._health.nested_counters): a count, or by label value, two levels deep at most.
+counts = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
+counts_by_label = st.dictionaries(
+    st.text(max_size=20), counts | st.dictionaries(st.text(max_size=20), counts, max_size=3), max_size=3
+)
 service_statuses = st.fixed_dictionaries(
     {"state": st.sampled_from(["online", "offline"]), "client_id": st.text(max_size=80), "ts": unix_ms},
     optional={
         "service": st.none() | ids,
         "instance": st.none() | ids,
         "boot_ts": _maybe_ms,
-        "counters": st.none() | st.dictionaries(st.text(max_size=20), finite, max_size=4),
+        "counters": st.none() | st.dictionaries(st.text(max_size=20), counts | counts_by_label, max_size=4),
         "devices": st.none() | st.dictionaries(ids, reader_health, max_size=3),
         "keyring": st.none()
         | st.fixed_dictionaries(
