@@ -22,14 +22,13 @@ from iotpipe import (
     Bus,
     DeviceStatus,
     KeyRing,
-    Metrics,
     MqttSettings,
     OfflineAlert,
     Sealer,
     Topics,
     encode,
 )
-from iotpipe._watch import NONE, LiveView, counter_sum, nested_counters
+from iotpipe._watch import NONE, LiveView
 from iotpipe.cli import SubscriberSettings, _alert_opener
 from iotpipe.watch import WatchApp
 from servers import ROOT, Stack, free_port, service_env, spawn, stop_all, wait_online, wait_until
@@ -132,34 +131,6 @@ def test_the_exporters_publishes_to_the_public_broker_count_as_out() -> None:
     view.ingest(topic, status(ts=T0 + 2_000, counters=later))
     [row] = view.service_rows(now=T0 / 1000 + 2)
     assert (row.service, row.rate_in, row.rate_out) == ("exporter", "5.0/s", "16.0/s")
-
-
-def test_the_flat_counters_of_todays_status_read_like_the_nested_ones() -> None:
-    """`"iotpipe_received{kind=raw}": n` (iotpipe.Metrics.snapshot before counters were nested)."""
-    metrics = Metrics()
-    metrics.received.labels("raw").inc(40)
-    metrics.published.labels("processed").inc(40)
-    metrics.published.labels("status").inc(3)
-    metrics.rejected.labels("stale").inc(2)
-    metrics.counter("iotpipe_windows", "Windows computed").inc(7)
-    two = metrics.counter("iotpipe_batches", "by outcome and code", ("outcome", "code"))
-    two.labels("failed", "503").inc()
-    flat = metrics.snapshot()
-    assert "iotpipe_received{kind=raw}" in flat  # the form this reads
-    nested = nested_counters(flat)
-    assert nested["received"] == {"raw": 40.0} and nested["windows"] == 7.0
-    assert nested["published"] == {"processed": 40.0, "status": 3.0}
-    assert nested["batches"] == {"503": {"failed": 1.0}}  # label values by label name, as the old form sorted them
-    assert counter_sum(nested["rejected"]) == 2.0
-
-    view = LiveView()
-    topic = f"{ROOT_TOPIC}/status/service/preprocessor/p1"
-    view.ingest(topic, status(counters=flat))
-    metrics.received.labels("raw").inc(20)
-    metrics.published.labels("processed").inc(10)
-    view.ingest(topic, status(ts=T0 + 5_000, counters=metrics.snapshot()))
-    [row] = view.service_rows(now=T0 / 1000 + 5)
-    assert (row.rate_in, row.rate_out, row.rejected) == ("4.0/s", "2.0/s", "2")
 
 
 def test_alerts_newest_first_each_once_whether_sealed_or_projected(keyring: KeyRing, secrets_dir: Path) -> None:

@@ -18,7 +18,6 @@ end an operator's view.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +34,6 @@ MAX_ALERTS = 50
 STATUS_KIND = "status"
 # The exporter's publishes to the public broker: out too, beside what it publishes on the pipeline.
 PROJECTED = "projected"
-# `iotpipe_received{kind=raw}`: a counter of the status format before counters were nested.
-_FLAT_COUNTER = re.compile(r"^(?:iotpipe_)?(?P<name>[A-Za-z0-9_]+?)(?:_total)?(?:\{(?P<labels>[^}]*)\})?$")
-
 # What is read of a device: the projection's retained topics, and `monitor` (its status/device/<d>).
 DEVICE_LEAVES = frozenset({"state", "units", "availability", "monitor"})
 # Opens a sealed alert (topic, payload) into its JSON document; None for a duplicate delivery.
@@ -46,31 +42,6 @@ SealedOpener = Callable[[str, bytes], dict[str, Any] | None]
 
 class Unreadable(ValueError):
     """A payload that is not what its topic promises."""
-
-
-def nested_counters(counters: object) -> dict[str, Any]:
-    """The status `counters` object in the nested form (docs/contract.md): `{"received": {"raw": 60},
-    "windows": 60}`. The flat form of older services (`{"iotpipe_received{kind=raw}": 60}`) is turned
-    into it, label values in the order written (the old form sorted them by label name)."""
-    if not isinstance(counters, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in counters.items():
-        match = _FLAT_COUNTER.match(key) if ("{" in key or key.startswith("iotpipe_")) else None
-        if match is None:  # already nested (or a plain name)
-            out[key] = value
-            continue
-        labels = [part.partition("=")[2] for part in (match["labels"] or "").split(",") if part]
-        if not labels:
-            out[match["name"]] = value
-            continue
-        node = out.setdefault(match["name"], {})
-        if not isinstance(node, dict):
-            continue
-        for label in labels[:-1]:
-            node = node.setdefault(label, {})
-        node[labels[-1]] = value
-    return out
 
 
 def counter_sum(counter: object, *, leave_out: frozenset[str] = frozenset()) -> float | None:
@@ -258,7 +229,9 @@ class LiveView:
             self.services.pop(key, None)
             return
         status = _object(payload)
-        counters = nested_counters(status.get("counters"))
+        counters = status.get("counters")
+        if not isinstance(counters, dict):  # docs/contract.md: nested, by counter name
+            counters = {}
         view = self.services.get(key)
         if view is None:
             view = self.services[key] = ServiceView(status, counters)
