@@ -365,18 +365,12 @@ class KeyRingStatus(Struct, frozen=True):
 
 
 # A service's counters (iotpipe._health.nested_counters): by name without `iotpipe_`/`_total`, a
-# number if unlabelled, else one object level per label (keyed by label value, in label order).
-# msgspec cannot express "a number or a dict of these" recursively, so the decoder checks the first
-# level and the published JSON Schema (extra_json_schema) spells out two label levels.
-_COUNT = {"type": "number", "minimum": 0}
+# number if unlabelled, else one object level per label (keyed by label value, in label order; no
+# counter of ours has more than two labels). Typed level by level, so a decoder takes numbers only.
+CounterTotal = Annotated[float, Meta(ge=0)]
 ByLabel = Annotated[
-    dict[str, Any],
-    Meta(
-        description="a labelled counter: by the first label's values, then the second's (one level per label)",
-        extra_json_schema={
-            "additionalProperties": {"anyOf": [_COUNT, {"type": "object", "additionalProperties": _COUNT}]}
-        },
-    ),
+    dict[str, CounterTotal | dict[str, CounterTotal]],
+    Meta(description="a labelled counter: by the first label's values, then the second's (one level per label)"),
 ]
 CounterValue = Annotated[float, Meta(ge=0, description="an unlabelled counter")] | ByLabel
 Counters = Annotated[
