@@ -288,7 +288,7 @@ class HealthReport(Payload, frozen=True):
 # What a monitor anomaly episode is about (docs/contract.md, "Anomaly episodes"): physical checks
 # first (they need no history), then the statistical ones, then the IsolationForest's `pattern`.
 AnomalyKind = Literal["out_of_range", "dropout", "stuck", "level_shift", "noise", "drift", "pattern"]
-EpisodeEnd = Literal["normal", "new_normal"]
+EpisodeEnd = Literal["normal", "new_normal", "superseded"]
 
 
 class Evidence(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -331,7 +331,9 @@ class AnomalyOpen(DevicePayload, frozen=True, tag_field="kind", tag="anomaly_ope
 class AnomalyClose(DevicePayload, frozen=True, tag_field="kind", tag="anomaly_close"):
     """The episode is over: its sensor was normal for `IOTPIPE_CLOSE_AFTER` windows in a row
     (`reason` "normal"), or a relative anomaly lasted `IOTPIPE_ADAPT_AFTER` windows and its level
-    is taken as the sensor's new normal ("new_normal": the sensor warms up again). `end` is the end
+    is taken as the sensor's new normal ("new_normal": the sensor warms up again), or a physical
+    anomaly (out_of_range, dropout, stuck) began during a relative one ("superseded": the physical
+    episode opens in the same batch). `end` is the end
     of its last anomalous window; `anomalies` every kind that held during it."""
 
     sensor: Id

@@ -3,7 +3,7 @@ with a robust z-score baseline, in the same run. Figures only, no assertions.
 
 Streams: 10 Hz sensors, 1 s windows, kinds temperature / humidity / pressure / pm2_5 with the
 simulated driver's base, amplitude and noise (sensor_reader/drivers/simulated.py): a slow wave of
-that amplitude (period 30-120 min, random phase), a random walk (0.1 amplitude per 10 min), white
+that amplitude (period 20-90 min, random phase), a random walk (0.1 amplitude per 10 min), white
 noise, single-reading spikes (1% of readings, 3-6x the amplitude, as the simulated driver makes
 them) and missing readings (1%). Readings become windows exactly as the preprocessor makes them
 (`aggregate_array`: width-5 median filter, then mean/median/min/max/std, rounded to 6 places) and the
@@ -100,7 +100,7 @@ class Fleet:
         self.keys = [(f"dev-{i // 4:05d}", self.kind[i]) for i in range(n)]
         prof = np.array([PROFILES[k][1:] for k in self.kind])
         self.base, self.amp, self.sigma = prof.T
-        self.period = rng.uniform(30, 120, n) * 60
+        self.period = rng.uniform(20, 90, n) * 60
         self.phase = rng.uniform(0, 2 * np.pi, n)
         self.walk = np.zeros(n)
         self.walk_step = 0.1 * self.amp / np.sqrt(600)

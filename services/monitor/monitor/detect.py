@@ -40,16 +40,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
-from iotpipe import Alert, AnomalyClose, AnomalyKind, AnomalyOpen, Evidence, Window
+from iotpipe import Alert, AnomalyClose, AnomalyKind, AnomalyOpen, EpisodeEnd, Evidence, Window
 
 from .forest import Forests, KindData, KindModel
 
@@ -84,6 +81,7 @@ _STATE_VERSION = 1
 _LAST = 5  # the noise check averages log(std) over this many windows (one window's is too noisy)
 _PHYSICAL = [OUT_OF_RANGE, DROPOUT, STUCK]
 _REBASE = 10  # learnt windows after a rebase before the level is checked again
+_REBASED = ("recent_v", "recent_t", "ref", "recent_n", "ep_delta")  # what an episode's end forgets
 
 
 @dataclass(frozen=True)
@@ -103,10 +101,10 @@ class Config:
     block: int = 30  # learnt windows per block of the drift envelope
     blocks: int = 240  # blocks in the envelope (2 h of 1 s windows)
     lag_blocks: int = 20  # newest blocks left out of it (10 min), so a drift cannot widen it as it goes
-    min_blocks: int = 40  # blocks (older than the lag) before drift is checked
+    min_blocks: int = 120  # blocks (older than the lag) before drift is checked: 1 h, a whole cycle
     drift_margin: float = 0.25  # of the envelope's width, beyond it
     drift_noise: float = 6.0  # plus this many `scale`s
-    persist: tuple[int, ...] = (1, 2, 5, 3, 3, 10, 5)  # windows in a row per kind, in KINDS order
+    persist: tuple[int, ...] = (2, 2, 5, 3, 3, 10, 5)  # windows in a row per kind, in KINDS order
     close_after: int = 10
     adapt_after: int = 900
     contamination: float = 1e-3  # of the pattern forests, per window (5 in a row needed)
@@ -276,18 +274,26 @@ class Detector:
         expected = ref[:, 0] + ref[:, 1] * np.clip(t - ref[:, 2], 0.0, c.extrapolate)
         log_std = np.log(np.maximum(std, _STD_FLOOR))
         last = st["last"][s]
-        before = np.median(last[:, :, 0], axis=1)  # NaN until a sensor has _LAST windows
         seen = st["seen"][s]
+        # The level just before this window: the median mean of the 3 previous windows (NaN at first).
+        previous = (seen[:, None] - np.arange(1, 4)[None, :]) % _LAST
+        before = np.median(last[np.arange(len(s))[:, None], previous, 0], axis=1)
         last[np.arange(len(s)), seen % _LAST] = np.stack((mean, log_std), axis=1)
         st["last"][s] = last
         st["seen"][s] = seen + 1
         level_ready = warmed & (st["recent_n"][s] >= _REBASE)
         with np.errstate(invalid="ignore", divide="ignore"):
             deviation = mean - expected - c_r
-            z_level = np.where(level_ready, deviation / s_r, 0.0)
-            z_noise = np.where(warmed, (last[:, :, 1].mean(axis=1) - c_ls) / (s_ls / np.sqrt(_LAST)), 0.0)
+            # The mean log(std) of the last windows but the highest: one window with a spike pair
+            # that passed the median filter is not a noise burst; a burst raises them all.
+            spread = (last[:, :, 1].sum(axis=1) - last[:, :, 1].max(axis=1)) / (_LAST - 1)
+            z_noise = np.where(warmed, (spread - c_ls) / (s_ls / np.sqrt(_LAST - 1)), 0.0)
             usual_std = np.exp(c_ls)
-            noisier = np.exp(last[:, :, 1].mean(axis=1) - c_ls)
+            noisier = np.exp(spread - c_ls)
+            # A window mean is as uncertain as its readings are noisy: in a noise burst the level's
+            # scale grows with it, so the burst is not also read as a level shift.
+            widened = np.maximum(np.maximum(noisier, std / usual_std), 1.0)
+            z_level = np.where(level_ready, deviation / (s_r * widened), 0.0)
             # Normally varies: its usual std is far above what rounding leaves of a constant signal.
             varies = warmed & (usual_std > 1e-6 * (np.abs(expected) + 1e-3))
             flat = (high - low) <= 1e-9 * np.maximum(np.abs(mean), 1.0)
@@ -330,7 +336,10 @@ class Detector:
         quiet[:, DRIFT] = ~(excess > margin / 2)
         quiet[:, PATTERN] = ~flags[:, PATTERN]
         with np.errstate(invalid="ignore"):
-            stepped = (mean - before) * np.sign(st["ep_delta"][s]) < -0.5 * np.abs(st["ep_delta"][s])
+            # +1: the level stepped again the way the episode's shift went; -1: back by half of it.
+            step = (mean - before) * np.sign(st["ep_delta"][s])
+            half = 0.5 * np.abs(st["ep_delta"][s])
+            stepped = np.where(step < -half, -1, np.where(step > half, 1, 0))
         context = {"normal": expected, "scale": s_r, "normal_std": usual_std, "normal_n": n_med}
         bounds = {
             OUT_OF_RANGE: (lo, hi),
@@ -402,6 +411,14 @@ class Detector:
         st["streak_start"][s] = streak_start
         held = streak >= self._persist
         is_open = st["open"][s]
+        # A physical fault during a relative episode is news, not more of the same: the relative
+        # episode ends ("superseded") and the physical one opens now.
+        superseded = is_open & _RELATIVE[st["ep"][s, 0]] & held[:, _PHYSICAL].any(axis=1)
+        for i in np.flatnonzero(superseded):
+            self._close(int(s[i]), "superseded", now, out)
+        if superseded.any():
+            self._reset(s[superseded], _REBASED)
+            is_open = is_open & ~superseded
         ep = st["ep"][s]
         anomalous = flags.any(axis=1)
 
@@ -442,9 +459,11 @@ class Detector:
         bits = (held[going] * (1 << np.arange(len(KINDS)))).sum(axis=1)
         ep[:, 2] += anomalous[going]
         ep[:, 3] |= bits
-        # A level_shift episode is over once its level stepped back by half its shift or more: its
-        # expected level, frozen since the open, may have drifted away from the sensor's normal.
-        returned = st["ep_returned"][gs] | (stepped[going] & (ep[:, 3] >> LEVEL_SHIFT & 1).astype(bool))
+        # A level_shift episode is over once its level stepped back by half its shift or more (and
+        # not forward again since): its expected level, frozen since the open, may have drifted away
+        # from the sensor's normal by then, so |z| alone could keep it open.
+        level_episode = (ep[:, 3] >> LEVEL_SHIFT & 1).astype(bool)
+        returned = np.where(stepped[going] == 0, st["ep_returned"][gs], stepped[going] < 0) & level_episode
         st["ep_returned"][gs] = returned
         checks = quiet[going]
         checks[:, LEVEL_SHIFT] |= returned
@@ -459,33 +478,36 @@ class Detector:
         closing = ep[:, 4] >= c.close_after
         adapting = ~closing & _RELATIVE[ep[:, 0]] & (ep[:, 5] >= c.adapt_after)
         for j in np.flatnonzero(closing | adapting):
-            slot = int(gs[j])
-            device, sensor = self._keys[slot]
-            kind, first, count, mask = (int(v) for v in ep[j, :4])
-            out.append(
-                AnomalyClose(
-                    device=device,
-                    sensor=sensor,
-                    episode=f"{sensor}/{first}",
-                    anomaly=KINDS[kind],
-                    start=first,
-                    end=int(st["ep_end"][slot]),
-                    windows=max(count, 1),
-                    peak=round(float(st["ep_peak"][slot]), 4),
-                    anomalies=[k for i, k in enumerate(KINDS) if mask >> i & 1],
-                    reason="new_normal" if adapting[j] else "normal",
-                    ts=now,
-                )
-            )
-            st["open"][slot] = False
-            st["streak"][slot] = 0
+            self._close(int(gs[j]), "new_normal" if adapting[j] else "normal", now, out)
         # The expected level was frozen through the episode: it is learnt afresh from the windows
         # after it (level checks resume after _REBASE of them).
-        self._reset(gs[closing | adapting], ("recent_v", "recent_t", "ref", "recent_n", "ep_delta"))
+        self._reset(gs[closing | adapting], _REBASED)
         relearn = gs[adapting]
         if len(relearn):
             # The sensor's level moved for good: it warms up again from where it is now.
             self._reset(relearn, ("learnt", "hist", "hist_n", "stats", "block", "env", "env_count", "envelope"))
+
+    def _close(self, slot: int, reason: EpisodeEnd, now: int, out: list[Alert]) -> None:
+        st = self._state
+        device, sensor = self._keys[slot]
+        kind, first, count, mask = (int(v) for v in st["ep"][slot, :4])
+        out.append(
+            AnomalyClose(
+                device=device,
+                sensor=sensor,
+                episode=f"{sensor}/{first}",
+                anomaly=KINDS[kind],
+                start=first,
+                end=int(st["ep_end"][slot]),
+                windows=max(count, 1),
+                peak=round(float(st["ep_peak"][slot]), 4),
+                anomalies=[k for i, k in enumerate(KINDS) if mask >> i & 1],
+                reason=reason,
+                ts=now,
+            )
+        )
+        st["open"][slot] = False
+        st["streak"][slot] = 0
 
     # -- learning ---------------------------------------------------------------------------------
     def _learn(
@@ -514,12 +536,17 @@ class Detector:
         values, times = st["recent_v"][s], st["recent_t"][s]
         ref = np.empty((len(s), 3))
         if full.all():
+            # Robust: median level, and the slope between the medians of the older and newer half
+            # (a window learnt during the warm-up may be an outlier; least squares would follow it).
             ref[:, 0] = np.median(values, axis=1)
-            tm = times.mean(axis=1)
-            dt = times - tm[:, None]
-            vm = values.mean(axis=1)
-            var = (dt * dt).sum(axis=1)
-            ref[:, 1] = np.where(var > 0, (dt * (values - vm[:, None])).sum(axis=1) / np.maximum(var, 1e-12), 0.0)
+            tm = np.median(times, axis=1)
+            half = c.recent // 2
+            oldest = (recent_n + 1)[:, None] + np.arange(c.recent)[None, :]  # ring positions, oldest first
+            order = oldest % c.recent
+            rows = np.arange(len(s))[:, None]
+            old_v, new_v = np.median(values[rows, order[:, :half]], axis=1), np.median(values[rows, order[:, -half:]], axis=1)
+            old_t, new_t = np.median(times[rows, order[:, :half]], axis=1), np.median(times[rows, order[:, -half:]], axis=1)
+            ref[:, 1] = np.where(new_t > old_t, (new_v - old_v) / np.maximum(new_t - old_t, 1e-9), 0.0)
         else:
             with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan():
                 ref[:, 0] = np.nanmedian(values, axis=1)
@@ -630,10 +657,6 @@ class Detector:
         self.forests.load(state["forests"])
         return True
 
-    def save(self, path: Path) -> None:
-        """Write `dump()` atomically (a crash leaves the previous file)."""
-        write_atomically(path, self.dump())
-
     # -- introspection ----------------------------------------------------------------------------
     @property
     def sensors(self) -> int:
@@ -650,20 +673,6 @@ class Detector:
     def learnt(self, key: Key) -> int:
         slot = self._slot.get(key)
         return 0 if slot is None else int(self._state["learnt"][slot])
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _quiet_nan:  # noqa: N801 - a context manager used like np.errstate
