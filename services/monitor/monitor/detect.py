@@ -420,7 +420,6 @@ class Detector:
             self._reset(s[superseded], _REBASED)
             is_open = is_open & ~superseded
         ep = st["ep"][s]
-        anomalous = flags.any(axis=1)
 
         # Open: the first kind (priority order) that has held for its windows in a row.
         opening = ~is_open & held.any(axis=1)
@@ -457,8 +456,12 @@ class Detector:
         gs = s[going]
         ep = ep[going]
         bits = (held[going] * (1 << np.arange(len(KINDS)))).sum(axis=1)
-        ep[:, 2] += anomalous[going]
         ep[:, 3] |= bits
+        in_episode = (ep[:, 3][:, None] >> np.arange(len(KINDS))[None, :]) & 1 == 1
+        # Windows count as the episode's (its count, its end) when one of its own kinds flags them:
+        # not when only a check with memory (the averaged spread) still echoes the fault.
+        anomalous = (flags[going] & in_episode).any(axis=1)
+        ep[:, 2] += anomalous
         # A level_shift episode is over once its level stepped back by half its shift or more (and
         # not forward again since): its expected level, frozen since the open, may have drifted away
         # from the sensor's normal by then, so |z| alone could keep it open.
@@ -467,11 +470,10 @@ class Detector:
         st["ep_returned"][gs] = returned
         checks = quiet[going]
         checks[:, LEVEL_SHIFT] |= returned
-        in_episode = (ep[:, 3][:, None] >> np.arange(len(KINDS))[None, :]) & 1 == 1
         normal = (checks | ~in_episode).all(axis=1) & ~flags[going][:, _PHYSICAL].any(axis=1)
         ep[:, 4] = np.where(normal, ep[:, 4] + 1, 0)
         ep[:, 5] += 1
-        st["ep_end"][gs] = np.where(anomalous[going], end[going], st["ep_end"][gs])
+        st["ep_end"][gs] = np.where(anomalous, end[going], st["ep_end"][gs])
         own = scores[going, ep[:, 0]]
         st["ep_peak"][gs] = np.maximum(st["ep_peak"][gs], np.where(flags[going, ep[:, 0]], own, 0.0))
         st["ep"][gs] = ep
