@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
-from iotpipe import AnomalyClose, AnomalyOpen, Window, decode, encode
 from iotpipe import Alert as AlertUnion
+from iotpipe import AnomalyClose, AnomalyOpen, Window, decode, encode
 from monitor.detect import CHIP_RANGES, Config, Detector
 
 HZ = 10
@@ -46,7 +46,11 @@ def window(i: int, values: np.ndarray, sensor: str = "temperature", device: str 
 
 
 def run(
-    detector: Detector, series: Sequence[np.ndarray], first: int = 0, refit_every: int = 300, sensor: str = "temperature"
+    detector: Detector,
+    series: Sequence[np.ndarray],
+    first: int = 0,
+    refit_every: int = 300,
+    sensor: str = "temperature",
 ) -> list[tuple[int, AlertUnion]]:
     """Feed one window per batch, as the service does at one window per sensor per second; refit
     the forests every `refit_every` windows. Returns (window index, alert)."""
@@ -195,7 +199,9 @@ def test_what_was_learnt_survives_a_restart() -> None:
     assert before.fitted == ["temperature"] and before.learnt(("d1", "temperature")) >= CONFIG.warm_up
     after = Detector(CONFIG)
     assert after.load(before.dump())
-    assert after.fitted == ["temperature"] and after.learnt(("d1", "temperature")) == before.learnt(("d1", "temperature"))
+    assert after.fitted == ["temperature"] and after.learnt(("d1", "temperature")) == before.learnt(
+        ("d1", "temperature")
+    )
     # No warm-up again: the level shift right after the restart opens where it would have.
     opens = [(i, a.anomaly) for i, a in run(after, list(series[ONSET:]), first=ONSET) if isinstance(a, AnomalyOpen)]
     assert opens == [(ONSET + 2, "level_shift")]

@@ -529,7 +529,13 @@ async def test_alerts_are_projected_in_plain_json(stack: Stack, keyring: KeyRing
     now = _now_ms()
     alert = {"kind": "offline", "device": "d1", "reason": "no data for 30s", "last_seen": 1000, "ts": now}
     # An anomaly episode: its open and its close, each projected as it is (plain JSON, same topic).
-    episode = {"device": "d1", "sensor": "temperature", "episode": "temperature/5000", "anomaly": "stuck", "start": 5000}
+    episode = {
+        "device": "d1",
+        "sensor": "temperature",
+        "episode": "temperature/5000",
+        "anomaly": "stuck",
+        "start": 5000,
+    }
     opened = {
         "kind": "anomaly_open",
         **episode,

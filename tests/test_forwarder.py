@@ -27,9 +27,9 @@ from cloud_forwarder.service import (
 from cloud_sink.app import Settings as SinkSettings
 from cloud_sink.app import make_app
 from iotpipe import (
-    CloudBatch,
     AnomalyClose,
     AnomalyOpen,
+    CloudBatch,
     Evidence,
     FloodAlert,
     KeyRing,
@@ -366,11 +366,18 @@ def test_anomaly_episodes_go_to_the_cloud_with_their_evidence() -> None:
         reason="normal",
         ts=9,
     )
-    records = [alert_record(Opened("b/v2/alerts/d1", "monitor/x", "boot", seq, 0, a)) for seq, a in ((4, opened), (5, closed))]
+    records = [
+        alert_record(Opened("b/v2/alerts/d1", "monitor/x", "boot", seq, 0, a)) for seq, a in ((4, opened), (5, closed))
+    ]
     body = batch_body(batch_id(records), outbox_rows(Opened("t", "s", "b", 1, 0, None), records))
     first, second = decode(body, CloudBatch).records
     assert first == records[0] and second == records[1]
-    assert (first.kind, first.episode, first.anomaly, first.evidence) == ("anomaly_open", "temperature/5000", "dropout", evidence)
+    assert (first.kind, first.episode, first.anomaly, first.evidence) == (
+        "anomaly_open",
+        "temperature/5000",
+        "dropout",
+        evidence,
+    )
     assert (second.kind, second.episode, second.windows, second.anomalies, second.reason) == (
         "anomaly_close",
         "temperature/5000",

@@ -352,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = {size: run_cpu(size, args.cpu_seconds, 0) for size in sizes}
 
     seeds = ", ".join(str(s) for s in range(args.seeds))
-    print(f"monitor detection, {args.sensors} sensors ({args.sensors // 2} with faults), {args.hours:g} h, seeds {seeds}")
+    print(
+        f"monitor detection, {args.sensors} sensors ({args.sensors // 2} with faults), {args.hours:g} h, seeds {seeds}"
+    )
     print("median [min-max] over seeds; new = monitor.detect episodes, baseline = robust z-score |z|>4, 60 s cooldown")
     header = f"{'fault kind':<18}{'events':>7}  {'recall new':<22}{'recall base':<22}"
     header += f"{'delay s new':<22}{'delay s base':<22}{'alerts/event new':<22}{'alerts/event base':<22}kind right"
@@ -361,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         new = [r["new"][kind] for r in results]
         base = [r["baseline"][kind] for r in results]
         row = f"{kind:<18}{sum(r['events'] for r in new):>7}  "
-        row += f"{_fmt([r['recall'] * 100 for r in new], '{:.0f}%'):<22}{_fmt([r['recall'] * 100 for r in base], '{:.0f}%'):<22}"
+        row += f"{_fmt([r['recall'] * 100 for r in new], '{:.0f}%'):<22}"
+        row += f"{_fmt([r['recall'] * 100 for r in base], '{:.0f}%'):<22}"
         row += f"{_fmt([r['delay_s'] for r in new], '{:.0f}'):<22}{_fmt([r['delay_s'] for r in base], '{:.0f}'):<22}"
         row += f"{_fmt([r['alerts_per_event'] for r in new], '{:.2f}'):<22}"
         row += f"{_fmt([r['alerts_per_event'] for r in base], '{:.2f}'):<22}"
@@ -371,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fa_base = [r["baseline"]["false_alarms_per_sensor_hour"] for r in results]
     hours = sum(r["new"]["sensor_hours"] for r in results)
     print(
-        f"{'false alarms':<18}{'':>7}  {_fmt(fa_new, '{:.3f}') + ' /sensor-h':<22}{_fmt(fa_base, '{:.2f}') + ' /sensor-h':<22}"
+        f"{'false alarms':<18}{'':>7}  {_fmt(fa_new, '{:.3f}') + ' /sensor-h':<22}"
+        f"{_fmt(fa_base, '{:.2f}') + ' /sensor-h':<22}"
         f"(fault-free sensors after the warm-up, {hours:.0f} sensor-hours in all)"
     )
     for size, figures in cpu.items():

@@ -38,10 +38,12 @@ is no cooldown: once an episode closed, the next fault opens a new one at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, get_args
 
@@ -262,9 +264,9 @@ class Detector:
             self._step(slots[rows], x[rows], now, out)
         return out
 
-    def _step(self, s: np.ndarray, x: np.ndarray, now: int, out: list[Alert]) -> None:  # noqa: PLR0915
+    def _step(self, s: np.ndarray, x: np.ndarray, now: int, out: list[Alert]) -> None:
         c, st = self.config, self._state
-        mean, median, low, high, std, n, start, end = x.T
+        mean, median, low, high, std, n, start, _end = x.T
         t = start / 1000.0
         learnt = st["learnt"][s]
         warmed = learnt >= c.warm_up
@@ -428,7 +430,8 @@ class Detector:
             slot, first = int(s[i]), int(streak_start[i, kind])
             device, sensor = self._keys[slot]
             score = float(scores[i, kind])
-            evidence = _evidence(x[i], int(streak[i, kind]), {k: v[i] for k, v in context.items()}, bounds.get(kind), i)
+            at = {name: values[i] for name, values in context.items()}
+            evidence = _evidence(x[i], int(streak[i, kind]), at, bounds.get(kind), int(i))
             out.append(
                 AnomalyOpen(
                     device=device,
@@ -546,8 +549,14 @@ class Detector:
             oldest = (recent_n + 1)[:, None] + np.arange(c.recent)[None, :]  # ring positions, oldest first
             order = oldest % c.recent
             rows = np.arange(len(s))[:, None]
-            old_v, new_v = np.median(values[rows, order[:, :half]], axis=1), np.median(values[rows, order[:, -half:]], axis=1)
-            old_t, new_t = np.median(times[rows, order[:, :half]], axis=1), np.median(times[rows, order[:, -half:]], axis=1)
+            old_v, new_v = (
+                np.median(values[rows, order[:, :half]], axis=1),
+                np.median(values[rows, order[:, -half:]], axis=1),
+            )
+            old_t, new_t = (
+                np.median(times[rows, order[:, :half]], axis=1),
+                np.median(times[rows, order[:, -half:]], axis=1),
+            )
             ref[:, 1] = np.where(new_t > old_t, (new_v - old_v) / np.maximum(new_t - old_t, 1e-9), 0.0)
         else:
             with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan():
@@ -644,7 +653,7 @@ class Detector:
     def load(self, data: bytes) -> bool:
         """Restore what `dump` wrote; False (and nothing restored) if it was written with other
         settings or another format, so the sensors warm up again."""
-        state = pickle.loads(data)  # noqa: S301 - our own state file, in our own state dir
+        state = pickle.loads(data)
         if state.get("version") != _STATE_VERSION or state.get("config") != asdict(self.config):
             return False
         keys = [tuple(k) for k in state["keys"]]
@@ -677,15 +686,9 @@ class Detector:
         return 0 if slot is None else int(self._state["learnt"][slot])
 
 
-class _quiet_nan:  # noqa: N801 - a context manager used like np.errstate
+@contextlib.contextmanager
+def _quiet_nan() -> Iterator[None]:
     """nanmedian/nanmean warn on all-NaN rows (a sensor with nothing learnt yet): expected here."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._catch.__exit__(*exc)
+        yield

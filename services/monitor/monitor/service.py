@@ -64,7 +64,8 @@ class Settings(ServiceSettings):
     adapt_after: int = Field(900, ge=10, description="windows after which a relative episode is the new normal")
     save_interval: float = Field(300.0, gt=0, description="s between saves of what the detector learnt")
     sensor_ranges: dict[str, tuple[float, float]] = Field(
-        default_factory=dict, description='chip ranges by sensor kind beyond the built-in ones, JSON: {"soil": [0, 100]}'
+        default_factory=dict,
+        description='chip ranges by sensor kind beyond the built-in ones, JSON: {"soil": [0, 100]}',
     )
 
 
@@ -252,7 +253,7 @@ class Monitor(Component[Settings]):
             return
         try:
             restored = self.detector.load(self._state_file.read_bytes())
-        except Exception as exc:  # noqa: BLE001 - any unreadable state means: warm up again
+        except Exception as exc:
             log.warning("detector state in %s unreadable (%s): sensors warm up again", self._state_file, exc)
             return
         if restored:
