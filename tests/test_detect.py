@@ -81,7 +81,8 @@ FAULTS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray], int]] = {
     "level_shift": ("level_shift", lambda v: v + 4 * SIGMA, 3),
     "level_shift_down": ("level_shift", lambda v: v - 4 * SIGMA, 3),
     "stuck": ("stuck", lambda v: np.full_like(v, v[0, 0]), 5),
-    "noise": ("noise", lambda v: LEVEL + (v - LEVEL) * 5, 8),
+    # noise: sigma x5 (independent noise of sqrt(24) sigma added to the readings)
+    "noise": ("noise", lambda v: v + np.random.default_rng(9).normal(0, SIGMA * np.sqrt(24), v.shape), 8),
     "dropout_to_zero": ("dropout", np.zeros_like, 2),
     "out_of_range": ("out_of_range", lambda v: np.full_like(v, 130.0), 2),
 }
@@ -206,7 +207,7 @@ def test_what_was_learnt_survives_a_restart() -> None:
     opens = [(i, a.anomaly) for i, a in run(after, list(series[ONSET:]), first=ONSET) if isinstance(a, AnomalyOpen)]
     assert opens == [(ONSET + 2, "level_shift")]
     # A state written with other settings is refused (the sensors warm up again), not misread.
-    assert not Detector(Config(warm_up=200)).load(before.dump())
+    assert not Detector(Config(warm_up=210)).load(before.dump())
 
 
 def test_many_sensors_in_one_batch_each_get_their_own_normal() -> None:

@@ -39,8 +39,10 @@ is no cooldown: once an episode closed, the next fault opens a new one at once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import operator
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -82,6 +84,7 @@ _STD_FLOOR = 1e-12
 _STATE_VERSION = 1
 _LAST = 5  # the noise check averages log(std) over this many windows (one window's is too noisy)
 _PHYSICAL = [OUT_OF_RANGE, DROPOUT, STUCK]
+_FROZEN_REFERENCE = 1 << LEVEL_SHIFT | 1 << PATTERN
 _REBASE = 10  # learnt windows after a rebase before the level is checked again
 _REBASED = ("recent_v", "recent_t", "ref", "recent_n", "ep_delta")  # what an episode's end forgets
 
@@ -92,7 +95,7 @@ class Config:
 
     history: int = 300  # learnt windows behind each sensor's robust scales
     recent: int = 30  # learnt windows behind its expected level and slope
-    refresh: int = 10  # scales recomputed every this many learnt windows
+    refresh: int = 30  # scales recomputed every this many learnt windows (they move slowly)
     warm_up: int = 120  # learnt windows before the relative checks (a multiple of `refresh`)
     extrapolate: float = 120.0  # s at most that the expected level follows its slope past the data
     level_z: float = 6.0
@@ -119,15 +122,13 @@ class Config:
             raise ValueError(f"persist needs {len(KINDS)} values")
 
 
+_FIELDS = operator.attrgetter("mean", "median", "min", "max", "std", "n", "start", "end")
+_KEY = operator.attrgetter("device", "sensor")
+
+
 def features(windows: Sequence[Window]) -> np.ndarray:
     """(n, 8) float64: mean, median, min, max, std, n, start, end of each window."""
-    n = len(windows)
-    flat = np.fromiter(
-        (v for w in windows for v in (w.mean, w.median, w.min, w.max, w.std, w.n, w.start, w.end)),
-        dtype=np.float64,
-        count=8 * n,
-    )
-    return flat.reshape(n, 8)
+    return np.array(list(map(_FIELDS, windows)), dtype=np.float64).reshape(len(windows), 8)
 
 
 def _finite(value: float) -> float | None:
@@ -181,7 +182,7 @@ class Detector:
             "learnt": ((), np.int64, 0),  # windows learnt from since the last warm-up
             "seen": ((), np.int64, 0),
             "last": ((_LAST, 2), np.float64, np.nan),  # mean, log std of its last windows, learnt or not
-            "hist": ((c.history, 3), np.float32, np.nan),  # residual, log std, n
+            "hist": ((3, c.history), np.float32, np.nan),  # residual, log std, n (medians along the last axis)
             "hist_n": ((), np.int64, 0),
             "recent_n": ((), np.int64, 0),  # learnt since the level was last rebased
             "stats": ((5,), np.float64, np.nan),  # residual centre, scale, log-std centre, scale, n
@@ -216,11 +217,10 @@ class Detector:
             self._state[name][slots] = fill
 
     def _slots(self, windows: Sequence[Window]) -> np.ndarray:
-        slot_of = self._slot
-        slots = np.fromiter((slot_of.get((w.device, w.sensor), -1) for w in windows), dtype=np.intp, count=len(windows))
+        keys = list(map(_KEY, windows))
+        slots = np.array(list(map(self._slot.get, keys, itertools.repeat(-1))), dtype=np.intp)
         for i in np.flatnonzero(slots < 0):  # new sensors (rare after the first batches)
-            w = windows[int(i)]
-            slots[i] = self._new_slot((w.device, w.sensor))
+            slots[i] = self._new_slot(keys[int(i)])
         return slots
 
     def _new_slot(self, key: Key) -> int:
@@ -293,9 +293,9 @@ class Detector:
             usual_std = np.exp(c_ls)
             noisier = np.exp(spread - c_ls)
             # A window mean is as uncertain as its readings are noisy: in a noise burst the level's
-            # scale grows with it, so the burst is not also read as a level shift.
-            widened = np.maximum(np.maximum(noisier, std / usual_std), 1.0)
-            z_level = np.where(level_ready, deviation / (s_r * widened), 0.0)
+            # scale grows with it, so the burst is not also read as a level shift. (The averaged
+            # spread, not this window's alone: one window's std varies by +-60% by chance.)
+            z_level = np.where(level_ready, deviation / (s_r * np.maximum(noisier, 1.0)), 0.0)
             # Normally varies: its usual std is far above what rounding leaves of a constant signal.
             varies = warmed & (usual_std > 1e-6 * (np.abs(expected) + 1e-3))
             flat = (high - low) <= 1e-9 * np.maximum(np.abs(mean), 1.0)
@@ -348,8 +348,9 @@ class Detector:
             DRIFT: (env[:, 0] - margin, env[:, 1] + margin),
         }
         self._episodes(s, x, now, flags, scores, quiet, stepped, deviation, out, context, bounds)
-        # Learn only from windows that are normal and outside any episode.
-        learn = ~flags.any(axis=1) & ~st["open"][s]
+        # Learn only from windows that are normal (no flag, the level within close_z) and outside any
+        # episode: a fault flickering around its threshold must not teach the sensor its level.
+        learn = ~flags.any(axis=1) & ~st["open"][s] & quiet[:, LEVEL_SHIFT]
         if learn.any():
             self._learn(s[learn], mean[learn], t[learn], expected[learn], log_std[learn], n[learn])
 
@@ -473,7 +474,12 @@ class Detector:
         st["ep_returned"][gs] = returned
         checks = quiet[going]
         checks[:, LEVEL_SHIFT] |= returned
-        normal = (checks | ~in_episode).all(axis=1) & ~flags[going][:, _PHYSICAL].any(axis=1)
+        # Judged on its own kinds; level_shift and pattern only if the episode opened with them: they
+        # compare with the expected level, frozen since the open, so after a long episode of another
+        # kind they may never look normal again (a drift's end looks like a level shift back).
+        judged = ep[:, 3] & ~_FROZEN_REFERENCE | (1 << ep[:, 0])
+        judge = (judged[:, None] >> np.arange(len(KINDS))[None, :]) & 1 == 1
+        normal = (checks | ~judge).all(axis=1) & ~flags[going][:, _PHYSICAL].any(axis=1)
         ep[:, 4] = np.where(normal, ep[:, 4] + 1, 0)
         ep[:, 5] += 1
         st["ep_end"][gs] = np.where(anomalous, end[going], st["ep_end"][gs])
@@ -524,9 +530,9 @@ class Detector:
         has = np.isfinite(expected)
         hs, hist_n = s[has], st["hist_n"][s[has]]
         h = hist_n % c.history
-        st["hist"][hs, h, 0] = mean[has] - expected[has]
-        st["hist"][hs, h, 1] = log_std[has]
-        st["hist"][hs, h, 2] = n[has]
+        st["hist"][hs, 0, h] = mean[has] - expected[has]
+        st["hist"][hs, 1, h] = log_std[has]
+        st["hist"][hs, 2, h] = n[has]
         st["hist_n"][hs] = hist_n + 1
         recent_n = st["recent_n"][s]
         r = recent_n % c.recent
@@ -585,19 +591,19 @@ class Detector:
 
     def _refresh(self, s: np.ndarray, hist_n: np.ndarray) -> None:
         st = self._state
-        hist = st["hist"][s].astype(np.float64)
+        hist = st["hist"][s]  # (k, 3, history) float32: each median is along contiguous memory
         full = hist_n >= self.config.history
         centre = np.empty((len(s), 3))
         mad = np.empty((len(s), 3))
         if full.any():
             h = hist[full]
-            centre[full] = np.median(h, axis=1)
-            mad[full] = np.median(np.abs(h - centre[full][:, None, :]), axis=1)
+            centre[full] = np.median(h, axis=2)
+            mad[full] = np.median(np.abs(h - centre[full][:, :, None].astype(np.float32)), axis=2)
         if (~full).any():
             with _quiet_nan():
                 h = hist[~full]
-                centre[~full] = np.nanmedian(h, axis=1)
-                mad[~full] = np.nanmedian(np.abs(h - centre[~full][:, None, :]), axis=1)
+                centre[~full] = np.nanmedian(h, axis=2)
+                mad[~full] = np.nanmedian(np.abs(h - centre[~full][:, :, None].astype(np.float32)), axis=2)
         centre = np.nan_to_num(centre, nan=0.0)
         mad = np.nan_to_num(mad, nan=0.0)
         level = st["ref"][s, 0]

@@ -16,7 +16,10 @@ not alone any more (issue 13: 28% recall on stuck-at, 30 false alarms per sensor
   them (calibrating on the unflagged only would flag another `contamination` at every refit).
 - Scoring skips sklearn's per-call dispatch (~60 µs per tree per call, whatever the number of rows):
   the same per-tree `Tree.apply` and depth formula from public fitted attributes, checked against
-  `decision_function` after every fit (falling back to it on any difference). ~2-3 µs per row.
+  `decision_function` after every fit (falling back to it on any difference).
+- 25 trees of 256-row subsamples (the paper's subsample; sklearn's default has 100 trees): on the
+  2-core dev machine 1.7 µs per row against 3.4 µs for 50 trees of 1,024, and the forest only has to
+  find what the explicit checks miss, at a 1e-3 threshold held 5 windows in a row.
 """
 
 from __future__ import annotations
@@ -131,8 +134,8 @@ class Forests:
         contamination: float,
         reservoir: int,
         min_rows: int,
-        n_estimators: int = 50,
-        max_samples: int = 1024,
+        n_estimators: int = 25,
+        max_samples: int = 256,
         seed: int = 0,
     ) -> None:
         self.n_features = n_features
