@@ -15,7 +15,7 @@ from iotpipe import KeyRing, Opened, PlainMessage, Processed, Runtime, Topics, d
 from monitor.service import Monitor, Settings
 from servers import TAP, Stack, bus_for, wait_until
 
-WARM_UP = 30
+WARM_UP = 60
 
 
 def processed(base: str, device: str, seq: int, mean: float, spread: float) -> Opened[Processed]:

@@ -300,7 +300,7 @@ class Evidence(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=Tr
     max: float
     std: Annotated[float, Meta(ge=0)]
     n: Count
-    windows: Annotated[int, Meta(ge=1, description="consecutive windows the check held")]
+    windows: Annotated[int, Meta(ge=1, le=MAX_INT, description="consecutive windows the check held")]
     normal: float | None = None  # the level expected for this window (trend included)
     scale: float | None = None  # 1 sigma of a window's mean about `normal`
     normal_std: float | None = None  # the sensor's usual within-window std
@@ -341,7 +341,7 @@ class AnomalyClose(DevicePayload, frozen=True, tag_field="kind", tag="anomaly_cl
     anomaly: AnomalyKind
     start: UnixMs
     end: UnixMs
-    windows: Annotated[int, Meta(ge=1, description="anomalous windows in the episode")]
+    windows: Annotated[int, Meta(ge=1, le=MAX_INT, description="anomalous windows in the episode")]
     peak: float
     anomalies: list[AnomalyKind]
     reason: EpisodeEnd
@@ -380,7 +380,7 @@ class FloodAlert(DevicePayload, frozen=True, tag_field="kind", tag="flood"):
     than its allowance (docs/contract.md, "Per-device fairness"). From the preprocessor, at most one
     per device per `IOTPIPE_FLOOD_ALERT_INTERVAL`."""
 
-    shed: Annotated[int, Meta(ge=1)]
+    shed: Annotated[int, Meta(ge=1, le=MAX_INT)]
     since: UnixMs
     reason: Reason
     ts: UnixMs
@@ -467,12 +467,12 @@ class AlertRecord(Struct, forbid_unknown_fields=True, frozen=True, tag_field="ty
     episode: str | None = None
     anomaly: AnomalyKind | None = None
     evidence: Evidence | None = None
-    windows: int | None = None
+    windows: Count | None = None
     peak: float | None = None
     anomalies: list[AnomalyKind] | None = None
     reason: str | None = None
     last_seen: UnixMs | None = None
-    shed: int | None = None
+    shed: Count | None = None
     since: UnixMs | None = None
 
 

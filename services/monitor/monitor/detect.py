@@ -85,8 +85,12 @@ _STATE_VERSION = 1
 _LAST = 5  # the noise check averages log(std) over this many windows (one window's is too noisy)
 _PHYSICAL = [OUT_OF_RANGE, DROPOUT, STUCK]
 _FROZEN_REFERENCE = 1 << LEVEL_SHIFT | 1 << PATTERN
-_REBASE = 10  # learnt windows after a rebase before the level is checked again
-_REBASED = ("recent_v", "recent_t", "ref", "recent_n", "ep_delta")  # what an episode's end forgets
+# What an episode's end forgets: the recent means behind the expected level, frozen through the
+# episode. The level is checked again once `recent` new windows are learnt (a slope from fewer is
+# too noisy to extrapolate); until then the old expected level still serves where only its size
+# matters (is the sensor far from 0, does it normally vary).
+_REBASED = ("recent_v", "recent_t", "recent_n", "ep_delta")
+_LEVEL_TRUSTED = 60  # windows an episode's frozen expected level is trusted to say "back to normal"
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,9 @@ class Config:
     fit_rows: int = 32_768  # reservoir rows per kind
 
     def __post_init__(self) -> None:
-        if self.warm_up % self.refresh or self.warm_up < self.refresh:
-            raise ValueError("warm_up must be a positive multiple of refresh")
+        if self.warm_up % self.refresh or self.warm_up < self.recent + self.refresh:
+            # the scales need residuals, and residuals need an expected level (`recent` windows)
+            raise ValueError("warm_up must be a multiple of refresh, and at least recent + refresh")
         if len(self.persist) != len(KINDS):
             raise ValueError(f"persist needs {len(KINDS)} values")
 
@@ -283,7 +288,7 @@ class Detector:
         last[np.arange(len(s)), seen % _LAST] = np.stack((mean, log_std), axis=1)
         st["last"][s] = last
         st["seen"][s] = seen + 1
-        level_ready = warmed & (st["recent_n"][s] >= _REBASE)
+        level_ready = warmed & (st["recent_n"][s] >= c.recent)
         with np.errstate(invalid="ignore", divide="ignore"):
             deviation = mean - expected - c_r
             # The mean log(std) of the last windows but the highest: one window with a spike pair
@@ -473,7 +478,9 @@ class Detector:
         returned = np.where(stepped[going] == 0, st["ep_returned"][gs], stepped[going] < 0) & level_episode
         st["ep_returned"][gs] = returned
         checks = quiet[going]
-        checks[:, LEVEL_SHIFT] |= returned
+        # |z| back under close_z counts only while the frozen expected level can be trusted (its slope
+        # extrapolated over a minute or so); after that only the step back does.
+        checks[:, LEVEL_SHIFT] = (checks[:, LEVEL_SHIFT] & (ep[:, 5] < _LEVEL_TRUSTED)) | returned
         # Judged on its own kinds; level_shift and pattern only if the episode opened with them: they
         # compare with the expected level, frozen since the open, so after a long episode of another
         # kind they may never look normal again (a drift's end looks like a level shift back).
@@ -491,7 +498,7 @@ class Detector:
         for j in np.flatnonzero(closing | adapting):
             self._close(int(gs[j]), "new_normal" if adapting[j] else "normal", now, out)
         # The expected level was frozen through the episode: it is learnt afresh from the windows
-        # after it (level checks resume after _REBASE of them).
+        # after it.
         self._reset(gs[closing | adapting], _REBASED)
         relearn = gs[adapting]
         if len(relearn):
@@ -525,9 +532,9 @@ class Detector:
         self, s: np.ndarray, mean: np.ndarray, t: np.ndarray, expected: np.ndarray, log_std: np.ndarray, n: np.ndarray
     ) -> None:
         c, st = self.config, self._state
-        # Residuals against the level expected before each window: only where there was one (not
-        # after a warm-up or rebase began), so the ring never holds a NaN once full.
-        has = np.isfinite(expected)
+        # Residuals against the level expected before each window: only where it was a settled one
+        # (not in the first `recent` windows of a warm-up or after an episode).
+        has = np.isfinite(expected) & (st["recent_n"][s] >= c.recent)
         hs, hist_n = s[has], st["hist_n"][s[has]]
         h = hist_n % c.history
         st["hist"][hs, 0, h] = mean[has] - expected[has]
@@ -572,7 +579,7 @@ class Detector:
                 vm = np.nanmean(values, axis=1)
                 var = np.nansum(dt * dt, axis=1)
                 slope = np.nansum(dt * (values - vm[:, None]), axis=1) / var
-                ref[:, 1] = np.where((var > 0) & (recent_n + 1 >= _REBASE), slope, 0.0)
+                ref[:, 1] = np.where((var > 0) & (recent_n + 1 >= c.recent // 3), slope, 0.0)
         ref[:, 2] = tm
         st["ref"][s] = ref
 

@@ -59,7 +59,7 @@ class Settings(ServiceSettings):
     check_interval: float = Field(2.0, gt=0)
     fit_interval: float = Field(60.0, gt=0, description="s between refits of the per-kind IsolationForests")
     contamination: float = Field(1e-3, gt=0, le=0.5, description="fraction of windows a forest flags")
-    warm_up: int = Field(120, ge=30, multiple_of=30, description="normal windows before a sensor's relative checks")
+    warm_up: int = Field(120, ge=60, multiple_of=30, description="normal windows before a sensor's relative checks")
     close_after: int = Field(10, ge=1, description="normal windows in a row that close an episode")
     adapt_after: int = Field(900, ge=10, description="windows after which a relative episode is the new normal")
     save_interval: float = Field(300.0, gt=0, description="s between saves of what the detector learnt")
