@@ -6,34 +6,40 @@ in fixed-size numpy arrays indexed by slot (grown by doubling), so a batch is a 
 whatever its size. Checks, in priority order (the first that holds names the episode):
 
   out_of_range  a window's min or max outside the chip's range (a table keyed by sensor kind,
-                `CHIP_RANGES`, plus IOTPIPE_SENSOR_RANGES); needs no history, 1 window
+                `CHIP_RANGES`, plus IOTPIPE_SENSOR_RANGES); needs no history; 2 windows
   dropout       every reading exactly 0 where the sensor's normal level is far from 0, or fewer
                 than half its usual readings per window; 2 windows
   stuck         zero spread (max == min) where the sensor normally varies; 5 windows
   level_shift   |robust z| of the window mean against its expected level > 6; 3 windows
-  noise         robust z of log(std) > 5 and std > 2x usual; 3 windows
+  noise         robust z of the spread (mean log std of the last 5 windows but the highest) > 4.5
+                and that spread over 2x usual; 3 windows
   drift         the mean outside the sensor's normal envelope (the range of its 30-window block
                 means over the last 2 h, the newest 10 min left out) by more than a margin; 10 windows
   pattern       the sensor kind's IsolationForest (forest.py) flags the normalised window; 5 windows
 
-Robust normalisation, per sensor, from the windows it learnt from (those neither flagged nor in an
-open episode, so a fault never becomes its own normal):
-- expected level: the median of its last `recent` learnt means plus their least-squares slope,
-  extrapolated to the window (capped), so a slow wave does not read as a shift;
+Robust normalisation, per sensor, from the windows it learnt from (no check flagged them, their
+level was within 3 scales, and no episode was open: a fault never becomes its own normal):
+- expected level: the median of its last `recent` learnt means, and the slope between the medians
+  of their older and newer halves, extrapolated to the window (at most `extrapolate` s), so a slow
+  wave does not read as a shift;
 - `scale`: 1.4826 x MAD of the residuals (mean - expected) of its last `history` learnt windows,
   and their median as a bias; the same for log(std); the median readings per window. These are
-  recomputed every `refresh` learnt windows (a partition of `history` values, amortised).
+  recomputed every `refresh` learnt windows (a partition of `history` values, amortised). The
+  level's scale widens with the sensor's current spread, so a noise burst is not also a shift.
 Warm-up: a sensor is checked for dropout/stuck/level/noise/pattern after `warm_up` learnt windows
-(default 120: 2 min at 1 s windows), for drift once it has 30 min of envelope older than 10 min
-(about 40 min), for out_of_range at once; `pattern` also waits for its kind's first fit.
+(default 120: 2 min at 1 s windows), for drift once it has an hour of envelope older than 10 min
+(about 70 min), for out_of_range at once; `pattern` also waits for its kind's first fit.
 
 Episodes: one per sensor at a time. It opens when a check has held for its windows in a row, and
-closes after `close_after` windows in a row in which every check is well inside its threshold
-(hysteresis: |z| < 3, noise z < 3, half the drift margin, ...). A relative episode (level_shift,
-noise, drift, pattern) still open after `adapt_after` windows closes as "new_normal" and the sensor
-warms up again from its current level: a lasting step (a heater switched on, a sensor moved) is the
-new normal after that, not an episode forever. Physical ones stay open while the fault lasts. There
-is no cooldown: once an episode closed, the next fault opens a new one at once.
+closes after `close_after` windows in a row in which each of its own kinds is well inside its
+threshold (hysteresis: |z| < 3, spread z < 2, half the drift margin, the physical condition gone;
+a level shift also once it stepped back by half its shift, which is what counts once the frozen
+expected level is over a minute old). A relative episode (level_shift, noise, drift, pattern) still
+open after `adapt_after` windows closes as "new_normal" and the sensor warms up again from its
+current level: a lasting step (a heater switched on, a sensor moved) is the new normal after that,
+not an episode forever. Physical ones stay open while the fault lasts, and one that begins during a
+relative episode closes it ("superseded") and opens at once. There is no cooldown: once an episode
+closed, the next fault opens a new one at once.
 """
 
 from __future__ import annotations
