@@ -31,15 +31,15 @@ Warm-up: a sensor is checked for dropout/stuck/level/noise/pattern after `warm_u
 (about 70 min), for out_of_range at once; `pattern` also waits for its kind's first fit.
 
 Episodes: one per sensor at a time. It opens when a check has held for its windows in a row, and
-closes after `close_after` windows in a row in which each of its own kinds is well inside its
-threshold (hysteresis: |z| < 3, spread z < 2, half the drift margin, the physical condition gone;
-a level shift also once it stepped back by half its shift, which is what counts once the frozen
-expected level is over a minute old). A relative episode (level_shift, noise, drift, pattern) still
-open after `adapt_after` windows closes as "new_normal" and the sensor warms up again from its
-current level: a lasting step (a heater switched on, a sensor moved) is the new normal after that,
-not an episode forever. Physical ones stay open while the fault lasts, and one that begins during a
-relative episode closes it ("superseded") and opens at once. There is no cooldown: once an episode
-closed, the next fault opens a new one at once.
+closes after `close_after` windows in a row in which the kind it opened with (and any physical kind
+seen since) is well inside its threshold (hysteresis: |z| < 3, spread z < 2, half the drift margin,
+the physical condition gone; a level shift also once it stepped back by half its shift, which is
+what counts once the frozen expected level is over a minute old). A relative episode (level_shift,
+noise, drift, pattern) still open after `adapt_after` windows closes as "new_normal" and the sensor
+warms up again from its current level: a lasting step (a heater switched on, a sensor moved) is the
+new normal after that, not an episode forever. Physical ones stay open while the fault lasts, and
+one that begins during a relative episode closes it ("superseded") and opens at once. There is no
+cooldown: once an episode closed, the next fault opens a new one at once.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ _STD_FLOOR = 1e-12
 _STATE_VERSION = 1
 _LAST = 5  # the noise check averages log(std) over this many windows (one window's is too noisy)
 _PHYSICAL = [OUT_OF_RANGE, DROPOUT, STUCK]
-_FROZEN_REFERENCE = 1 << LEVEL_SHIFT | 1 << PATTERN
+_PHYSICAL_BITS = 1 << OUT_OF_RANGE | 1 << DROPOUT | 1 << STUCK
 # What an episode's end forgets: the recent means behind the expected level, frozen through the
 # episode. The level is checked again once `recent` new windows are learnt (a slope from fewer is
 # too noisy to extrapolate); until then the old expected level still serves where only its size
@@ -487,10 +487,10 @@ class Detector:
         # |z| back under close_z counts only while the frozen expected level can be trusted (its slope
         # extrapolated over a minute or so); after that only the step back does.
         checks[:, LEVEL_SHIFT] = (checks[:, LEVEL_SHIFT] & (ep[:, 5] < _LEVEL_TRUSTED)) | returned
-        # Judged on its own kinds; level_shift and pattern only if the episode opened with them: they
-        # compare with the expected level, frozen since the open, so after a long episode of another
-        # kind they may never look normal again (a drift's end looks like a level shift back).
-        judged = ep[:, 3] & ~_FROZEN_REFERENCE | (1 << ep[:, 0])
+        # Judged on the kind it opened with and any physical kind seen since: the relative kinds a
+        # fault also trips on its way (a sensor reading 0 is far out of its drift envelope and its
+        # expected level too) are not the fault, and may stay near their thresholds after it.
+        judged = ep[:, 3] & _PHYSICAL_BITS | (1 << ep[:, 0])
         judge = (judged[:, None] >> np.arange(len(KINDS))[None, :]) & 1 == 1
         normal = (checks | ~judge).all(axis=1) & ~flags[going][:, _PHYSICAL].any(axis=1)
         ep[:, 4] = np.where(normal, ep[:, 4] + 1, 0)
