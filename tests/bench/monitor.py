@@ -386,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fa_base = [r["baseline"]["false_alarms_per_sensor_hour"] for r in results]
     hours = sum(r["new"]["sensor_hours"] for r in results)
     print(
-        f"{'false alarms':<18}{'':>7}  {_fmt(fa_new, '{:.3f}') + ' /sensor-h':<22}"
-        f"{_fmt(fa_base, '{:.2f}') + ' /sensor-h':<22}"
+        f"{'false alarms':<18}{'':>7}  {_fmt(fa_new, '{:.3f}') + ' /sensor-h':<32}"
+        f"{_fmt(fa_base, '{:.2f}') + ' /sensor-h':<32}"
         f"(fault-free sensors after the warm-up, {hours:.0f} sensor-hours in all)"
     )
     for size, figures in cpu.items():
