@@ -18,7 +18,7 @@ NODE_TOOLS := tests/node
 # stand-in base images (tests/compose/engine.py).
 COMPOSE_TEST_OS_PACKAGES := podman debootstrap
 
-.PHONY: help deps test-deps venv secrets run test test-compose test-faults fuzz bench bench-bus logs lint asyncapi clean
+.PHONY: help deps test-deps venv secrets run test test-compose test-faults fuzz bench bench-bus bench-monitor logs lint asyncapi clean
 
 help:
 	@echo "make run            start broker, redis, cloud-sink and the five services locally (Ctrl-C stops)"
@@ -35,6 +35,8 @@ help:
 	@echo "                    (about 15 min; table, var/bench/<time>.json and .png; ARGS=\"--help\" for steps,"
 	@echo "                    --sustain, --workload high|fleet|both)"
 	@echo "make bench-bus      messages/s and CPU per message of one process's MQTT bus (publish, consume)"
+	@echo "make bench-monitor  the monitor's anomaly detection on labelled synthetic faults next to a z-score baseline:"
+	@echo "                    recall, delay, false alarms, CPU per window (about 25 min; ARGS=--short: < 1 min)"
 	@echo "make secrets        generate dev secrets into secrets/ (also done by make run)"
 	@echo "make lint           ruff (lint and format) and mypy (strict on shared/, services checked)"
 	@echo "make asyncapi       regenerate docs/asyncapi.yaml (and docs/schema/) from the models and topic definitions"
@@ -117,6 +119,9 @@ bench: deps venv
 
 bench-bus: venv
 	$(UV) run --frozen python tests/bench/bus.py $(ARGS)
+
+bench-monitor: venv
+	$(UV) run --frozen python tests/bench/monitor.py $(ARGS)
 
 logs:
 	@test -n "$(s)" || { echo "usage: make logs s=<service>" >&2; exit 2; }

@@ -124,7 +124,6 @@ async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) ->
         IOTPIPE_OFFLINE_AFTER="3",
         IOTPIPE_CHECK_INTERVAL="0.5",
         IOTPIPE_FIT_INTERVAL="2",
-        IOTPIPE_MIN_FIT_SAMPLES="5",
         IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_LOG_DIR=str(tmp_path / "log"),

@@ -542,14 +542,42 @@ async def test_alerts_are_projected_in_plain_json(stack: Stack, keyring: KeyRing
     monitor = bus_for(stack, "monitor", keyring=keyring)
     await monitor.start()
     await monitor.wait_connected()
-    alert = {"kind": "offline", "device": "d1", "reason": "no data for 30s", "last_seen": 1000, "ts": _now_ms()}
+    now = _now_ms()
+    alert = {"kind": "offline", "device": "d1", "reason": "no data for 30s", "last_seen": 1000, "ts": now}
+    # An anomaly episode: its open and its close, each projected as it is (plain JSON, same topic).
+    episode = {
+        "device": "d1",
+        "sensor": "temperature",
+        "episode": "temperature/5000",
+        "anomaly": "stuck",
+        "start": 5000,
+    }
+    opened = {
+        "kind": "anomaly_open",
+        **episode,
+        "end": 10000,
+        "score": 5.0,
+        "evidence": {"mean": 21.5, "min": 21.5, "max": 21.5, "std": 0.0, "n": 10, "windows": 5, "normal_std": 0.12},
+        "ts": now,
+    }
+    closed = {
+        "kind": "anomaly_close",
+        **episode,
+        "end": 65000,
+        "windows": 60,
+        "peak": 60.0,
+        "anomalies": ["stuck"],
+        "reason": "normal",
+        "ts": now,
+    }
     try:
         async with Rig(stack, keyring, base, workdir) as rig:
             rig.start()
             await rig.online(sub)
-            await monitor.publish_sealed(topics.alerts("d1"), alert, kind="alert")
-            await wait_until(lambda: sub.latest(alert_topic) is not None, 10, "the alert")
-            assert orjson.loads(sub.latest(alert_topic) or "{}") == alert
+            for payload in (alert, opened, closed):
+                await monitor.publish_sealed(topics.alerts("d1"), payload, kind="alert")
+            await wait_until(lambda: len(sub.on(alert_topic)) == 3, 10, "the alerts")
+            assert [orjson.loads(p) for p in sub.on(alert_topic)] == [alert, opened, closed]
             assert not [m for m in sub.messages if m[2] == alert_topic and m[1]], "alerts are not retained"
     finally:
         await monitor.stop()

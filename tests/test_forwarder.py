@@ -27,7 +27,10 @@ from cloud_forwarder.service import (
 from cloud_sink.app import Settings as SinkSettings
 from cloud_sink.app import make_app
 from iotpipe import (
+    AnomalyClose,
+    AnomalyOpen,
     CloudBatch,
+    Evidence,
     FloodAlert,
     KeyRing,
     OfflineAlert,
@@ -336,6 +339,53 @@ def test_a_flood_alert_goes_to_the_cloud_with_its_count() -> None:
     (uploaded,) = decode(body, CloudBatch).records
     assert uploaded == record and (record.kind, record.shed, record.since) == ("flood", 4000, 5)
     assert record.id == "d1/alert/preprocessor/x/boot/3"
+
+
+def test_anomaly_episodes_go_to_the_cloud_with_their_evidence() -> None:
+    evidence = Evidence(mean=0.0, min=0.0, max=0.0, std=0.0, n=10, windows=2, normal=21.2, scale=0.05)
+    opened = AnomalyOpen(
+        device="d1",
+        sensor="temperature",
+        episode="temperature/5000",
+        anomaly="dropout",
+        start=5000,
+        end=7000,
+        score=1.0,
+        evidence=evidence,
+        ts=8,
+    )
+    closed = AnomalyClose(
+        device="d1",
+        sensor="temperature",
+        episode="temperature/5000",
+        anomaly="dropout",
+        start=5000,
+        end=60000,
+        windows=55,
+        peak=1.0,
+        anomalies=["dropout", "level_shift"],
+        reason="normal",
+        ts=9,
+    )
+    records = [
+        alert_record(Opened("b/v2/alerts/d1", "monitor/x", "boot", seq, 0, a)) for seq, a in ((4, opened), (5, closed))
+    ]
+    body = batch_body(batch_id(records), outbox_rows(Opened("t", "s", "b", 1, 0, None), records))
+    first, second = decode(body, CloudBatch).records
+    assert first == records[0] and second == records[1]
+    assert (first.kind, first.episode, first.anomaly, first.evidence) == (
+        "anomaly_open",
+        "temperature/5000",
+        "dropout",
+        evidence,
+    )
+    assert (second.kind, second.episode, second.windows, second.anomalies, second.reason) == (
+        "anomaly_close",
+        "temperature/5000",
+        55,
+        ["dropout", "level_shift"],
+        "normal",
+    )
 
 
 # --- the outbox on its own ------------------------------------------------------------------------

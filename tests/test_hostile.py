@@ -216,14 +216,12 @@ def health_data(device: str, start: int, value: bytes = b"30000", unit: bytes = 
 
 
 def alert_data(device: str, start: int, value: bytes = b"21.5", unit: bytes = b'"s"') -> bytes:
-    """An anomaly alert for `device`, `value` (the mean) and `unit` (the sensor) spliced in."""
-    return b'{"kind":"anomaly","device":"%s","sensor":%s,"start":%d,"end":%d,"mean":%s,"score":-0.2,"ts":%d}' % (
-        device.encode(),
-        unit,
-        start,
-        start + 1000,
-        value,
-        start + 1000,
+    """An anomaly episode's open alert for `device`, `value` (the window mean in its evidence) and
+    `unit` (the sensor) spliced in."""
+    return (
+        b'{"kind":"anomaly_open","device":"%s","sensor":%s,"episode":"s/%d","anomaly":"level_shift",'
+        b'"start":%d,"end":%d,"score":7.5,"evidence":{"mean":%s,"min":21.5,"max":21.5,"std":0.0,"n":10,'
+        b'"windows":3},"ts":%d}' % (device.encode(), unit, start, start, start + 1000, value, start + 1000)
     )
 
 

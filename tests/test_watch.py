@@ -18,9 +18,10 @@ from pathlib import Path
 import orjson
 import pytest
 from iotpipe import (
-    AnomalyAlert,
+    AnomalyOpen,
     Bus,
     DeviceStatus,
+    Evidence,
     KeyRing,
     MqttSettings,
     OfflineAlert,
@@ -139,8 +140,16 @@ def test_alerts_newest_first_each_once_whether_sealed_or_projected(keyring: KeyR
     assert opener is not None and "key ring" in note
     view = LiveView(open_sealed=opener, max_alerts=3)
     offline = OfflineAlert(device="greenhouse-2", reason="no window for 30 s", last_seen=T0 - 30_000, ts=T0)
-    anomaly = AnomalyAlert(
-        device="greenhouse-1", sensor="temperature", start=T0, end=T0 + 1000, mean=55.5, score=-0.25, ts=T0 + 2000
+    anomaly = AnomalyOpen(
+        device="greenhouse-1",
+        sensor="temperature",
+        episode=f"temperature/{T0}",
+        anomaly="level_shift",
+        start=T0,
+        end=T0 + 1000,
+        score=9.5,
+        evidence=Evidence(mean=55.5, min=55.0, max=56.0, std=0.3, n=10, windows=3, normal=21.0, scale=0.2),
+        ts=T0 + 2000,
     )
     sealer = Sealer(keyring, "monitor/m1")
     sealed_topic = Topics(BASE).alerts("greenhouse-2")
@@ -148,8 +157,8 @@ def test_alerts_newest_first_each_once_whether_sealed_or_projected(keyring: KeyR
     view.ingest(f"{ROOT_TOPIC}/devices/greenhouse-2/alert", encode(offline))  # the exporter's plain copy
     view.ingest(f"{ROOT_TOPIC}/devices/greenhouse-1/alert", encode(anomaly))
     rows = view.alert_rows()
-    assert [(r.device, r.kind) for r in rows] == [("greenhouse-1", "anomaly"), ("greenhouse-2", "offline")]
-    assert rows[0].detail == "temperature mean 55.50 score -0.25"
+    assert [(r.device, r.kind) for r in rows] == [("greenhouse-1", "anomaly_open"), ("greenhouse-2", "offline")]
+    assert rows[0].detail == "temperature level_shift: mean 55.50 score 9.50"
     assert rows[1].detail.startswith("no window for 30 s, last seen ")
     assert rows[0].time == time.strftime("%H:%M:%S", time.localtime((T0 + 2000) / 1000))
     # A sealed message that does not open is named and skipped, never raised.

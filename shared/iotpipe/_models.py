@@ -285,19 +285,71 @@ class HealthReport(Payload, frozen=True):
 
 
 # -- alerts: monitor (and the preprocessor's flood alerts) -> cloud-forwarder -----------------------
-class AnomalyAlert(DevicePayload, frozen=True, tag_field="kind", tag="anomaly"):
-    """A window whose sensor's model scored it anomalous (decision value < 0)."""
+# What a monitor anomaly episode is about (docs/contract.md, "Anomaly episodes"): physical checks
+# first (they need no history), then the statistical ones, then the IsolationForest's `pattern`.
+AnomalyKind = Literal["out_of_range", "dropout", "stuck", "level_shift", "noise", "drift", "pattern"]
+EpisodeEnd = Literal["normal", "new_normal", "superseded"]
+
+
+class Evidence(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """The window that opened an episode, and what the monitor expected of its sensor. Fields the
+    sensor has no value for yet (still warming up) are left out; every number is finite."""
+
+    mean: float
+    min: float
+    max: float
+    std: Annotated[float, Meta(ge=0)]
+    n: Count
+    windows: Annotated[int, Meta(ge=1, le=MAX_INT, description="consecutive windows the check held")]
+    normal: float | None = None  # the level expected for this window (trend included)
+    scale: float | None = None  # 1 sigma of a window's mean about `normal`
+    normal_std: float | None = None  # the sensor's usual within-window std
+    normal_n: float | None = None  # the sensor's usual readings per window
+    low: float | None = None  # out_of_range: the chip's range; drift: the normal envelope with its margin
+    high: float | None = None
+
+
+class AnomalyOpen(DevicePayload, frozen=True, tag_field="kind", tag="anomaly_open"):
+    """A sensor's anomaly episode begins: `anomaly` held for enough windows in a row. `episode`
+    (`<sensor>/<start>`) names it until its AnomalyClose. `start` is the start of the first
+    anomalous window, `end` the end of the window that opened it (unix ms)."""
 
     sensor: Id
+    episode: Annotated[str, Meta(max_length=200)]
+    anomaly: AnomalyKind
     start: UnixMs
     end: UnixMs
-    mean: float
     score: float
+    evidence: Evidence
     ts: UnixMs
 
     @property
     def kind(self) -> AlertKind:
-        return "anomaly"
+        return "anomaly_open"
+
+
+class AnomalyClose(DevicePayload, frozen=True, tag_field="kind", tag="anomaly_close"):
+    """The episode is over: its sensor was normal for `IOTPIPE_CLOSE_AFTER` windows in a row
+    (`reason` "normal"), or a relative anomaly lasted `IOTPIPE_ADAPT_AFTER` windows and its level
+    is taken as the sensor's new normal ("new_normal": the sensor warms up again), or a physical
+    anomaly (out_of_range, dropout, stuck) began during a relative one ("superseded": the physical
+    episode opens in the same batch). `end` is the end
+    of its last anomalous window; `anomalies` every kind that held during it."""
+
+    sensor: Id
+    episode: Annotated[str, Meta(max_length=200)]
+    anomaly: AnomalyKind
+    start: UnixMs
+    end: UnixMs
+    windows: Annotated[int, Meta(ge=1, le=MAX_INT, description="anomalous windows in the episode")]
+    peak: float
+    anomalies: list[AnomalyKind]
+    reason: EpisodeEnd
+    ts: UnixMs
+
+    @property
+    def kind(self) -> AlertKind:
+        return "anomaly_close"
 
 
 class _DeviceStateAlert(DevicePayload, frozen=True):
@@ -328,7 +380,7 @@ class FloodAlert(DevicePayload, frozen=True, tag_field="kind", tag="flood"):
     than its allowance (docs/contract.md, "Per-device fairness"). From the preprocessor, at most one
     per device per `IOTPIPE_FLOOD_ALERT_INTERVAL`."""
 
-    shed: Annotated[int, Meta(ge=1)]
+    shed: Annotated[int, Meta(ge=1, le=MAX_INT)]
     since: UnixMs
     reason: Reason
     ts: UnixMs
@@ -338,7 +390,7 @@ class FloodAlert(DevicePayload, frozen=True, tag_field="kind", tag="flood"):
         return "flood"
 
 
-Alert = AnomalyAlert | OfflineAlert | FaultAlert | FloodAlert
+Alert = AnomalyOpen | AnomalyClose | OfflineAlert | FaultAlert | FloodAlert
 
 
 # -- status: plain retained JSON for anyone (Home Assistant, Telegraf, Node-RED...) ---------------
@@ -409,7 +461,7 @@ class ServiceStatus(Struct, frozen=True):
 
 
 DeviceState = Literal["online", "offline", "fault"]
-AlertKind = Literal["anomaly", "offline", "fault", "flood"]
+AlertKind = Literal["anomaly_open", "anomaly_close", "offline", "fault", "flood"]
 
 
 class DeviceStatus(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -441,9 +493,15 @@ class AlertRecord(Struct, forbid_unknown_fields=True, frozen=True, tag_field="ty
     end: UnixMs | None = None
     mean: float | None = None
     score: float | None = None
+    episode: str | None = None
+    anomaly: AnomalyKind | None = None
+    evidence: Evidence | None = None
+    windows: Count | None = None
+    peak: float | None = None
+    anomalies: list[AnomalyKind] | None = None
     reason: str | None = None
     last_seen: UnixMs | None = None
-    shed: int | None = None
+    shed: Count | None = None
     since: UnixMs | None = None
 
 

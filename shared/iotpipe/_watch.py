@@ -347,8 +347,16 @@ def _per_second(rate: float | None) -> str:
 def _detail(doc: dict[str, Any]) -> str:
     """What an alert says beyond its kind (docs/contract.md, the alert models)."""
     kind = doc.get("kind")
-    if kind == "anomaly":
-        return f"{doc.get('sensor')} mean {number(doc.get('mean'))} score {number(doc.get('score'))}"
+    if kind == "anomaly_open":
+        evidence = doc.get("evidence")
+        if not isinstance(evidence, dict):
+            evidence = {}
+        return (
+            f"{doc.get('sensor')} {doc.get('anomaly')}: mean {number(evidence.get('mean'))} "
+            f"score {number(doc.get('score'))}"
+        )
+    if kind == "anomaly_close":
+        return f"{doc.get('sensor')} {doc.get('anomaly')} over ({doc.get('reason')}) after {doc.get('windows')} windows"
     if kind == "flood":
         return f"{doc.get('shed')} windows shed ({doc.get('reason')})"
     parts = []

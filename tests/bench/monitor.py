@@ -1,376 +1,405 @@
-"""The monitor's anomaly scoring on this machine (monitor.anomaly): CPU per window, CPU per refit
-cycle and peak RSS, for the new detector (per-sensor normalisation, one IsolationForest per sensor
-kind) and the one it replaced (one IsolationForest per (device, sensor), copied below as
-`OldDetector`), driven the same way. Figures only, no assertions.
+"""`make bench-monitor`: the monitor's anomaly detection on labelled synthetic streams, side by side
+with a robust z-score baseline, in the same run. Figures only, no assertions.
 
-Workloads (one window per sensor per second, n=10 readings each, ~1e-4 of windows a 20-sigma spike):
-  50       10 devices x 5 sensors,      batches of 50 windows (one per second)
-  1000     100 devices x 10 sensors,    batches of 1,000 windows
-  20000    5,000 devices x 4 sensors,   batches of 2,000 windows (ten per second)
+Streams: 10 Hz sensors, 1 s windows, kinds temperature / humidity / pressure / pm2_5 with the
+simulated driver's base, amplitude and noise (sensor_reader/drivers/simulated.py): a slow wave of
+that amplitude (period 20-90 min, random phase), a random walk (0.1 amplitude per 10 min), white
+noise, single-reading spikes (1% of readings, 3-6x the amplitude, as the simulated driver makes
+them) and missing readings (1%). Readings become windows exactly as the preprocessor makes them
+(`aggregate_array`: width-5 median filter, then mean/median/min/max/std, rounded to 6 places) and the
+detector sees them as the service does: every window of the second in one batch,
+`Detector.observe(batch, now)`, and a refit (snapshot + fit + install) every `fit_interval` (60 s).
 
-Each (detector, workload) runs in its own child process, so its peak RSS (ru_maxrss, which includes
-the ~160 MB that importing the monitor costs: python, numpy, iotpipe, sklearn and the scipy it pulls
-in) is its own. Measured with time.process_time (every thread of the process: the machine is shared).
-- scoring: µs of CPU per window for what Monitor.on_processed does besides I/O (distinct devices and
-  last-seen, scoring and learning, the cooldown and building AnomalyAlerts), models fitted, windows
-  built beforehand (not counted).
-- refit: CPU s of one refit cycle (snapshot on the loop + fit, which the service runs in a thread).
-  New: every kind, reservoirs full. Old: every sensor's model on a full 2,000-window history.
-New: each workload is warmed up (min_fit_samples windows per sensor) and run until every kind's
-reservoir is full, refitted once, then scored for --seconds simulated seconds.
-Old: at 20,000 sensors a refit would take ~20 CPU-minutes and the histories ~tens of GB, so beyond
---old-models sensors the figures are extrapolated (marked ~): refit = CPU per model x sensors; RSS =
-RSS measured with --old-models full histories and models + (sensors - measured) x the measured cost
-of one; scoring is measured (the fitted models are shared by every sensor: one call per sensor and
-batch costs the same whichever model it is) but on at most --old-batches batches.
+Half of the sensors carry faults, one after another after a 75 min warm-up (the drift check's: 70
+min), each followed by 6-10 min of normal: level_shift (+-3-5 sigma of the readings, 1-4 min), stuck
+(the value at onset, exactly, 1-4 min), noise (sigma x3-6, 0.5-2 min), drift (added to the wave: a ramp
+to +-2-3x the normal peak-to-peak, i.e. out of the normal range, over 8 min),
+dropout (every reading 0, 0.5-2 min), out_of_range (beyond the chip's range by 1-20% of it,
+10-60 s) and missing_readings (60-90% of readings lost, 1-3 min: a flaky bus). The other half never
+fault: their alerts after the warm-up are the false alarms.
 
-    uv run --frozen python tests/bench/monitor.py [--seconds 10] [--sizes 50,1000,20000]
+Per fault kind: recall (an episode opened / an alert raised from its start to 60 s after its end),
+median detection delay (end of the window that raised it - fault start), alerts per event (new: open
+and close alerts; baseline: alerts). False alarms: per sensor-hour on fault-free sensors after the
+warm-up. CPU: time.process_time (every thread) per window of `observe` plus refits, on fault-free
+fleets of 50 and 20,000 sensors (batches of 2,000 windows at 20,000), after a warm-up of `history`
+windows; the baseline the same way.
+
+Baseline (issue 13): per sensor, median/MAD of the last 300 windows' mean and std, an alert when
+|z| > 4 for either, at most one per sensor per 60 s.
+
+    uv run --frozen python tests/bench/monitor.py [--short] [--seeds 3] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import math
-import resource
-import subprocess
+import statistics
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "shared"), str(ROOT / "services" / "monitor")]
+sys.path[:0] = [str(ROOT / "shared"), str(ROOT / "services" / "monitor"), str(ROOT / "services" / "preprocessor")]
 
-from iotpipe import AnomalyAlert, Window  # noqa: E402
-from monitor.anomaly import AnomalyDetector  # noqa: E402
-from monitor.service import Settings  # noqa: E402
-from sklearn.ensemble import IsolationForest  # noqa: E402
+from iotpipe import AnomalyClose, AnomalyOpen, Window  # noqa: E402
+from monitor.detect import CHIP_RANGES, Config, Detector  # noqa: E402
+from preprocessor.service import AGGREGATE_DECIMALS  # noqa: E402
+from preprocessor.windows import aggregate_array, round_aggregates  # noqa: E402
 
-WORKLOADS = {50: (10, 5, 50), 1000: (100, 10, 1000), 20000: (5000, 4, 2000)}  # devices, sensors, batch
-SENSOR_KINDS = ["temperature", "humidity", "pressure", "co2", "light", "vibration", "current", "voltage", "flow", "ph"]
-READINGS = 10
-SPIKE_PROBABILITY = 1e-4
-COOLDOWN_MS = 60_000
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+# kind -> (unit, base, amplitude of the slow wave, noise sigma): the simulated driver's profiles
+PROFILES = {
+    "temperature": ("degC", 21.0, 3.0, 0.15),
+    "humidity": ("%RH", 45.0, 8.0, 0.8),
+    "pressure": ("hPa", 1013.0, 4.0, 0.3),
+    "pm2_5": ("ug/m3", 12.0, 6.0, 1.0),
+}
+HZ = 10
+SPIKE_PROBABILITY = 0.01
+MISSING_PROBABILITY = 0.01
+FAULTS = ("level_shift", "stuck", "noise", "drift", "dropout", "out_of_range", "missing_readings")
+ABRUPT = {"level_shift", "stuck", "dropout", "out_of_range", "missing_readings", "noise"}
+GRACE_S = 60
+FIT_INTERVAL_S = 60
+T0_MS = 1_800_000_000_000
 
 
+@dataclass
+class Event:
+    sensor: int
+    kind: str
+    start: float  # s
+    end: float
+    sign: float
+    size: float
+    value: float = float("nan")  # stuck: the value at onset
+
+
+@dataclass
 class Fleet:
-    """Synthetic sensors: each its own level and noise (so only normalisation makes them alike)."""
+    """Synthetic sensors and their labelled faults, generated one second at a time."""
 
-    def __init__(self, devices: int, sensors: int, seed: int = 0) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.keys = [(f"dev-{d:05d}", SENSOR_KINDS[s]) for d in range(devices) for s in range(sensors)]
-        self.level = self.rng.uniform(-50, 1000, len(self.keys))
-        self.noise = self.rng.uniform(0.01, 5, len(self.keys))
+    sensors: int
+    seed: int
+    faulty: int = 0
+    warm_up_s: float = 0.0
+    duration_s: float = 0.0
+    rng: np.random.Generator = field(init=False)
+    events: list[Event] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rng = self.rng = np.random.default_rng(self.seed)
+        n = self.sensors
+        kinds = list(PROFILES)
+        self.kind = [kinds[i % len(kinds)] for i in range(n)]
+        self.keys = [(f"dev-{i // 4:05d}", self.kind[i]) for i in range(n)]
+        prof = np.array([PROFILES[k][1:] for k in self.kind])
+        self.base, self.amp, self.sigma = prof.T
+        self.period = rng.uniform(20, 90, n) * 60
+        self.phase = rng.uniform(0, 2 * np.pi, n)
+        self.walk = np.zeros(n)
+        self.walk_step = 0.1 * self.amp / np.sqrt(600)
+        self.low = np.array([CHIP_RANGES[k][0] for k in self.kind])
+        self.high = np.array([CHIP_RANGES[k][1] for k in self.kind])
+        self.units = [PROFILES[k][0] for k in self.kind]
         self.second = 0
+        for sensor in range(self.faulty):
+            t = self.warm_up_s + rng.uniform(0, 300)
+            order = list(rng.permutation(FAULTS))
+            while True:
+                kind = order.pop() if order else str(rng.choice(FAULTS))
+                duration = {
+                    "level_shift": rng.uniform(60, 240),
+                    "stuck": rng.uniform(60, 240),
+                    "noise": rng.uniform(30, 120),
+                    "drift": 480.0,
+                    "dropout": rng.uniform(30, 120),
+                    "out_of_range": rng.uniform(10, 60),
+                    "missing_readings": rng.uniform(60, 180),
+                }[kind]
+                if t + duration + GRACE_S > self.duration_s:
+                    break
+                size = {
+                    "level_shift": rng.uniform(3, 5),
+                    "noise": rng.uniform(3, 6),
+                    "drift": rng.uniform(2, 3),
+                    "out_of_range": rng.uniform(0.01, 0.2),
+                    "missing_readings": rng.uniform(0.6, 0.9),
+                }.get(kind, 0.0)
+                self.events.append(Event(sensor, kind, t, t + duration, float(rng.choice((-1.0, 1.0))), size))
+                t += duration + rng.uniform(360, 600)
+        self._active: dict[int, list[Event]] = {}
+        for event in self.events:
+            self._active.setdefault(event.sensor, []).append(event)
 
-    def readings(self) -> np.ndarray:
-        x = self.rng.normal(size=(len(self.keys), READINGS)) * self.noise[:, None] + self.level[:, None]
-        spikes = self.rng.random(len(self.keys)) < SPIKE_PROBABILITY
-        x[spikes] += 20 * self.noise[spikes, None]
-        return x
+    def readings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values (n, HZ), kept (n, HZ) bool) for the next second."""
+        rng, n = self.rng, self.sensors
+        t = self.second + np.arange(HZ) / HZ
+        self.walk += rng.normal(0, 1, n) * self.walk_step
+        clean = (
+            self.base[:, None]
+            + self.amp[:, None] * np.sin(2 * np.pi * t[None, :] / self.period[:, None] + self.phase[:, None])
+            + self.walk[:, None]
+        )
+        noise = rng.normal(0, 1, (n, HZ)) * self.sigma[:, None]
+        spikes = rng.random((n, HZ)) < SPIKE_PROBABILITY
+        spike = rng.uniform(3, 6, (n, HZ)) * self.amp[:, None] * rng.choice((-1.0, 1.0), (n, HZ))
+        values = clean + noise + np.where(spikes, spike, 0.0)
+        kept = rng.random((n, HZ)) >= MISSING_PROBABILITY
+        for sensor, events in self._active.items():
+            for e in events:
+                if not e.start <= self.second < e.end:
+                    continue
+                row = values[sensor]
+                if e.kind == "level_shift":
+                    row += e.sign * e.size * self.sigma[sensor]
+                elif e.kind == "stuck":
+                    if np.isnan(e.value):
+                        e.value = float(row[0])
+                    row[:] = e.value
+                elif e.kind == "noise":
+                    row += rng.normal(0, 1, HZ) * self.sigma[sensor] * np.sqrt(e.size**2 - 1)
+                elif e.kind == "drift":  # to 2-3x the normal peak-to-peak (2 amplitudes) away
+                    row += e.sign * e.size * 2 * self.amp[sensor] * (t - e.start) / (e.end - e.start)
+                elif e.kind == "dropout":
+                    row[:] = 0.0
+                elif e.kind == "out_of_range":
+                    span = self.high[sensor] - self.low[sensor]
+                    row[:] = (self.high[sensor] if e.sign > 0 else self.low[sensor]) + e.sign * e.size * span
+                elif e.kind == "missing_readings":
+                    kept[sensor] &= rng.random(HZ) >= e.size
+        kept[:, 0] |= ~kept.any(axis=1)  # a sensor with no reading sends no window; keep one
+        return values, kept
 
     def windows(self) -> list[Window]:
-        """One window per sensor for the next second."""
-        x = self.readings()
-        mean, median, low, high, std = x.mean(1), np.median(x, 1), x.min(1), x.max(1), x.std(1)
-        start = 1_800_000_000_000 + self.second * 1000
+        """One window per sensor for the next second, as the preprocessor makes them."""
+        values, kept = self.readings()
+        series = [values[i][kept[i]] for i in range(self.sensors)]
+        counts, stats = aggregate_array(series, 5)
+        rows = round_aggregates(stats, AGGREGATE_DECIMALS).tolist()
+        start = T0_MS + self.second * 1000
         self.second += 1
         return [
-            Window(
-                device=device,
-                sensor=sensor,
-                unit="u",
-                start=start,
-                end=start + 1000,
-                n=READINGS,
-                mean=float(mean[i]),
-                median=float(median[i]),
-                min=float(low[i]),
-                max=float(high[i]),
-                std=float(std[i]),
-            )
-            for i, (device, sensor) in enumerate(self.keys)
+            Window(d, s, u, start, start + 1000, n, *row)
+            for (d, s), u, n, row in zip(self.keys, self.units, counts.tolist(), rows, strict=True)
         ]
 
-    def batches(self, size: int) -> list[list[Window]]:
-        windows = self.windows()
-        return [windows[i : i + size] for i in range(0, len(windows), size)]
+
+class Baseline:
+    """Robust z-score: median/MAD of the last 300 windows' mean and std, |z| > 4, 60 s cooldown."""
+
+    def __init__(self, sensors: int, history: int = 300, cooldown_s: float = 60.0) -> None:
+        self.ring = np.full((sensors, history, 2), np.nan)
+        self.count = np.zeros(sensors, dtype=np.int64)
+        self.last = np.full(sensors, -1e18)
+        self.history, self.cooldown = history, cooldown_s
+
+    def step(self, slots: np.ndarray, x: np.ndarray, t: float) -> np.ndarray:
+        """Slots that alert for this batch of (mean, std)."""
+        ring = self.ring[slots]
+        ready = self.count[slots] >= self.history
+        median = np.median(ring, axis=1)
+        mad = np.median(np.abs(ring - median[:, None, :]), axis=1) * 1.4826
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.abs(x - median) / np.maximum(mad, 1e-12)
+        hit = ready & (z > 4).any(axis=1) & (t - self.last[slots] >= self.cooldown)
+        self.last[slots[hit]] = t
+        self.ring[slots, self.count[slots] % self.history] = x
+        self.count[slots] += 1
+        return slots[hit]
 
 
-def alert(window: Window, score: float, now: int) -> AnomalyAlert:
-    return AnomalyAlert(
-        device=window.device,
-        sensor=window.sensor,
-        start=window.start,
-        end=window.end,
-        mean=window.mean,
-        score=round(score, 4),
-        ts=now,
-    )
+def refit(detector: Detector) -> None:
+    detector.install(detector.fit(detector.snapshot()))
 
 
-class NewService:
-    """Monitor.on_processed without its I/O, on the new detector (as in monitor/service.py)."""
+def run_quality(seed: int, sensors: int, duration_s: float, warm_up_s: float, config: Config) -> dict[str, Any]:
+    fleet = Fleet(sensors, seed, faulty=sensors // 2, warm_up_s=warm_up_s, duration_s=duration_s)
+    detector = Detector(config)
+    baseline = Baseline(sensors)
+    slots = np.arange(sensors)
+    opens: list[tuple[int, float, str]] = []  # sensor, window end (s), anomaly kind
+    closes: list[tuple[int, float]] = []
+    base_alerts: list[tuple[int, float]] = []
+    index = {key: i for i, key in enumerate(fleet.keys)}
+    for second in range(int(duration_s)):
+        windows = fleet.windows()
+        now = T0_MS + (second + 1) * 1000
+        for alert in detector.observe(windows, now):
+            sensor = index[(alert.device, alert.sensor)]
+            if isinstance(alert, AnomalyOpen):
+                opens.append((sensor, second + 1.0, alert.anomaly))
+            elif isinstance(alert, AnomalyClose):
+                closes.append((sensor, second + 1.0))
+        x = np.array([(w.mean, w.std) for w in windows])
+        for sensor in baseline.step(slots, x, float(second)):
+            base_alerts.append((int(sensor), second + 1.0))
+        if (second + 1) % FIT_INTERVAL_S == 0:
+            refit(detector)
 
-    def __init__(self, detector: AnomalyDetector) -> None:
-        self.detector = detector
-        self.last_seen: dict[str, int] = {}
-        self.last_anomaly: dict[tuple[str, str], int] = {}
+    fault_free = range(fleet.faulty, sensors)
+    hours = len(fault_free) * (duration_s - warm_up_s) / 3600
 
-    def step(self, windows: Sequence[Window], now: int) -> list[AnomalyAlert]:
-        devices = dict.fromkeys(window.device for window in windows)
-        for device in devices:
-            self.last_seen[device] = now
-        decisions = self.detector.observe(windows)
-        alerts = []
-        for index in np.flatnonzero(decisions < 0):
-            window = windows[index]
-            key = (window.device, window.sensor)
-            if now - self.last_anomaly.get(key, -(10**18)) < COOLDOWN_MS:
-                continue
-            self.last_anomaly[key] = now
-            alerts.append(alert(window, float(decisions[index]), now))
-        return alerts
+    def score(alerts: list[tuple[int, float]], closes: list[tuple[int, float]] | None) -> dict[str, Any]:
+        by_sensor: dict[int, list[float]] = {}
+        for sensor, t, *_ in alerts:
+            by_sensor.setdefault(sensor, []).append(t)
+        close_by: dict[int, list[float]] = {}
+        for sensor, t in closes or []:
+            close_by.setdefault(sensor, []).append(t)
+        out: dict[str, Any] = {}
+        for kind in FAULTS:
+            events = [e for e in fleet.events if e.kind == kind]
+            delays, per_event = [], []
+            for e in events:
+                hits = [t for t in by_sensor.get(e.sensor, []) if e.start <= t <= e.end + GRACE_S]
+                if hits:
+                    delays.append(min(hits) - e.start)
+                    n_close = sum(1 for t in close_by.get(e.sensor, []) if e.start <= t <= e.end + 30 * 60)
+                    # a close after the event belongs to it if it is the first close after its open
+                    per_event.append(len(hits) + (min(n_close, len(hits)) if closes is not None else 0))
+            out[kind] = {
+                "events": len(events),
+                "recall": len(delays) / len(events) if events else float("nan"),
+                "delay_s": statistics.median(delays) if delays else float("nan"),
+                "alerts_per_event": statistics.mean(per_event) if per_event else float("nan"),
+            }
+        false_alarms = sum(1 for sensor, t, *_ in alerts if sensor in fault_free and t >= warm_up_s)
+        out["false_alarms_per_sensor_hour"] = false_alarms / hours
+        out["false_alarms"] = false_alarms
+        out["sensor_hours"] = hours
+        return out
 
-
-# -- the detector this replaced (services/monitor/monitor/anomaly.py before issue 9), verbatim ----
-OldKey = tuple[str, str]
-
-
-def old_features(window: Window) -> list[float]:
-    return [window.mean, window.std, window.max - window.min]
-
-
-class OldDetector:
-    def __init__(
-        self, history: int = 2000, min_samples: int = 30, contamination: float = 0.01, n_estimators: int = 50
-    ) -> None:
-        self.history = history
-        self.min_samples = min_samples
-        self.contamination = contamination
-        self.n_estimators = n_estimators
-        self.seed = 0
-        self._buffers: dict[OldKey, collections.deque[list[float]]] = {}
-        self._models: dict[OldKey, IsolationForest] = {}
-
-    def observe(self, key: OldKey, row: list[float]) -> None:
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = collections.deque(maxlen=self.history)
-        buf.append(row)
-
-    def score(self, key: OldKey, rows: list[list[float]]) -> np.ndarray | None:
-        model = self._models.get(key)
-        if model is None:
-            return None
-        scores: np.ndarray = model.decision_function(np.asarray(rows, dtype=np.float64))
-        return scores
-
-    def snapshot(self) -> dict[OldKey, np.ndarray]:
-        return {k: np.asarray(b, dtype=np.float64) for k, b in self._buffers.items() if len(b) >= self.min_samples}
-
-    def fit(self, data: Mapping[OldKey, np.ndarray]) -> dict[OldKey, IsolationForest]:
-        models = {}
-        for key, rows in data.items():
-            model = IsolationForest(
-                n_estimators=self.n_estimators, contamination=self.contamination, random_state=self.seed
-            )
-            model.fit(rows)
-            models[key] = model
-        return models
-
-    def install(self, models: Mapping[OldKey, IsolationForest]) -> None:
-        self._models.update(models)
+    result = {"new": score(opens, closes), "baseline": score(base_alerts, None)}
+    kinds_right = {}
+    for kind in FAULTS:
+        expected = "dropout" if kind == "missing_readings" else kind
+        matched = right = 0
+        for e in (e for e in fleet.events if e.kind == kind):
+            hits = [(t, k) for s, t, k in opens if s == e.sensor and e.start <= t <= e.end + GRACE_S]
+            if hits:
+                matched += 1
+                right += min(hits)[1] == expected
+        kinds_right[kind] = right / matched if matched else float("nan")
+    result["new"]["kind_right"] = kinds_right
+    return result
 
 
-class OldService:
-    """The old Monitor.on_processed without its I/O (grouped per sensor, one model call per sensor)."""
-
-    def __init__(self, detector: OldDetector) -> None:
-        self.detector = detector
-        self.last_seen: dict[str, int] = {}
-        self.last_anomaly: dict[tuple[str, str], int] = {}
-
-    def step(self, windows: Sequence[Window], now: int) -> list[AnomalyAlert]:
-        pending: dict[OldKey, list[tuple[list[float], Window]]] = {}
-        devices: set[str] = set()
-        for window in windows:
-            self.last_seen[window.device] = now
-            devices.add(window.device)
-            pending.setdefault((window.device, window.sensor), []).append((old_features(window), window))
-        alerts = []
-        for key, items in pending.items():
-            scores = self.detector.score(key, [row for row, _ in items])
-            for index, (row, window) in enumerate(items):
-                self.detector.observe(key, row)
-                if scores is None or scores[index] >= 0:
-                    continue
-                if now - self.last_anomaly.get(key, -(10**18)) < COOLDOWN_MS:
-                    continue
-                self.last_anomaly[key] = now
-                alerts.append(alert(window, float(scores[index]), now))
-        return alerts
-
-
-# -- the runs (each in a child process) -------------------------------------------------------------
-def timed_scoring(
-    step: Any, fleet: Fleet, batch: int, seconds: int, max_batches: int | None = None
-) -> tuple[float, int, int]:
-    """CPU µs per window over `seconds` simulated seconds (or `max_batches` batches), alerts raised."""
-    cpu, windows, alerts, batches = 0.0, 0, 0, 0
-    for _ in range(seconds):
-        for windows_batch in fleet.batches(batch):
-            now = 1_800_000_000_000 + fleet.second * 1000
-            started = time.process_time()
-            alerts += len(step(windows_batch, now))
-            cpu += time.process_time() - started
-            windows += len(windows_batch)
-            batches += 1
-            if max_batches is not None and batches >= max_batches:
-                return cpu / windows * 1e6, windows, alerts
-    return cpu / windows * 1e6, windows, alerts
+def run_cpu(sensors: int, seconds: int, seed: int, config: Config) -> dict[str, float]:
+    """CPU per window of observe + refits, and of the baseline, on a fault-free fleet, after warm-up."""
+    fleet = Fleet(sensors, seed)
+    detector = Detector(config)
+    baseline = Baseline(sensors)
+    batch = 2000 if sensors > 2000 else sensors
+    warm = detector.config.history + 10
+    det_cpu = base_cpu = 0.0
+    measured = 0
+    slots = np.arange(sensors)
+    for second in range(warm + seconds):
+        windows = fleet.windows()
+        x = np.array([(w.mean, w.std) for w in windows])
+        now = T0_MS + (second + 1) * 1000
+        t0 = time.process_time()
+        for i in range(0, sensors, batch):
+            detector.observe(windows[i : i + batch], now)
+        if (second + 1) % FIT_INTERVAL_S == 0:
+            refit(detector)
+        t1 = time.process_time()
+        for i in range(0, sensors, batch):
+            baseline.step(slots[i : i + batch], x[i : i + batch], float(second))
+        t2 = time.process_time()
+        if second >= warm:
+            det_cpu += t1 - t0
+            base_cpu += t2 - t1
+            measured += sensors
+    return {"new_ms": 1000 * det_cpu / measured, "baseline_ms": 1000 * base_cpu / measured, "windows": measured}
 
 
-def run_new(size: int, seconds: int) -> dict[str, Any]:
-    devices, sensors, batch = WORKLOADS[size]
-    baseline = rss_mb()
-    settings = Settings.model_construct()  # the service's defaults (model_construct: no env, no files)
-    detector = AnomalyDetector(
-        min_samples=settings.min_fit_samples,
-        contamination=settings.contamination,
-        reservoir=settings.fit_history,
-    )
-    service = NewService(detector)
-    fleet = Fleet(devices, sensors)
-    per_kind = devices  # every device has every kind
-    warm_up = settings.min_fit_samples + math.ceil(settings.fit_history / per_kind) + 1
-    for _ in range(warm_up):
-        for windows in fleet.batches(batch):
-            service.step(windows, 0)
-    started = time.process_time()
-    data = detector.snapshot()
-    detector.install(detector.fit(data))
-    refit = time.process_time() - started
-    rows = max(len(d.rows) for d in data.values())
-    us, scored, alerts = timed_scoring(service.step, fleet, batch, seconds)
-    return {
-        "refit_s": refit,
-        "kinds": len(data),
-        "reservoir_rows": rows,
-        "us_per_window": us,
-        "windows": scored,
-        "alerts": alerts,
-        "rss_baseline_mb": baseline,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+def _fmt(values: Sequence[float], pattern: str) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return pattern.format(values[0])
+    return f"{pattern.format(statistics.median(values))} [{pattern.format(min(values))}-{pattern.format(max(values))}]"
 
 
-def run_old(size: int, seconds: int, old_models: int, old_batches: int) -> dict[str, Any]:
-    devices, sensors, batch = WORKLOADS[size]
-    baseline = rss_mb()
-    detector = OldDetector()
-    service = OldService(detector)
-    fleet = Fleet(devices, sensors)
-    measured = min(size, old_models)
-    keys = fleet.keys[:measured]
-    # Full histories (2,000 windows) for the measured sensors, through observe as the service does.
-    for _ in range(detector.history):
-        x = fleet.readings()[:measured]
-        mean, std, spread = x.mean(1), x.std(1), x.max(1) - x.min(1)
-        for i, key in enumerate(keys):
-            detector.observe(key, [float(mean[i]), float(std[i]), float(spread[i])])
-    started = time.process_time()
-    models = detector.fit(detector.snapshot())
-    per_model = (time.process_time() - started) / measured
-    detector.install(models)
-    measured_rss = rss_mb()
-    per_sensor_mb = (measured_rss - baseline) / measured
-    fitted = list(models.values())
-    for i, key in enumerate(fleet.keys):  # every sensor scored by one of the fitted models
-        detector._models[key] = fitted[i % measured]
-    us, scored, alerts = timed_scoring(
-        service.step, fleet, batch, seconds, max_batches=old_batches if size > measured else None
-    )
-    return {
-        "refit_s": per_model * size,
-        "refit_extrapolated": size > measured,
-        "us_per_window": us,
-        "windows": scored,
-        "alerts": alerts,
-        "rss_baseline_mb": baseline,
-        "peak_rss_mb": max(peak_rss_mb(), measured_rss + (size - measured) * per_sensor_mb),
-        "rss_extrapolated": size > measured,
-    }
-
-
-def child(args: argparse.Namespace) -> None:
-    kind, size = args.child
-    if kind == "new":
-        result = run_new(int(size), args.seconds)
-    else:
-        result = run_old(int(size), args.seconds, args.old_models, args.old_batches)
-    print(json.dumps(result))
-
-
-def fmt(value: float, extrapolated: bool, unit: str) -> str:
-    return f"{'~' if extrapolated else ''}{value:,.{2 if value < 10 else 0}f} {unit}"
-
-
-def table(results: Iterable[tuple[str, int, dict[str, Any]]]) -> None:
-    print(f"{'detector':8} {'sensors':>8} {'batch':>6} {'µs CPU/window':>14} {'refit CPU':>12} {'peak RSS':>12}  notes")
-    for kind, size, r in results:
-        alerts = "alerts n/a: models shared" if r.get("refit_extrapolated") else f"{r['alerts']} alerts"
-        notes = f"{r['windows']:,} windows scored, {alerts}; RSS after imports {r['rss_baseline_mb']:.0f} MB"
-        if kind == "new":
-            notes += f"; {r['kinds']} kinds x {r['reservoir_rows']:,} rows"
-        print(
-            f"{kind:8} {size:>8,} {WORKLOADS[size][2]:>6,} {r['us_per_window']:>14,.1f} "
-            f"{fmt(r['refit_s'], r.get('refit_extrapolated', False), 's'):>12} "
-            f"{fmt(r['peak_rss_mb'], r.get('rss_extrapolated', False), 'MB'):>12}  {notes}"
-        )
-
-
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=10, help="simulated seconds scored (new)")
-    parser.add_argument("--sizes", default="50,1000,20000", help=f"sensor counts among {list(WORKLOADS)}")
-    parser.add_argument("--old-models", type=int, default=50, help="old: sensors given a real history and model")
-    parser.add_argument("--old-batches", type=int, default=2, help="old: batches scored beyond --old-models")
-    parser.add_argument("--skip-old", action="store_true")
-    parser.add_argument("--child", nargs=2, metavar=("DETECTOR", "SENSORS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
+    parser.add_argument(
+        "--short", action="store_true", help="one seed, 12 sensors, 40 min (drift warm-up 15 min), CPU at 50 and 200"
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sensors", type=int, default=50)
+    parser.add_argument("--hours", type=float, default=3.25)
+    parser.add_argument("--warm-up", type=float, default=75.0, help="min before the first fault")
+    parser.add_argument("--cpu-sizes", default="50,20000")
+    parser.add_argument("--cpu-seconds", type=int, default=120)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    config = Config()
+    if args.short:  # CI-sized: structure, not figures; the drift envelope warms up in 15 min, not 70
+        args.seeds, args.sensors, args.hours, args.warm_up, args.cpu_sizes, args.cpu_seconds = (
+            1,
+            12,
+            40 / 60,
+            16,
+            "50,200",
+            10,
+        )
+        config = Config(lag_blocks=10, min_blocks=20)
+    started = time.monotonic()
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     results = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        for kind in ("old", "new"):
-            if kind == "old" and args.skip_old:
-                continue
-            command = [sys.executable, __file__, "--child", kind, str(size), "--seconds", str(args.seconds)]
-            command += ["--old-models", str(args.old_models), "--old-batches", str(args.old_batches)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results.append((kind, size, json.loads(out.strip().splitlines()[-1])))
-            print(f"  done: {kind} {size}", file=sys.stderr, flush=True)
-    table(results)
+    for seed in range(args.seeds):
+        results.append(run_quality(seed, args.sensors, args.hours * 3600, args.warm_up * 60, config))
+    sizes = [int(s) for s in args.cpu_sizes.split(",")]
+    cpu = {size: run_cpu(size, args.cpu_seconds, 0, config) for size in sizes}
+
+    seeds = ", ".join(str(s) for s in range(args.seeds))
+    print(
+        f"monitor detection, {args.sensors} sensors ({args.sensors // 2} with faults), {args.hours:g} h, seeds {seeds}"
+    )
+    print("median [min-max] over seeds; new = monitor.detect episodes, baseline = robust z-score |z|>4, 60 s cooldown")
+    header = f"{'fault kind':<18}{'events':>7}  {'recall new':<22}{'recall base':<22}"
+    header += f"{'delay s new':<22}{'delay s base':<22}{'alerts/event new':<22}{'alerts/event base':<22}kind right"
+    print(header)
+    for kind in FAULTS:
+        new = [r["new"][kind] for r in results]
+        base = [r["baseline"][kind] for r in results]
+        row = f"{kind:<18}{sum(r['events'] for r in new):>7}  "
+        row += f"{_fmt([r['recall'] * 100 for r in new], '{:.0f}%'):<22}"
+        row += f"{_fmt([r['recall'] * 100 for r in base], '{:.0f}%'):<22}"
+        row += f"{_fmt([r['delay_s'] for r in new], '{:.0f}'):<22}{_fmt([r['delay_s'] for r in base], '{:.0f}'):<22}"
+        row += f"{_fmt([r['alerts_per_event'] for r in new], '{:.2f}'):<22}"
+        row += f"{_fmt([r['alerts_per_event'] for r in base], '{:.2f}'):<22}"
+        row += _fmt([r["new"]["kind_right"][kind] * 100 for r in results], "{:.0f}%")
+        print(row)
+    fa_new = [r["new"]["false_alarms_per_sensor_hour"] for r in results]
+    fa_base = [r["baseline"]["false_alarms_per_sensor_hour"] for r in results]
+    hours = sum(r["new"]["sensor_hours"] for r in results)
+    print(
+        f"{'false alarms':<18}{'':>7}  {_fmt(fa_new, '{:.3f}') + ' /sensor-h':<32}"
+        f"{_fmt(fa_base, '{:.2f}') + ' /sensor-h':<32}"
+        f"(fault-free sensors after the warm-up, {hours:.0f} sensor-hours in all)"
+    )
+    for size, figures in cpu.items():
+        print(
+            f"{'cpu ' + str(size) + ' sensors':<18}{'':>7}  {figures['new_ms']:.4f} ms/window{'':<5}"
+            f"{figures['baseline_ms']:.4f} ms/window   (refits included, {figures['windows']} windows)"
+        )
+    print(f"load average at start {' '.join(load)}; {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"quality": results, "cpu": cpu, "load": load}, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

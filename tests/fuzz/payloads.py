@@ -87,15 +87,44 @@ processed_batches = st.builds(lambda w: {"windows": w}, st.lists(windows(), min_
 
 _maybe_ms = st.none() | unix_ms
 _reasons = st.none() | st.text(max_size=200)
+_anomalies = st.sampled_from(["out_of_range", "dropout", "stuck", "level_shift", "noise", "drift", "pattern"])
+evidence = st.fixed_dictionaries(
+    {
+        "mean": finite,
+        "min": finite,
+        "max": finite,
+        "std": st.floats(min_value=0, allow_infinity=False),
+        "n": st.integers(0, 2**53 - 1),
+        "windows": st.integers(1, 10**6),
+    },
+    optional={name: finite for name in ("normal", "scale", "normal_std", "normal_n", "low", "high")},
+)
 anomaly_alerts = st.fixed_dictionaries(
     {
-        "kind": st.just("anomaly"),
+        "kind": st.just("anomaly_open"),
         "device": ids,
         "sensor": ids,
+        "episode": st.text(max_size=200),
+        "anomaly": _anomalies,
         "start": unix_ms,
         "end": unix_ms,
-        "mean": finite,
         "score": finite,
+        "evidence": evidence,
+        "ts": unix_ms,
+    }
+) | st.fixed_dictionaries(
+    {
+        "kind": st.just("anomaly_close"),
+        "device": ids,
+        "sensor": ids,
+        "episode": st.text(max_size=200),
+        "anomaly": _anomalies,
+        "start": unix_ms,
+        "end": unix_ms,
+        "windows": st.integers(1, 10**6),
+        "peak": finite,
+        "anomalies": st.lists(_anomalies, max_size=7),
+        "reason": st.sampled_from(["normal", "new_normal", "superseded"]),
         "ts": unix_ms,
     }
 )

@@ -10,9 +10,11 @@
   whose heartbeat is older than `offline_after` is reported stale in the monitor's own health.
   Status is plaintext: anyone holding a service's MQTT password can write it, so it is shown and
   never decides anything that reaches the cloud (the `devices` in the reader's status are ignored).
-- Anomalies: every window is normalised by its sensor's running centre and scale and scored by the
-  IsolationForest of its sensor kind (anomaly.py); anomalous ones become sealed alerts on
-  alerts/<device>. Models are refitted every `fit_interval` off the message path.
+- Anomalies, as episodes (detect.py): each batch of windows is checked at once (physical checks,
+  robust per-sensor statistics, and the IsolationForest of each sensor kind); an episode's open and
+  close are sealed alerts on alerts/<device> (AnomalyOpen, AnomalyClose). The forests are refitted
+  every `fit_interval` in a worker thread; what the detector learnt is saved in the state dir every
+  `save_interval` and at a clean stop, and restored at start, so a restart does not warm up again.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-import numpy as np
 from iotpipe import (
     Alert,
-    AnomalyAlert,
+    AnomalyKind,
+    AnomalyOpen,
     Component,
     DeviceState,
     DeviceStatus,
@@ -42,10 +44,11 @@ from iotpipe import (
     ServiceSettings,
     ServiceStatus,
     encode,
+    write_atomically,
 )
 from pydantic import Field
 
-from .anomaly import AnomalyDetector
+from .detect import Config, Detector
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,16 @@ class Settings(ServiceSettings):
 
     offline_after: float = Field(30.0, gt=0, description="s of silence before a device is offline")
     check_interval: float = Field(2.0, gt=0)
-    fit_interval: float = Field(60.0, gt=0, description="s between IsolationForest refits")
-    min_fit_samples: int = Field(30, ge=2, description="windows a sensor needs before it is scored")
-    fit_history: int = Field(32_768, ge=10, description="normalised windows kept per sensor kind for fitting")
-    contamination: float = Field(1e-4, gt=0, le=0.5, description="expected fraction of windows flagged")
-    alert_cooldown: float = Field(60.0, ge=0, description="s between anomaly alerts for one sensor")
+    fit_interval: float = Field(60.0, gt=0, description="s between refits of the per-kind IsolationForests")
+    contamination: float = Field(1e-3, gt=0, le=0.5, description="fraction of windows a forest flags")
+    warm_up: int = Field(120, ge=60, multiple_of=30, description="normal windows before a sensor's relative checks")
+    close_after: int = Field(10, ge=1, description="normal windows in a row that close an episode")
+    adapt_after: int = Field(900, ge=10, description="windows after which a relative episode is the new normal")
+    save_interval: float = Field(300.0, gt=0, description="s between saves of what the detector learnt")
+    sensor_ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description='chip ranges by sensor kind beyond the built-in ones, JSON: {"soil": [0, 100]}',
+    )
 
 
 def _now_ms() -> int:
@@ -87,18 +95,20 @@ class Monitor(Component[Settings]):
     def __init__(self, runtime: Runtime[Settings]) -> None:
         super().__init__(runtime)
         s = self.settings
-        self.detector = AnomalyDetector(
-            min_samples=s.min_fit_samples,
-            contamination=s.contamination,
-            reservoir=s.fit_history,
+        config = Config(
+            warm_up=s.warm_up, close_after=s.close_after, adapt_after=s.adapt_after, contamination=s.contamination
         )
+        self.detector = Detector(config, s.sensor_ranges)
+        self._state_file = s.state_dir / f"{s.service_name}-{s.instance}.detector"
+        self._load_detector()
         self.last_seen: dict[str, int] = {}  # device -> unix ms of its latest processed message
         self.device_state: dict[str, tuple[DeviceState, str | None]] = {}  # what we last published
         self.reported: dict[str, Reported] = {}  # device -> its state from sealed health reports
         self.services: dict[str, dict[str, Any]] = {}  # "service/instance" -> last status
         self.alerts = runtime.metrics.counter("iotpipe_alerts", "Alerts published", ("kind",))
-        self.suppressed = runtime.metrics.counter("iotpipe_anomalies_suppressed", "Anomalies within the cooldown")
-        self._last_anomaly: dict[tuple[str, str], int] = {}
+        self.episodes = runtime.metrics.counter("iotpipe_anomaly_episodes", "Anomaly episodes opened", ("anomaly",))
+        for anomaly in get_args(AnomalyKind):  # every kind at 0 from the start: rate() sees the first one
+            self.episodes.labels(anomaly)
         topics = runtime.topics
         runtime.bus.subscribe(topics.all("processed"), self.on_processed, model=Processed, batch=16)
         runtime.bus.subscribe(topics.all("health"), self.on_health, model=HealthReport)
@@ -113,30 +123,13 @@ class Monitor(Component[Settings]):
         devices = dict.fromkeys(window.device for window in windows)  # distinct, in arrival order
         for device in devices:
             self.last_seen[device] = now
-        # The whole batch is scored in one call (a few vectorised calls per sensor kind inside).
-        decisions = self.detector.observe(windows)
-        alerts: list[Alert] = []
-        for index in np.flatnonzero(decisions < 0):  # NaN (not scored yet) is never < 0
-            window = windows[index]
-            key = (window.device, window.sensor)
-            if now - self._last_anomaly.get(key, -(10**18)) < self.settings.alert_cooldown * 1000:
-                self.suppressed.inc()  # one alert per sensor per cooldown, not one per window
-                continue
-            self._last_anomaly[key] = now
-            alerts.append(
-                AnomalyAlert(
-                    device=window.device,
-                    sensor=window.sensor,
-                    start=window.start,
-                    end=window.end,
-                    mean=window.mean,
-                    score=round(float(decisions[index]), 4),
-                    ts=now,
-                )
-            )
+        # The whole batch is checked in one call (vectorised inside); it returns episode opens and closes.
+        alerts = self.detector.observe(windows, now)
         for device in devices:
             await self._set_device_state(device)
         for alert in alerts:
+            if isinstance(alert, AnomalyOpen):
+                self.episodes.labels(alert.anomaly).inc()
             await self._alert(alert)
 
     async def on_service_status(self, messages: Sequence[PlainMessage[ServiceStatus]]) -> None:
@@ -235,17 +228,50 @@ class Monitor(Component[Settings]):
     async def _refit(self) -> None:
         while True:
             await asyncio.sleep(self.settings.fit_interval)
-            data = self.detector.snapshot()
-            if data:
-                started = time.monotonic()
-                models = await asyncio.to_thread(self.detector.fit, data)
-                self.detector.install(models)  # swapped in one assignment between two batches
-                log.debug("refitted %d sensor kinds in %.2fs", len(models), time.monotonic() - started)
+            await self.refit()
+
+    async def refit(self) -> None:
+        """Fit the forests of the kinds with new rows in a worker thread, then swap them in."""
+        data = self.detector.snapshot()
+        if data:
+            started = time.monotonic()
+            models = await asyncio.to_thread(self.detector.fit, data)
+            self.detector.install(models)  # swapped in one assignment between two batches
+            log.debug("refitted %d sensor kinds in %.2fs", len(models), time.monotonic() - started)
+
+    async def _save_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.save_interval)
+            data = self.detector.dump()  # a copy, taken between two batches
+            await asyncio.to_thread(self._write_state, data)
+
+    def _write_state(self, data: bytes) -> None:
+        try:
+            write_atomically(self._state_file, data)
+        except OSError as exc:
+            log.error("cannot save the detector state to %s: %s", self._state_file, exc)
+
+    def _load_detector(self) -> None:
+        if not self._state_file.exists():
+            return
+        try:
+            restored = self.detector.load(self._state_file.read_bytes())
+        except Exception as exc:
+            log.warning("detector state in %s unreadable (%s): sensors warm up again", self._state_file, exc)
+            return
+        if restored:
+            log.info("detector state restored from %s: %d sensor(s)", self._state_file, self.detector.sensors)
+        else:
+            log.warning("detector state in %s is from other settings: sensors warm up again", self._state_file)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._watch(), name="watch")
             group.create_task(self._refit(), name="refit")
+            group.create_task(self._save_loop(), name="save")
+
+    async def close(self) -> None:
+        self._write_state(self.detector.dump())
 
     def health(self) -> dict[str, Any]:
         now = _now_ms()
@@ -256,5 +282,7 @@ class Monitor(Component[Settings]):
                 n: ("stale" if s["state"] == "online" and now - s["seen"] > stale_after else s["state"])
                 for n, s in self.services.items()
             },
-            "models": len(list(self.detector.fitted)),
+            "models": len(self.detector.fitted),
+            "sensors": self.detector.sensors,
+            "episodes_open": self.detector.open_episodes,
         }
