@@ -4,7 +4,11 @@ closes against them (not against the detector's own earlier output)."""
 
 from __future__ import annotations
 
+import io
+import pickle
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,6 +195,31 @@ def test_several_windows_of_a_sensor_in_one_batch_are_taken_in_order() -> None:
         chunk = [window(i, series[i]) for i in range(k, min(k + 7, len(series)))]
         alerts += batched.observe(chunk, T0)
     assert [(type(a).__name__, a.episode) for a in alerts] == one_by_one  # type: ignore[union-attr]
+
+
+class _Planted:
+    """A pickle that creates a file when unpickled: what a pickled state file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_state_file_holds_numbers_never_code(tmp_path: Path) -> None:
+    # State v1 was a pickle: whoever could write the monitor's state dir ran code in it at start.
+    marker = tmp_path / "ran"
+    planted = pickle.dumps({"version": 1, "payload": _Planted(marker)})
+    with pytest.raises(ValueError):
+        Detector(CONFIG).load(planted)
+    assert not marker.exists()
+    # Not even inside a well-formed .npz: its arrays are read with pickling off.
+    crafted = io.BytesIO()
+    np.savez(crafted, header=np.array([_Planted(marker)], dtype=object))
+    with pytest.raises(ValueError):
+        Detector(CONFIG).load(crafted.getvalue())
+    assert not marker.exists()
 
 
 def test_what_was_learnt_survives_a_restart() -> None:

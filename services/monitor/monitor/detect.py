@@ -45,11 +45,12 @@ cooldown: once an episode closed, the next fault opens a new one at once.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
+import json
 import logging
 import math
 import operator
-import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -87,7 +88,14 @@ CHIP_RANGES: dict[str, tuple[float, float]] = {
 _FEATURES = 4  # pattern rows: z of level, z of log std, skew (mean - median), range / std
 _Z_CAP = 50.0  # normalised features are clipped here: beyond, every window isolates alike
 _STD_FLOOR = 1e-12
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: an .npz of plain arrays (1 was a pickle)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples become lists), so a stored config compares equal."""
+    return json.loads(json.dumps(value))
+
+
 _LAST = 5  # the noise check averages log(std) over this many windows (one window's is too noisy)
 _PHYSICAL = [OUT_OF_RANGE, DROPOUT, STUCK]
 _PHYSICAL_BITS = 1 << OUT_OF_RANGE | 1 << DROPOUT | 1 << STUCK
@@ -658,33 +666,45 @@ class Detector:
 
     # -- persistence ------------------------------------------------------------------------------
     def dump(self) -> bytes:
-        """Everything learnt, for `load` after a restart (taken on the loop, written by the caller)."""
+        """Everything learnt, for `load` after a restart (taken on the loop, written by the caller):
+        an .npz of plain arrays and a JSON header, read back with pickling off, so a state file can
+        hold numbers only, never code."""
         n = len(self._keys)
-        state = {
+        header = {
             "version": _STATE_VERSION,
-            "config": asdict(self.config),
-            "keys": list(self._keys),
-            "arrays": {name: array[:n].copy() for name, array in self._state.items()},
-            "forests": self.forests.dump(),
+            "config": _plain(asdict(self.config)),
+            "keys": [list(k) for k in self._keys],
         }
-        return pickle.dumps(state, protocol=5)
+        arrays = {f"state.{name}": array[:n].copy() for name, array in self._state.items()}
+        arrays |= {f"forest.{key}": array for key, array in self.forests.dump().items()}
+        out = io.BytesIO()
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        savez: Any = np.savez  # its stubs type **arrays as its own keyword options
+        savez(out, **arrays)
+        return out.getvalue()
 
     def load(self, data: bytes) -> bool:
         """Restore what `dump` wrote; False (and nothing restored) if it was written with other
-        settings or another format, so the sensors warm up again."""
-        state = pickle.loads(data)
-        if state.get("version") != _STATE_VERSION or state.get("config") != asdict(self.config):
+        settings or another format, so the sensors warm up again. ValueError (or OSError) for a file
+        that is not one of ours: the caller logs it and starts afresh."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        header = json.loads(arrays.pop("header").tobytes())
+        if header.get("version") != _STATE_VERSION or header.get("config") != _plain(asdict(self.config)):
             return False
-        keys = [tuple(k) for k in state["keys"]]
+        keys = [(str(k[0]), str(k[1])) for k in header["keys"]]
+        state = {name.removeprefix("state."): a for name, a in arrays.items() if name.startswith("state.")}
+        if set(state) != set(self._state) or any(len(a) != len(keys) for a in state.values()):
+            raise ValueError("the stored arrays do not match its sensors")
         self._slot, self._keys, self._kind_id, self._kinds = {}, [], {}, []
         self._allocate(max(1024, 2 * len(keys)))
         for key in keys:
-            self._new_slot((key[0], key[1]))
+            self._new_slot(key)
         n = len(keys)
-        for name, array in state["arrays"].items():
+        for name, array in state.items():
             if name not in ("kind", "lo", "hi"):  # those follow this process's kinds and ranges
                 self._state[name][:n] = array
-        self.forests.load(state["forests"])
+        self.forests.load({k.removeprefix("forest."): a for k, a in arrays.items() if k.startswith("forest.")})
         return True
 
     # -- introspection ----------------------------------------------------------------------------

@@ -200,15 +200,38 @@ class Forests:
     def install(self, models: Mapping[str, KindModel]) -> None:
         self.models = {**self.models, **models}  # one assignment: scoring sees old or new, never half
 
-    # -- persistence: the fitted forests only (reservoirs refill within minutes) ---------------------
-    def dump(self) -> dict[str, IsolationForest]:
-        return {kind: model.forest for kind, model in self.models.items()}
+    # -- persistence: the reservoirs (numbers only), refitted at load ----------------------------------
+    def dump(self) -> dict[str, np.ndarray]:
+        """Each kind's reservoir as plain arrays (`<kind>.rows`, `<kind>.flagged`, `<kind>.seen`): no
+        fitted model is stored, so loading runs no code from the file (a pickle would)."""
+        out: dict[str, np.ndarray] = {}
+        for kind, reservoir in self.reservoirs.items():
+            out[f"{kind}.rows"] = reservoir.rows[: reservoir.size].copy()
+            out[f"{kind}.flagged"] = reservoir.flagged[: reservoir.size].copy()
+            out[f"{kind}.seen"] = np.array(reservoir.seen, dtype=np.int64)
+        return out
 
-    def load(self, forests: Mapping[str, IsolationForest]) -> None:
-        loaded = {}
-        for kind, forest in forests.items():
-            if getattr(forest, "n_features_in_", None) != self.n_features:
-                log.warning("stored %s model has another feature count; it is refitted instead", kind)
+    def load(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore the reservoirs `dump` wrote and fit their forests now (about 0.1 s a kind: at
+        start-up, before any window is scored). A reservoir of another shape is dropped (refilled)."""
+        for key in arrays:
+            if not key.endswith(".rows"):
                 continue
-            loaded[kind] = KindModel(forest, np.empty((0, self.n_features), dtype=np.float32))
-        self.install(loaded)
+            kind = key.removesuffix(".rows")
+            rows, flagged = arrays[key], arrays.get(f"{kind}.flagged")
+            seen = arrays.get(f"{kind}.seen")
+            if (
+                rows.ndim != 2
+                or rows.shape[1] != self.n_features
+                or flagged is None
+                or flagged.shape != (len(rows),)
+                or seen is None
+                or len(rows) > self.reservoir_size
+            ):
+                log.warning("stored %s reservoir has another shape; it refills instead", kind)
+                continue
+            reservoir = self.reservoirs[kind] = Reservoir(self.reservoir_size, 4 * self.reservoir_size, self.n_features)
+            reservoir.rows = np.resize(rows.astype(np.float32), (max(len(rows), 1), self.n_features))
+            reservoir.flagged = np.resize(flagged.astype(bool), max(len(rows), 1))
+            reservoir.size, reservoir.seen = len(rows), int(seen)
+        self.install(self.fit(self.snapshot()))
