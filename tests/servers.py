@@ -247,6 +247,32 @@ def service_env(
     return stack.env(**env, **extra)
 
 
+def pipeline_env(
+    stack: Stack, base: str, workdir: Path, instance: str, devices: str, sink_port: int | None = None, **extra: str
+) -> dict[str, str]:
+    """`service_env` for a whole pipeline a test runs, from the simulated (or failing) devices of
+    `devices` (a devices file's TOML, written to `workdir`) to the cloud-sink at `sink_port` (with the
+    stack's token) and the exporter's public broker: half-second windows, 1 s heartbeats, short
+    batches and checks, so that a test sees each hop within seconds. `extra` overrides any of it."""
+    devices_file = workdir / "devices.toml"
+    devices_file.write_text(devices)
+    fast = {
+        "IOTPIPE_DEVICES_FILE": str(devices_file),
+        "IOTPIPE_WINDOW_MS": "500",
+        "IOTPIPE_WINDOW_GRACE_MS": "100",
+        "IOTPIPE_STATUS_INTERVAL": "1",
+        "IOTPIPE_BATCH_LINGER": "0.2",
+        "IOTPIPE_CHECK_INTERVAL": "0.5",
+        "IOTPIPE_STATE_INTERVAL": "0.2",
+        "IOTPIPE_PUBLIC__HOST": "127.0.0.1",
+        "IOTPIPE_PUBLIC__PORT": str(stack.ports.public),
+    }
+    if sink_port is not None:
+        token = str(stack.secrets_dir / "cloud_token")
+        fast |= {"IOTPIPE_CLOUD_TOKEN_FILE": token, "IOTPIPE_SINK_TOKEN_FILE": token}
+    return service_env(stack, base, workdir, instance, sink_port, **{**fast, **extra})
+
+
 def stop_all(procs: Iterable[subprocess.Popen[bytes] | None]) -> None:
     """SIGTERM every service at once, then wait for each (SIGKILL if one will not stop)."""
     running = [p for p in procs if p is not None and p.poll() is None]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from iotpipe._asyncapi import COMMAND, document, to_yaml
 from iotpipe.devstack import mqtt_password_file
-from servers import ROOT, TAP, Stack, free_port, service_env, spawn, stop_all, wait_until
+from servers import ROOT, TAP, Stack, free_port, pipeline_env, spawn, stop_all, wait_until
 from test_e2e import DEVICES
 
 DOC = ROOT / "docs/asyncapi.yaml"
@@ -171,27 +171,9 @@ async def test_every_topic_a_running_stack_publishes_is_in_the_document(
     patterns = channel_patterns(doc, base, prefix)
     retained = {name for name, op in doc["operations"].items() if op["bindings"]["mqtt"]["retain"]}
     retained_channels = {doc["operations"][name]["channel"]["$ref"].rsplit("/", 1)[1] for name in retained}
-    devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES)
     sink_port = free_port()
-    env = service_env(
-        stack,
-        base,
-        tmp_path,
-        "api",
-        sink_port,
-        IOTPIPE_DEVICES_FILE=str(devices),
-        IOTPIPE_WINDOW_MS="500",
-        IOTPIPE_WINDOW_GRACE_MS="100",
-        IOTPIPE_STATUS_INTERVAL="1",
-        IOTPIPE_BATCH_LINGER="0.2",
-        IOTPIPE_CHECK_INTERVAL="0.5",
-        IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_PUBLIC__HOST="127.0.0.1",
-        IOTPIPE_PUBLIC__PORT=str(stack.ports.public),
-        IOTPIPE_HA_DISCOVERY="true",
-        IOTPIPE_HA_PREFIX=prefix,
+    env = pipeline_env(
+        stack, base, tmp_path, "api", DEVICES, sink_port, IOTPIPE_HA_DISCOVERY="true", IOTPIPE_HA_PREFIX=prefix
     )
     pipeline = Sub(stack, stack.ports.mqtt, TAP, f"{base}/#")
     public = Sub(stack, stack.ports.public, "reader", f"{base}/#", f"{prefix}/#")

@@ -21,7 +21,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from iotpipe import KeyRing, Opener, PlainMessage
-from servers import TAP, Stack, bus_for, free_port, service_env, spawn, stop_all, unseal, wait_until
+from servers import TAP, Stack, bus_for, free_port, pipeline_env, spawn, stop_all, unseal, wait_until
 from test_broker import raw_connect
 from window_reference import mismatches
 
@@ -107,25 +107,16 @@ class Wire:
 
 @pytest.fixture
 async def pipeline(stack: Stack, keyring: KeyRing, base: str, tmp_path: Path) -> AsyncIterator[dict[str, object]]:
-    devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES)
     sink_port = free_port()
-    env = service_env(
+    env = pipeline_env(
         stack,
         base,
         tmp_path,
         "e2e",
+        DEVICES,
         sink_port,
-        IOTPIPE_DEVICES_FILE=str(devices),
-        IOTPIPE_WINDOW_MS="500",
-        IOTPIPE_WINDOW_GRACE_MS="100",
-        IOTPIPE_STATUS_INTERVAL="1",
-        IOTPIPE_BATCH_LINGER="0.2",
         IOTPIPE_OFFLINE_AFTER="3",
-        IOTPIPE_CHECK_INTERVAL="0.5",
         IOTPIPE_FIT_INTERVAL="2",
-        IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
         IOTPIPE_LOG_DIR=str(tmp_path / "log"),
     )
     wire = Wire(keyring)

@@ -30,7 +30,7 @@ from iotpipe import KeyRing, ServiceSettings, Topics
 from iotpipe._health import LAG_BUCKETS, LAG_METRIC, Metrics, MetricsServer, WindowLag
 from iotpipe.devstack import SERVICES, local_metrics_ports, read_procfile, render_supervisor_config
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ROOT, Stack, bus_for, free_port, health_doc, service_env, spawn, stop_all, wait_until
+from servers import ROOT, Stack, bus_for, free_port, health_doc, pipeline_env, spawn, stop_all, wait_until
 from supervisor.options import ServerOptions
 
 DASHBOARD = ROOT / "docs/grafana/iotpipe-dashboard.json"
@@ -165,28 +165,9 @@ def load_dashboard() -> dict[str, Any]:
 async def test_every_service_exposes_hop_counters_lag_and_queues_that_the_dashboard_queries(
     stack: Stack, keyring: KeyRing, base: str, tmp_path: Path
 ) -> None:
-    devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES)
     sink_port = free_port()
     ports = {service: free_port() for service in PIPELINE}
-    env = service_env(
-        stack,
-        base,
-        tmp_path,
-        INSTANCE,
-        sink_port,
-        IOTPIPE_DEVICES_FILE=str(devices),
-        IOTPIPE_WINDOW_MS="500",
-        IOTPIPE_WINDOW_GRACE_MS="100",
-        IOTPIPE_STATUS_INTERVAL="1",
-        IOTPIPE_BATCH_LINGER="0.2",
-        IOTPIPE_CHECK_INTERVAL="0.5",
-        IOTPIPE_CLOUD_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_SINK_TOKEN_FILE=str(stack.secrets_dir / "cloud_token"),
-        IOTPIPE_PUBLIC__HOST="127.0.0.1",
-        IOTPIPE_PUBLIC__PORT=str(stack.ports.public),
-        IOTPIPE_STATE_INTERVAL="0.2",
-    )
+    env = pipeline_env(stack, base, tmp_path, INSTANCE, DEVICES, sink_port)
     topics = Topics(base)
     procs: dict[str, subprocess.Popen[bytes]] = {"cloud_sink": spawn("cloud_sink", env, tmp_path)}
     for service in PIPELINE:

@@ -32,7 +32,7 @@ from iotpipe import (
 from iotpipe._watch import NONE, LiveView
 from iotpipe.cli import SubscriberSettings, _alert_opener
 from iotpipe.watch import WatchApp
-from servers import ROOT, Stack, free_port, service_env, spawn, stop_all, wait_online, wait_until
+from servers import ROOT, Stack, free_port, pipeline_env, spawn, stop_all, wait_online, wait_until
 from textual.widgets import DataTable, Static
 
 T0 = 1_800_000_000_000  # unix ms
@@ -261,23 +261,7 @@ async def test_watch_in_tmux_shows_every_device_service_and_alert_and_quits_on_q
     stack: Stack, base: str, tmp_path: Path, tmux: Tmux
 ) -> None:
     topics = Topics(base)
-    devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES)
-    env = service_env(
-        stack,
-        base,
-        tmp_path,
-        "w1",
-        IOTPIPE_DEVICES_FILE=str(devices),
-        IOTPIPE_WINDOW_MS="500",
-        IOTPIPE_WINDOW_GRACE_MS="100",
-        IOTPIPE_STATUS_INTERVAL="1",
-        IOTPIPE_OFFLINE_AFTER="3",
-        IOTPIPE_CHECK_INTERVAL="0.5",
-        IOTPIPE_STATE_INTERVAL="0.2",
-        IOTPIPE_PUBLIC__HOST="127.0.0.1",
-        IOTPIPE_PUBLIC__PORT=str(stack.ports.public),
-    )
+    env = pipeline_env(stack, base, tmp_path, "w1", DEVICES, IOTPIPE_OFFLINE_AFTER="3")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     exit_file = tmp_path / "watch.exit"
     try:
